@@ -1,0 +1,252 @@
+"""The refinement loop over one exported step, in numpy + onnxruntime (DESIGN.md, "The loop").
+
+x starts as all masks (or a prompt layout) and cond as zeros. Each step runs the model once on the
+active sequences, samples proposals, lets the selector choose what to update or re-mask, freezes EOS,
+and drops sequences whose change ratio fell under ``stop_threshold``. Leftover masks are resolved at
+the last step. A Generator holds no per-call state, so one instance serves many threads at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from imadarem.runtime.errors import ImadaremError, ModelFileError, SelectorError
+from imadarem.runtime.modelfile import ModelFile, default_model_path, load_model_file
+from imadarem.runtime.prompt import Layout, blank_layout, parse_prompt
+from imadarem.runtime.registry import create_selector
+from imadarem.runtime.selector import Selector, StepState
+
+
+@dataclass
+class TrajectoryStep:
+    t: int
+    tokens: list[int]
+    refined: list[int]  # positions whose token changed at this step
+    remasked: list[int]
+    change_ratio: float
+    stopped: bool
+
+
+@dataclass
+class Sample:
+    """One generated sequence."""
+
+    text: str
+    ids: list[int]  # up to and including EOS, without padding
+    steps: int
+    edits: list[int]  # positions changed at each step
+    early_stop: bool
+    trajectory: list[TrajectoryStep] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"text": self.text, "ids": self.ids, "steps": self.steps, "edits": self.edits,
+               "early_stop": self.early_stop}
+        if self.trajectory is not None:
+            out["trajectory"] = [vars(s) for s in self.trajectory]
+        return out
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ImadaremError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class _Run:
+    """Per-call knobs, resolved from the arguments and the model's config."""
+
+    selector: Selector
+    num_steps: int
+    temperature: float
+    stop_threshold: float
+    layout: Layout
+    trajectory: bool
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class Generator:
+    """Generate sequences from an Imadarem model file with numpy + onnxruntime."""
+
+    def __init__(self, model_path: str | os.PathLike | None = None, provider: str = "cpu",
+                 threads: int | None = None):
+        if model_path is None:
+            model_path = default_model_path()
+            if model_path is None:
+                raise ModelFileError("no MODEL given and this installation has no bundled default model")
+        self.model: ModelFile = load_model_file(model_path, provider=provider, threads=threads)
+        self.provider = provider
+        self.config = self.model.config
+        self.tokenizer = self.model.tokenizer
+        self.special = self.model.special
+        v = self.model.vocab_size
+        banned = [self.special.mask, self.special.pad]
+        self._banned = np.array(sorted(set(banned)), dtype=np.int64)
+        self._vocab = v
+
+    # -- public API ----------------------------------------------------------------------------
+    def generate(self, n: int = 1, selector: str | Selector = "gate", steps: int | None = None,
+                 temperature: float | None = None, stop_threshold: float | None = None,
+                 seed: int | None = None, prompt: str | None = None, batch_size: int | None = None,
+                 trajectory: bool = False, **selector_options: Any) -> list[Sample]:
+        """Generate ``n`` sequences; every knob left None defaults from the model's config."""
+        n = _positive_int("n", n)
+        run = self._resolve(selector, steps, temperature, stop_threshold, prompt, trajectory, selector_options)
+        batch = n if batch_size is None else _positive_int("batch_size", batch_size)
+        seq = np.random.SeedSequence(seed)
+        samples: list[Sample] = []
+        for chunk, child in zip(range(0, n, batch), seq.spawn(math.ceil(n / batch))):
+            size = min(batch, n - chunk)
+            if chunk > 0:  # a fresh selector per chunk: selectors may keep per-run state
+                run.selector = self._make_selector(selector, selector_options)
+            samples += self._refine(size, run, np.random.default_rng(child))
+        return samples
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _make_selector(self, selector: str | Selector, options: dict[str, Any]) -> Selector:
+        sel = create_selector(selector, **options) if isinstance(selector, str) else selector
+        missing = sorted(set(sel.requires) - set(self.model.outputs))
+        if missing:
+            raise SelectorError(f"selector {sel.name!r} needs the model output {', '.join(missing)}, which "
+                                f"{os.path.basename(self.model.path)} does not have")
+        return sel
+
+    def _resolve(self, selector, steps, temperature, stop_threshold, prompt, trajectory, options) -> _Run:
+        cfg = self.config
+        num_steps = _positive_int("steps", cfg["max_refinement_steps"] if steps is None else steps)
+        temp = float(cfg["sampling_temperature"] if temperature is None else temperature)
+        if not math.isfinite(temp) or temp < 0:
+            raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
+        stop = float(cfg["stop_threshold"] if stop_threshold is None else stop_threshold)
+        if not 0.0 <= stop <= 1.0:
+            raise ImadaremError(f"stop_threshold must be in [0, 1], got {stop_threshold!r}")
+        max_len = self.model.max_seq_len
+        layout = (blank_layout(max_len, self.special) if prompt is None
+                  else parse_prompt(prompt, self.tokenizer, self.special, max_len))
+        sel = self._make_selector(selector, options)
+        return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(cfg))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _step(self, tokens: np.ndarray, t: int, cond: np.ndarray) -> dict[str, np.ndarray]:
+        step = np.full(tokens.shape[0], t, dtype=np.int64)
+        outs = self.model.session.run(None, {"tokens": tokens, "step": step, "cond": cond})
+        return dict(zip(self.model.outputs, outs))
+
+    def _sample(self, logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+        if temperature <= 1e-6:
+            return logits.argmax(-1)
+        noise = rng.random(logits.shape, dtype=np.float32)
+        np.clip(noise, 1e-20, 1.0 - 1e-7, out=noise)
+        np.log(noise, out=noise)
+        np.negative(noise, out=noise)
+        np.log(noise, out=noise)  # -log(-log u) is Gumbel; subtracting log(-log u) below
+        return (logits / np.float32(temperature) - noise).argmax(-1)
+
+    def _refine(self, n: int, run: _Run, rng: np.random.Generator) -> list[Sample]:
+        sp = self.special
+        layout = run.layout
+        length, hidden, K = layout.length, self.model.hidden_size, run.num_steps
+        tokens = np.broadcast_to(layout.ids, (n, length)).copy()
+        frozen = np.broadcast_to(layout.fixed, (n, length)).copy()
+        if sp.eos is not None:  # a fixed EOS in the layout already freezes what follows it
+            tokens, frozen = _freeze_after_eos(tokens, frozen, sp.eos, sp.pad)
+        eos_banned = None if sp.eos is None or layout.eos_allowed.all() else ~layout.eos_allowed
+        run.selector.begin(batch_size=n, length=length, num_steps=K, config=run.config)
+
+        steps_used = np.zeros(n, dtype=np.int64)
+        early = np.zeros(n, dtype=bool)
+        edits: list[list[int]] = [[] for _ in range(n)]
+        traj: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if run.trajectory else None
+        active = np.arange(n)
+        cond = np.zeros((n, length, hidden), dtype=np.float32)
+
+        for t in range(K):
+            if active.size == 0:
+                break
+            x, fz = tokens[active], frozen[active]
+            out = self._step(x, t, cond)
+            logits = out["logits"]
+            logits[..., self._banned] = -np.inf
+            if eos_banned is not None:
+                logits[:, eos_banned, sp.eos] = -np.inf
+            temp = run.selector.step_temperature(t, K, run.temperature)
+            proposals = self._sample(logits, temp, rng)
+            state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=_ro(logits),
+                              gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
+                              rows=_ro(active), rng=rng, temperature=temp, mask_id=sp.mask, pad_id=sp.pad,
+                              eos_id=sp.eos, config=run.config)
+            decision = run.selector.select(state)
+            update = np.asarray(decision.update, dtype=bool) & ~fz
+            remask = (np.zeros_like(update) if decision.remask is None
+                      else np.asarray(decision.remask, dtype=bool) & ~fz & ~update)
+            if t == K - 1:  # nothing may stay masked after the last step
+                update |= (x == sp.mask) & ~fz
+                remask[:] = False
+            new = np.where(update, proposals, x)
+            new[remask] = sp.mask
+            new_frozen = fz
+            if sp.eos is not None:
+                new, new_frozen = _freeze_after_eos(new, fz.copy(), sp.eos, sp.pad)
+            changed = (new != x) & ~fz
+            n_changed = changed.sum(-1)
+            ratio = n_changed / np.maximum((~fz).sum(-1), 1)
+            tokens[active], frozen[active] = new, new_frozen
+            steps_used[active] = t + 1
+            masks_left = ((new == sp.mask) & ~new_frozen).any(-1)
+            nothing_left = new_frozen.all(-1)
+            quiet = ratio < run.stop_threshold
+            if decision.stop is not None:
+                quiet |= np.asarray(decision.stop, dtype=bool)
+            done = nothing_left | ((t > 0) & quiet & ~masks_left)
+            if t < K - 1:
+                early[active[done]] = True
+            for j, row in enumerate(active):
+                edits[row].append(int(n_changed[j]))
+                if traj is not None:
+                    traj[row].append(TrajectoryStep(t, new[j].tolist(), np.flatnonzero(changed[j] & (new[j] != sp.mask)).tolist(),
+                                                    np.flatnonzero(remask[j] & changed[j]).tolist(), float(ratio[j]),
+                                                    bool(done[j]) and t < K - 1))
+            keep = ~done
+            active = active[keep]
+            cond = out["cond_next"][keep]
+
+        return [self._finish(tokens[i], int(steps_used[i]), edits[i], bool(early[i]),
+                             traj[i] if traj is not None else None) for i in range(n)]
+
+    def _finish(self, row: np.ndarray, steps: int, edits: list[int], early: bool,
+                trajectory: list[TrajectoryStep] | None) -> Sample:
+        ids = row.tolist()
+        sp = self.special
+        if sp.eos is not None and sp.eos in ids:
+            ids = ids[: ids.index(sp.eos) + 1]
+        else:
+            while ids and ids[-1] == sp.pad:
+                ids.pop()
+        return Sample(self.tokenizer.decode(ids), ids, steps, edits, early, trajectory)
+
+
+def _ro(array: np.ndarray | None) -> np.ndarray | None:
+    if array is None:
+        return None
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _freeze_after_eos(tokens: np.ndarray, frozen: np.ndarray, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Freeze the first EOS of each row and turn everything after it into frozen padding."""
+    is_eos = tokens == eos
+    has = is_eos.any(-1)
+    if not has.any():
+        return tokens, frozen
+    first = np.where(has, is_eos.argmax(-1), tokens.shape[1])
+    pos = np.arange(tokens.shape[1])[None, :]
+    after = pos > first[:, None]
+    tokens = np.where(after, pad, tokens)
+    frozen = frozen | after | (pos == first[:, None])
+    return tokens, frozen

@@ -1,0 +1,33 @@
+"""The two plugin hooks of Imadarem (pluggy project and entry-point group: ``imadarem``).
+
+A plugin is any importable object (usually a module) with functions marked ``@hookimpl``. It is found
+through an entry point in the ``imadarem`` group, the same way for the built-ins and for third parties::
+
+    [project.entry-points.imadarem]
+    my_plugin = "my_package.my_module"
+"""
+
+import pluggy
+
+PROJECT = "imadarem"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def imadarem_selectors():
+    """Return a list of selector classes (subclasses of :class:`imadarem.runtime.Selector`).
+
+    A selector decides, at each refinement step, which positions take their proposal and which go
+    back to ``[MASK]``. Each class has a unique ``name``.
+    """
+
+
+@hookspec
+def imadarem_tokenizers():
+    """Return a list of tokenizer adapter classes (subclasses of :class:`imadarem.runtime.TokenizerAdapter`).
+
+    An adapter turns text into ids and back, names its special ids, and round-trips through a JSON spec
+    stored inside the model file. Each class has a unique ``name``.
+    """

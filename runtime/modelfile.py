@@ -1,0 +1,207 @@
+"""Read and check an Imadarem model file: one ONNX refinement step plus its metadata_props.
+
+Only onnxruntime is used (never the onnx package): the metadata comes from the session's model meta,
+the shapes from its input/output descriptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imadarem.runtime.errors import ImadaremError, ModelFileError
+from imadarem.runtime.tokenizer import (
+    SpecialIds,
+    TokenizerAdapter,
+    check_special_ids,
+    resolve_special_ids,
+    tokenizer_from_json,
+)
+
+FORMAT_VERSION = "1"
+SUPPORTED_FORMATS = {"1"}
+KEY_FORMAT = "imadarem.format"
+KEY_CONFIG = "imadarem.config"
+KEY_TOKENIZER = "imadarem.tokenizer"
+KEY_SPECIAL_IDS = "imadarem.special_ids"
+KEY_PROVENANCE = "imadarem.provenance"
+REQUIRED_CONFIG = (
+    "vocab_size", "hidden_size", "max_seq_len", "max_refinement_steps", "stop_threshold",
+    "sampling_temperature", "min_refine_uncertainty", "use_refine_gate",
+)
+REQUIRED_INPUTS = ("tokens", "step", "cond")
+REQUIRED_OUTPUTS = ("logits", "gate", "cond_next")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        raise ImadaremError(f"onnxruntime is not importable: {exc}") from None
+    return onnxruntime
+
+
+def session_options(threads: int | None = None, optimized_path: str | None = None):
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    return opts
+
+
+def providers_for(provider: str) -> list[str]:
+    ort = import_onnxruntime()
+    if provider not in PROVIDERS:
+        raise ImadaremError(f"unknown provider {provider!r} (choose from: {', '.join(PROVIDERS)})")
+    if provider == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - only a help for finding CUDA libraries
+                pass
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ImadaremError("provider 'cuda' is not available: install onnxruntime-gpu "
+                                "(pip install 'imadarem[gpu]') on a machine with an NVIDIA GPU")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass
+class ModelFile:
+    """A checked model file: its session, config, tokenizer and special ids."""
+
+    path: str
+    session: Any
+    config: dict[str, Any]
+    tokenizer: TokenizerAdapter
+    special: SpecialIds
+    outputs: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_critic(self) -> bool:
+        return "critic" in self.outputs
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.config["max_seq_len"])
+
+
+def _json_field(meta: dict[str, str], key: str, path: str) -> Any:
+    if key not in meta:
+        raise ModelFileError(f"{path}: not an Imadarem model file (metadata {key!r} is missing)")
+    try:
+        return json.loads(meta[key])
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+
+
+def check_metadata(meta: dict[str, str], path: str) -> tuple[dict, TokenizerAdapter, SpecialIds, dict]:
+    """Validate the metadata on its own (format, config keys, tokenizer, special ids)."""
+    fmt = meta.get(KEY_FORMAT)
+    if fmt is None:
+        raise ModelFileError(f"{path}: not an Imadarem model file (metadata {KEY_FORMAT!r} is missing)")
+    if fmt not in SUPPORTED_FORMATS:
+        raise ModelFileError(f"{path}: model format {fmt!r} is not supported by this Imadarem "
+                             f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
+    config = _json_field(meta, KEY_CONFIG, path)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: metadata {KEY_CONFIG!r} must be a JSON object")
+    missing = [k for k in REQUIRED_CONFIG if k not in config]
+    if missing:
+        raise ModelFileError(f"{path}: model config lacks {', '.join(missing)}")
+    if KEY_TOKENIZER not in meta:
+        raise ModelFileError(f"{path}: not an Imadarem model file (metadata {KEY_TOKENIZER!r} is missing)")
+    try:
+        tokenizer = tokenizer_from_json(meta[KEY_TOKENIZER])
+        special = resolve_special_ids(tokenizer)
+    except ImadaremError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+    if tokenizer.vocab_size != int(config["vocab_size"]):
+        raise ModelFileError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model config says "
+                             f"vocab_size {config['vocab_size']}")
+    stored = _json_field(meta, KEY_SPECIAL_IDS, path)
+    if not isinstance(stored, dict):
+        raise ModelFileError(f"{path}: metadata {KEY_SPECIAL_IDS!r} must be a JSON object")
+    try:
+        check_special_ids(stored, int(config["vocab_size"]), path)
+    except ImadaremError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+    if stored != special.as_dict():
+        raise ModelFileError(f"{path}: stored special ids {stored} contradict the tokenizer's {special.as_dict()}")
+    provenance = json.loads(meta[KEY_PROVENANCE]) if KEY_PROVENANCE in meta else {}
+    return config, tokenizer, special, provenance
+
+
+def _last_dim(node) -> int | None:
+    shape = node.shape
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def check_graph(session, config: dict[str, Any], path: str) -> list[str]:
+    """Check the graph's inputs and outputs against the contract and the config; return output names."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    for name in REQUIRED_INPUTS:
+        if name not in inputs:
+            raise ModelFileError(f"{path}: graph has no input {name!r} (has: {', '.join(inputs)})")
+    for name in REQUIRED_OUTPUTS:
+        if name not in outputs:
+            raise ModelFileError(f"{path}: graph has no output {name!r} (has: {', '.join(outputs)})")
+    expected = {"tokens": "tensor(int64)", "step": "tensor(int64)", "cond": "tensor(float)"}
+    for name, dtype in expected.items():
+        if inputs[name].type != dtype:
+            raise ModelFileError(f"{path}: input {name!r} is {inputs[name].type}, expected {dtype}")
+    hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+    for node, want, what in ((inputs["cond"], hidden, "hidden_size"), (outputs["cond_next"], hidden, "hidden_size"),
+                             (outputs["logits"], vocab, "vocab_size")):
+        got = _last_dim(node)
+        if got is not None and got != want:
+            raise ModelFileError(f"{path}: {node.name!r} has last dimension {got} but the config says {what} {want}")
+    return list(outputs)
+
+
+def load_model_file(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> ModelFile:
+    """Open ``path`` with onnxruntime and check metadata and graph against each other."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    ort = import_onnxruntime()
+    providers = providers_for(provider)
+    try:
+        session = ort.InferenceSession(path, sess_options=session_options(threads), providers=providers)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: not a readable ONNX model ({first[:200]})") from None
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    config, tokenizer, special, provenance = check_metadata(meta, path)
+    outputs = check_graph(session, config, path)
+    return ModelFile(path, session, config, tokenizer, special, outputs, provenance, meta)
+
+
+def default_model_path() -> Path | None:
+    """The model bundled with the package, if one is installed."""
+    here = Path(__file__).resolve().parent / "models"
+    for name in ("default.onnx", "default-int8.onnx"):
+        if (here / name).is_file():
+            return here / name
+    return None

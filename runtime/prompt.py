@@ -1,0 +1,91 @@
+"""Prompts: fixed tokens the loop must keep, and masks it must fill.
+
+Two forms:
+- a template with mask markers, e.g. ``[C][C](=O)<mask:12>`` or ``The <mask:5> sat``: the literal parts
+  are encoded with the model's tokenizer and frozen, ``<mask:N>`` (or ``<mask>`` = 1) are blanks. Blanks
+  after the last literal may end early with EOS; blanks between literals are filled exactly (no EOS).
+- a plain prefix (no markers): the prefix is frozen and the rest, up to max_seq_len, is generated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from imadarem.runtime.errors import ImadaremError, PromptError
+from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter
+
+MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The starting sequence: ``ids`` (mask where blank), which positions are fixed, where EOS may go."""
+
+    ids: np.ndarray  # [L] int64
+    fixed: np.ndarray  # [L] bool
+    eos_allowed: np.ndarray  # [L] bool
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def blank_layout(length: int, special: SpecialIds) -> Layout:
+    return Layout(np.full(length, special.mask, dtype=np.int64), np.zeros(length, bool), np.ones(length, bool))
+
+
+def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, max_len: int) -> Layout:
+    if not MASK_MARKER.search(prompt):
+        ids = _encode(tokenizer, prompt)
+        if len(ids) >= max_len:
+            raise PromptError(f"prompt has {len(ids)} tokens; the model allows at most {max_len - 1} "
+                              f"before the end token (max_seq_len {max_len})")
+        layout = blank_layout(max_len, special)
+        layout.ids[: len(ids)] = ids
+        layout.fixed[: len(ids)] = True
+        return layout
+
+    pieces: list[tuple[str, object]] = []
+    pos = 0
+    for match in MASK_MARKER.finditer(prompt):
+        if match.start() > pos:
+            pieces.append(("text", prompt[pos : match.start()]))
+        count = int(match.group(1)) if match.group(1) is not None else 1
+        if count < 1:
+            raise PromptError(f"prompt marker {match.group(0)!r} asks for no blanks")
+        pieces.append(("mask", count))
+        pos = match.end()
+    if pos < len(prompt):
+        pieces.append(("text", prompt[pos:]))
+
+    ids: list[int] = []
+    fixed: list[bool] = []
+    for kind, value in pieces:
+        if kind == "text":
+            enc = _encode(tokenizer, value)  # type: ignore[arg-type]
+            ids += enc
+            fixed += [True] * len(enc)
+        else:
+            ids += [special.mask] * int(value)  # type: ignore[arg-type]
+            fixed += [False] * int(value)  # type: ignore[arg-type]
+    total = len(ids) + (1 if special.eos is not None else 0)
+    if total > max_len:
+        raise PromptError(f"prompt template needs {total} positions (end token included); "
+                          f"the model allows at most {max_len}")
+    last_fixed = max((i for i, f in enumerate(fixed) if f), default=-1)
+    eos_allowed = [i > last_fixed for i in range(len(ids))]
+    if special.eos is not None:  # a closing EOS slot, so the template always ends where it says
+        ids.append(special.eos)
+        fixed.append(True)
+        eos_allowed.append(True)
+    return Layout(np.array(ids, dtype=np.int64), np.array(fixed, bool), np.array(eos_allowed, bool))
+
+
+def _encode(tokenizer: TokenizerAdapter, text: str) -> list[int]:
+    try:
+        return tokenizer.encode(text)
+    except ImadaremError as exc:
+        raise PromptError(f"prompt: {exc}") from None

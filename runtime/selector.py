@@ -1,0 +1,192 @@
+"""The selector contract: what a selector sees at each step and what it answers.
+
+A selector is a plugin class. The loop builds one instance per ``generate`` call (so selectors may keep
+per-run state), calls ``begin`` once, then ``select`` at every step with a read-only :class:`StepState`.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+
+from imadarem.runtime.errors import SelectorError
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
+
+
+@dataclass
+class StepState:
+    """One refinement step of the active sequences, as the selector sees it (arrays are read-only).
+
+    ``tokens``: [B, L] current sequence; ``proposals``: [B, L] sampled candidates; ``logits``: [B, L, V]
+    with PAD and MASK already excluded (-inf); ``gate``/``critic``: [B, L] model outputs or None;
+    ``frozen``: [B, L] positions that never change; ``rows``: index of each active sequence in the
+    whole request (for selectors that keep per-sequence memory); ``t`` 0-based, ``num_steps`` = K.
+    """
+
+    t: int
+    num_steps: int
+    tokens: np.ndarray
+    proposals: np.ndarray
+    logits: np.ndarray
+    gate: np.ndarray | None
+    critic: np.ndarray | None
+    frozen: np.ndarray
+    rows: np.ndarray
+    rng: np.random.Generator
+    temperature: float
+    mask_id: int
+    pad_id: int
+    eos_id: int | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def is_mask(self) -> np.ndarray:
+        return self.tokens == self.mask_id
+
+    @cached_property
+    def editable(self) -> np.ndarray:
+        """Positions a selector may change: everything not frozen."""
+        return ~self.frozen
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        """softmax(logits) at temperature 1: the model's own belief, used for uncertainty measures."""
+        return softmax(self.logits.astype(np.float32, copy=True))
+
+    @cached_property
+    def entropy(self) -> np.ndarray:
+        """Per-position entropy in nats, [B, L]."""
+        p = self.probs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
+        return ent.astype(np.float32)
+
+    @cached_property
+    def top2(self) -> tuple[np.ndarray, np.ndarray]:
+        """The two largest probabilities per position, [B, L] each."""
+        part = np.partition(self.probs, -2, axis=-1)[..., -2:]
+        return part[..., 1], part[..., 0]
+
+    @cached_property
+    def confidence(self) -> np.ndarray:
+        """Probability of the most likely token, [B, L]."""
+        return self.top2[0]
+
+    @cached_property
+    def margin(self) -> np.ndarray:
+        """top-1 minus top-2 probability, [B, L]."""
+        first, second = self.top2
+        return first - second
+
+    @cached_property
+    def proposal_prob(self) -> np.ndarray:
+        """Probability of each sampled proposal, [B, L]."""
+        return np.take_along_axis(self.probs, self.proposals[..., None], axis=-1)[..., 0]
+
+    @cached_property
+    def current_prob(self) -> np.ndarray:
+        """Probability the model gives the token currently in place (0 for masks), [B, L]."""
+        cur = np.where(self.is_mask, 0, self.tokens)
+        p = np.take_along_axis(self.probs, cur[..., None], axis=-1)[..., 0]
+        return np.where(self.is_mask, 0.0, p).astype(np.float32)
+
+
+@dataclass
+class Decision:
+    """A selector's answer for one step.
+
+    ``update``: [B, L] bool, positions that take their proposal. ``remask``: optional [B, L] bool,
+    positions that go back to ``[MASK]``. ``stop``: optional [B] bool, sequences the selector considers
+    finished. The loop ignores both on frozen positions and resolves leftover masks at the last step.
+    """
+
+    update: np.ndarray
+    remask: np.ndarray | None = None
+    stop: np.ndarray | None = None
+
+
+class Selector(abc.ABC):
+    """Base class of selector plugins. Subclasses take their options as keyword arguments."""
+
+    name: ClassVar[str]
+    #: model outputs beyond ``logits`` that this selector needs, e.g. ``frozenset({"critic"})``.
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: one line for ``imadarem plugins``.
+    summary: ClassVar[str] = ""
+
+    def begin(self, *, batch_size: int, length: int, num_steps: int, config: dict[str, Any]) -> None:
+        """Called once per generate call, before the first step."""
+
+    def step_temperature(self, t: int, num_steps: int, base: float) -> float:
+        """Sampling temperature for step ``t``; selectors that anneal override this."""
+        return base
+
+    @abc.abstractmethod
+    def select(self, state: StepState) -> Decision:
+        """Decide which positions take their proposal (and which go back to mask) at this step."""
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        params = inspect.signature(cls.__init__).parameters
+        return [p for p in params if p != "self" and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+
+    @classmethod
+    def create(cls, **options: Any) -> Selector:
+        """Build with ``options``, turning unknown or bad options into one-line SelectorErrors."""
+        known = cls.option_names()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            listing = ", ".join(known) if known else "none"
+            raise SelectorError(f"selector {cls.name!r} has no option {', '.join(unknown)} (options: {listing})")
+        try:
+            return cls(**options)
+        except (TypeError, ValueError) as exc:
+            raise SelectorError(f"selector {cls.name!r}: {exc}") from None
+
+
+def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
+    """Validate an option that must lie in [0, 1] (or (0, 1])."""
+    value = float(value)
+    if not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value}")
+    return value
+
+
+def mask_schedule(kind: str, ratio: np.ndarray | float) -> np.ndarray | float:
+    """Fraction of positions still masked after a fraction ``ratio`` of the steps (1 at 0, 0 at 1)."""
+    if kind == "linear":
+        return 1.0 - np.asarray(ratio)
+    if kind == "cosine":
+        return np.cos(np.pi / 2 * np.asarray(ratio))
+    raise ValueError(f"schedule must be 'linear' or 'cosine', got {kind!r}")
+
+
+def check_schedule(kind: str) -> str:
+    if kind not in ("linear", "cosine"):
+        raise ValueError(f"schedule must be 'linear' or 'cosine', got {kind!r}")
+    return kind
+
+
+def keep_top(scores: np.ndarray, candidates: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row, the ``counts[row]`` candidates with the highest scores (ties broken by position)."""
+    masked_scores = np.where(candidates, scores, -np.inf)
+    order = np.argsort(-masked_scores, axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(order.shape[-1])[None, :].repeat(order.shape[0], 0), axis=-1)
+    return candidates & (ranks < np.asarray(counts)[:, None])
+
+
+def gumbel(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    u = rng.random(shape, dtype=np.float32)
+    return -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7)))
