@@ -11,7 +11,6 @@ import sys
 from typing import Any
 
 import click
-
 from imadarem.runtime.errors import ImadaremError
 
 EXIT_BAD_INPUT = 2

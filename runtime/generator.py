@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from imadarem.runtime.errors import ImadaremError, ModelFileError, SelectorError
 from imadarem.runtime.modelfile import ModelFile, default_model_path, load_model_file
 from imadarem.runtime.prompt import Layout, blank_layout, parse_prompt

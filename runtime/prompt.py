@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-
 from imadarem.runtime.errors import ImadaremError, PromptError
 from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter
 

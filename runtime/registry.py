@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
-
 from imadarem.runtime import hookspecs
-from imadarem.runtime.errors import PluginError, UnknownPluginError
+from imadarem.runtime.errors import UnknownPluginError
 from imadarem.runtime.selector import Selector
 from imadarem.runtime.tokenizer import TokenizerAdapter
 

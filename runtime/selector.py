@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
-
 from imadarem.runtime.errors import SelectorError
 
 
@@ -126,7 +125,8 @@ class Selector(abc.ABC):
     summary: ClassVar[str] = ""
 
     def begin(self, *, batch_size: int, length: int, num_steps: int, config: dict[str, Any]) -> None:
-        """Called once per generate call, before the first step."""
+        """Called once per generate call, before the first step (optional hook)."""
+        return None
 
     def step_temperature(self, t: int, num_steps: int, base: float) -> float:
         """Sampling temperature for step ``t``; selectors that anneal override this."""

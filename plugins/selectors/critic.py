@@ -7,7 +7,6 @@ after the step. The new masks are re-predicted at the next step by a model that 
 """
 
 import numpy as np
-
 from imadarem.runtime.selector import (
     Decision,
     Selector,

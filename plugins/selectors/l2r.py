@@ -5,7 +5,6 @@ to the length for a true left-to-right decode.
 """
 
 import numpy as np
-
 from imadarem.runtime.selector import Decision, Selector, StepState
 
 

@@ -8,7 +8,6 @@ too (Mask-Predict): their confidence is the probability the model now gives them
 """
 
 import numpy as np
-
 from imadarem.runtime.selector import (
     Decision,
     Selector,

@@ -10,7 +10,6 @@ An overwrite is accepted only if the model now prefers the proposal to the token
 """
 
 import numpy as np
-
 from imadarem.runtime.selector import Decision, Selector, StepState, check_fraction, keep_top
 
 

@@ -5,7 +5,6 @@ which is 1/(K - t) for the linear schedule: the ancestral sampler of absorbing-s
 """
 
 import numpy as np
-
 from imadarem.runtime.selector import Decision, Selector, StepState, check_schedule, mask_schedule
 
 

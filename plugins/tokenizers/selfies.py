@@ -10,7 +10,6 @@ import re
 from collections.abc import Iterable, Sequence
 
 import selfies as sf
-
 from imadarem.runtime.errors import TokenizerError
 from imadarem.runtime.tokenizer import VocabularyTokenizer
 
