@@ -151,7 +151,10 @@ class LazyGroup(click.Group):
 
 
 # subcommands filled in by their own modules; none of those modules imports torch at import time
-LAZY_COMMANDS: dict[str, str] = {}
+LAZY_COMMANDS: dict[str, str] = {
+    "train": "imadarem.training.cli:train_command",
+    "data": "imadarem.training.cli:data_group",
+}
 
 
 @click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,69 @@
+"""ImplicitRefinementConfig: the sizes and knobs of an Imadarem V model (stored in checkpoints and model files)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from imadarem.runtime.errors import ImadaremError
+
+
+@dataclass
+class ImplicitRefinementConfig:
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    dropout: float = 0.1
+    max_seq_len: int = 64
+    max_refinement_steps: int = 6  # K
+    stop_threshold: float = 0.02
+    diversity_weight: float = 0.05  # weight of relu(0.5 - entropy) on masked positions
+    sampling_temperature: float = 1.2
+    min_refine_uncertainty: float = 0.1
+    use_refine_gate: bool = True
+    ema_decay: float = 0.999
+    corruption_schedule: str = "linear"  # mask_rate(t) = 1 - t/K, or "cosine": cos(pi/2 * t/K)
+    use_critic: bool = False
+    mlp_ratio: int = 4
+    gate_bias_init: float = 2.0
+    # how corrupted positions are filled during training (the rest stay [MASK])
+    sample_replace_rate: float = 0.3  # the EMA teacher's own samples: realistic wrong tokens for the gate
+    random_replace_rate: float = 0.1
+    self_condition_rate: float = 0.5
+    gate_loss_weight: float = 1.0
+    gate_sparsity_weight: float = 0.01
+    gate_smoothness_weight: float = 0.01
+    critic_loss_weight: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            (self.vocab_size >= 4, "vocab_size must be >= 4"),
+            (self.hidden_size > 0 and self.hidden_size % self.num_heads == 0,
+             "hidden_size must be a positive multiple of num_heads"),
+            (self.num_layers >= 1, "num_layers must be >= 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.max_seq_len >= 2, "max_seq_len must be >= 2"),
+            (self.max_refinement_steps >= 1, "max_refinement_steps must be >= 1"),
+            (0.0 <= self.stop_threshold <= 1.0, "stop_threshold must be in [0, 1]"),
+            (self.sampling_temperature >= 0, "sampling_temperature must be >= 0"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+            (self.corruption_schedule in ("linear", "cosine"), "corruption_schedule must be 'linear' or 'cosine'"),
+            (0.0 <= self.sample_replace_rate + self.random_replace_rate <= 1.0,
+             "sample_replace_rate + random_replace_rate must be in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ImadaremError(f"bad model config: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImplicitRefinementConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ImadaremError(f"bad model config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,284 @@
+"""Training data: text lines, SMILES files converted to SELFIES, and the MOSES set from its PyPI wheel.
+
+Encoded datasets are cached (keyed by the file's sha256 and the tokenizer) because SELFIES conversion of
+MOSES takes minutes. Sequences are stored as int arrays [N, max_seq_len]: ids, EOS, then PAD.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from imadarem.runtime.errors import DataError, ImadaremError
+from imadarem.runtime.tokenizer import (
+    TokenizerAdapter,
+    resolve_special_ids,
+    tokenizer_from_json,
+    tokenizer_to_json,
+)
+
+MOSES_WHEEL = "molsets-0.3.1-py3-none-any.whl"
+MOSES_WHEEL_SHA256 = "7f4450e3ebecebe79c3a2a55950c93daddee071120daf64a163d03481e811d34"
+MOSES_MEMBERS = {
+    "train": "moses/dataset/data/train.csv.gz",
+    "test": "moses/dataset/data/test.csv.gz",
+    "test_scaffolds": "moses/dataset/data/test_scaffolds.csv.gz",
+    "mcf": "moses/metrics/mcf.csv",
+    "pains": "moses/metrics/wehi_pains.csv",
+}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("IMADAREM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imadarem")
+    return Path(root)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- MOSES -----------------------------------------------------------------------------------------
+def fetch_moses(cache_dir: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Extract MOSES train/test (and the filter SMARTS) from the molsets 0.3.1 wheel into ``cache_dir``.
+
+    The wheel is fetched with ``pip download --no-deps`` (never installed: its pins break environments)
+    unless ``wheel`` points at a local copy; its sha256 is checked either way.
+    """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir() / "moses"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = {name: cache / Path(member).name for name, member in MOSES_MEMBERS.items()}
+    if all(p.is_file() for p in out.values()):
+        return out
+    whl = Path(wheel) if wheel else cache / MOSES_WHEEL
+    if not whl.is_file():
+        if wheel:
+            raise DataError(f"MOSES wheel not found: {whl}")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "-d", str(cache), "molsets==0.3.1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not whl.is_file():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"could not download molsets==0.3.1 with pip: {last}")
+    digest = sha256_file(whl)
+    if digest != MOSES_WHEEL_SHA256:
+        raise DataError(f"{whl}: sha256 {digest} does not match the expected {MOSES_WHEEL_SHA256}")
+    with zipfile.ZipFile(whl) as zf:
+        for name, member in MOSES_MEMBERS.items():
+            tmp = out[name].with_suffix(out[name].suffix + ".part")
+            with zf.open(member) as src, open(tmp, "wb") as dst:
+                dst.write(src.read())
+            os.replace(tmp, out[name])
+    return out
+
+
+# -- reading files ---------------------------------------------------------------------------------
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    name = str(path).lower().removesuffix(".gz")
+    if name.endswith((".csv", ".smi", ".smiles")):
+        return "smiles"
+    if name.endswith(".selfies"):
+        return "selfies"
+    return "text"
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with _open_text(path) as fh:
+            return [line.rstrip("\r\n") for line in fh if line.strip()]
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def read_smiles(path: str | os.PathLike) -> list[str]:
+    """SMILES from a .csv(.gz) (column 'SMILES', else the first) or a one-per-line .txt/.smi file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if ".csv" not in path.name.lower():
+        return [line.split()[0] for line in read_lines(path)]
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path} is empty")
+            lower = [h.strip().lower() for h in header]
+            col = lower.index("smiles") if "smiles" in lower else 0
+            rows = [row[col] for row in reader if len(row) > col and row[col]]
+            if "smiles" not in lower:  # no header: the first line was data
+                rows.insert(0, header[0])
+            return rows
+    except (OSError, UnicodeDecodeError, EOFError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def _to_selfies(smiles: list[str]) -> list[str | None]:
+    import selfies as sf
+
+    out: list[str | None] = []
+    for smi in smiles:
+        try:
+            out.append(sf.encoder(smi, strict=True))
+        except Exception:  # noqa: BLE001 - an unreadable SMILES is skipped and counted
+            out.append(None)
+    return out
+
+
+def smiles_to_selfies(smiles: list[str], workers: int | None = None) -> list[str | None]:
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(smiles) < 5000:
+        return _to_selfies(smiles)
+    chunk = max(1000, len(smiles) // (workers * 8))
+    pieces = [smiles[i : i + chunk] for i in range(0, len(smiles), chunk)]
+    with get_context("spawn").Pool(workers) as pool:
+        return [s for part in pool.imap(_to_selfies, pieces) for s in part]
+
+
+# -- encoding --------------------------------------------------------------------------------------
+@dataclass
+class EncodedData:
+    """Token id sequences (without EOS) and the tokenizer that made them."""
+
+    tokenizer: TokenizerAdapter
+    sequences: list[np.ndarray]
+    source_hash: str
+    skipped: int = 0
+
+    def pack(self, max_seq_len: int) -> tuple[np.ndarray, int]:
+        """[N, max_seq_len] int64: ids, EOS, PAD...; also the number dropped for being too long."""
+        sp = resolve_special_ids(self.tokenizer)
+        limit = max_seq_len - (1 if sp.eos is not None else 0)
+        kept = [s for s in self.sequences if 0 < len(s) <= limit]
+        arr = np.full((len(kept), max_seq_len), sp.pad, dtype=np.int64)
+        for i, seq in enumerate(kept):
+            arr[i, : len(seq)] = seq
+            if sp.eos is not None:
+                arr[i, len(seq)] = sp.eos
+        return arr, len(self.sequences) - len(kept)
+
+
+def build_tokenizer(kind: str, texts: list[str], tokenizer_file: str | None) -> TokenizerAdapter:
+    from imadarem.runtime.registry import get_tokenizer_class
+
+    cls = get_tokenizer_class(kind)
+    if kind == "hf":
+        if not tokenizer_file:
+            raise DataError("the 'hf' tokenizer needs --tokenizer-file tokenizer.json")
+        return cls.from_file(tokenizer_file)
+    if hasattr(cls, "from_corpus"):
+        return cls.from_corpus(texts)
+    raise DataError(f"tokenizer {kind!r} cannot be built from a corpus; pass a model's tokenizer instead")
+
+
+def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: str | TokenizerAdapter = "auto",
+                tokenizer_file: str | None = None, cache_dir: str | os.PathLike | None = None,
+                workers: int | None = None) -> EncodedData:
+    """Read ``path`` and encode it, reusing a cached encoding of the same file and tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    fmt = detect_format(path) if data_format == "auto" else data_format
+    if fmt not in ("text", "smiles", "selfies"):
+        raise DataError(f"unknown data format {fmt!r} (choose from: auto, text, smiles, selfies)")
+    kind = tokenizer if isinstance(tokenizer, str) else tokenizer.name
+    if kind == "auto":
+        kind = "selfies" if fmt in ("smiles", "selfies") else "char"
+    if kind == "selfies" and fmt == "text":
+        fmt = "smiles"
+    source_hash = sha256_file(path)
+    given = None if isinstance(tokenizer, str) else tokenizer_to_json(tokenizer)
+    key_material = json.dumps([source_hash, fmt, kind, given,
+                               sha256_file(tokenizer_file) if tokenizer_file else None])
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:20]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir() / "encoded"
+    cached = cache / f"{path.name}.{key}.npz"
+    if cached.is_file():
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                tok = tokenizer_from_json(str(z["tokenizer"]))
+                flat, offsets = z["flat"], z["offsets"]
+                seqs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+                return EncodedData(tok, seqs, source_hash, int(z["skipped"]))
+        except (OSError, KeyError, ValueError, ImadaremError):
+            pass  # a damaged cache entry is rebuilt
+
+    if fmt == "text":
+        texts = read_lines(path)
+    elif fmt == "selfies":
+        texts = read_lines(path)
+    else:
+        converted = smiles_to_selfies(read_smiles(path), workers)
+        texts = [s for s in converted if s]
+    skipped_conv = 0 if fmt != "smiles" else len(converted) - len(texts)
+    if not texts:
+        raise DataError(f"{path}: no usable records")
+    tok = tokenizer if not isinstance(tokenizer, str) else build_tokenizer(kind, texts, tokenizer_file)
+    seqs, skipped = [], skipped_conv
+    for text in texts:
+        try:
+            seqs.append(np.asarray(tok.encode(text), dtype=np.int32))
+        except ImadaremError:
+            skipped += 1
+    data = EncodedData(tok, seqs, source_hash, skipped)
+    _save_cache(cached, data)
+    return data
+
+
+def _save_cache(path: Path, data: EncodedData) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(s) for s in data.sequences], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.concatenate(data.sequences) if data.sequences else np.zeros(0, np.int32)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, flat=flat, offsets=offsets, skipped=np.int64(data.skipped),
+             tokenizer=np.array(tokenizer_to_json(data.tokenizer)))
+    os.replace(tmp, path)
+
+
+def split_validation(arr: np.ndarray, fraction: float, seed: int, max_val: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    n_val = min(max_val, int(round(len(arr) * fraction)))
+    if n_val <= 0:
+        return arr, arr[:0]
+    perm = np.random.default_rng(seed).permutation(len(arr))
+    return arr[perm[n_val:]], arr[perm[:n_val]]
+
+
+def iter_batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, row indices) forever: a fresh seeded permutation per epoch, so any step can be resumed."""
+    if n == 0:
+        raise DataError("no training sequences")
+    per_epoch = max(1, n // batch_size)
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        if n < batch_size:
+            perm = np.resize(perm, batch_size)
+        yield step, perm[offset * batch_size : (offset + 1) * batch_size]
+        step += 1

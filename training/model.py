@@ -1,0 +1,186 @@
+"""Imadarem V: one small bidirectional transformer shared across refinement steps.
+
+Inputs are summed: token embedding + sinusoidal positions scaled by a learned per-position decay + a
+time embedding of the step + a projection of the self-conditioning state (the previous step's soft
+predictions, as expected token embeddings). Heads: logits (tied to the token embedding), the refinement
+gate (sigmoid, bias +2.0) and an optional token critic. ``forward`` is exactly the exported step:
+(tokens, step, cond) -> logits, gate, cond_next (, critic).
+
+Attention is written with ``scaled_dot_product_attention`` and a key-padding mask rather than
+``nn.TransformerEncoder``, whose inference fast path exports as a fused op onnxruntime lacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from imadarem.runtime.errors import TokenizerError
+from imadarem.runtime.tokenizer import TokenizerAdapter, resolve_special_ids
+from imadarem.training.config import ImplicitRefinementConfig
+from torch import nn
+
+
+def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] float positions -> [N, dim] sin/cos features (Vaswani et al.)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    args = positions.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TokenEmbedding(nn.Embedding):
+    """Token ids -> vectors; its weight doubles as the output projection and the self-conditioning basis."""
+
+
+class AdaptivePositionalEmbedding(nn.Module):
+    """Fixed sinusoidal positions times a learned per-position decay (initialised to 1)."""
+
+    def __init__(self, max_len: int, dim: int):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal(torch.arange(max_len), dim), persistent=False)
+        self.decay = nn.Parameter(torch.ones(max_len))
+
+    def forward(self, length: int) -> torch.Tensor:
+        return self.pe[:length] * self.decay[:length, None]
+
+
+class TimeEmbedding(nn.Module):
+    """Refinement step index -> vector: sinusoidal features through a one-layer MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU())
+
+    def forward(self, step: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal(step, self.dim))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm bidirectional self-attention + MLP."""
+
+    def __init__(self, cfg: ImplicitRefinementConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.ln1 = nn.LayerNorm(h)
+        self.qkv = nn.Linear(h, 3 * h)
+        self.proj = nn.Linear(h, h)
+        self.ln2 = nn.LayerNorm(h)
+        self.mlp = nn.Sequential(nn.Linear(h, cfg.mlp_ratio * h), nn.GELU(), nn.Linear(cfg.mlp_ratio * h, h))
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(h, dim=-1)
+        q, k, v = (t.reshape(b, n, self.num_heads, h // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(b, n, h)
+        x = x + F.dropout(self.proj(y), p, self.training)
+        return x + F.dropout(self.mlp(self.ln2(x)), p, self.training)
+
+
+class ImplicitRefinementModel(nn.Module):
+    def __init__(self, config: ImplicitRefinementConfig, tokenizer: TokenizerAdapter):
+        super().__init__()
+        if tokenizer.vocab_size != config.vocab_size:
+            raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size is "
+                                 f"{config.vocab_size}")
+        self.special = resolve_special_ids(tokenizer)  # the contract check: range and collisions
+        self.config = config
+        self.tokenizer = tokenizer
+        h = config.hidden_size
+        self.tok_emb = TokenEmbedding(config.vocab_size, h)
+        self.pos_emb = AdaptivePositionalEmbedding(config.max_seq_len, h)
+        self.time_emb = TimeEmbedding(h)
+        self.self_cond = nn.Linear(h, h)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(h)
+        self.gate_head = nn.Linear(h, 1)
+        self.critic_head = nn.Linear(h, 1) if config.use_critic else None
+        self.apply(self._init)
+        nn.init.zeros_(self.self_cond.weight)  # self-conditioning starts as a no-op
+        nn.init.zeros_(self.self_cond.bias)
+        nn.init.constant_(self.gate_head.bias, config.gate_bias_init)  # sigmoid(2) = 0.88: refine at first
+        self._teacher: ImplicitRefinementModel | None = None
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # -- the step -------------------------------------------------------------------------------
+    def hidden(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        _, n = tokens.shape
+        step = step.clamp(0, self.config.max_refinement_steps - 1)
+        x = self.tok_emb(tokens) + self.pos_emb(n)[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
+        x = F.dropout(x, self.config.dropout, self.training)
+        keep = tokens != self.special.pad  # padding derived in the graph; a query always sees itself
+        eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
+        attn_mask = keep[:, None, None, :] | eye[None, None]
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_f(x)
+
+    def heads(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = hidden @ self.tok_emb.weight.t()
+        soft = torch.softmax(logits.float(), dim=-1)
+        out = {
+            "logits": logits,
+            "gate_logits": self.gate_head(hidden).squeeze(-1),
+            "cond_next": soft @ self.tok_emb.weight.float(),
+        }
+        if self.critic_head is not None:
+            out["critic_logits"] = self.critic_head(hidden).squeeze(-1)
+        return out
+
+    def forward_train(self, tokens, step, cond) -> dict[str, torch.Tensor]:
+        return self.heads(self.hidden(tokens, step, cond))
+
+    def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor):
+        """The exported step: (tokens, step, cond) -> logits, gate, cond_next (, critic)."""
+        out = self.forward_train(tokens, step, cond)
+        result = (out["logits"].float(), torch.sigmoid(out["gate_logits"].float()), out["cond_next"].float())
+        if self.critic_head is not None:
+            result = result + (torch.sigmoid(out["critic_logits"].float()),)
+        return result
+
+    def zero_cond(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*tokens.shape, self.config.hidden_size, device=tokens.device)
+
+    # -- EMA teacher ----------------------------------------------------------------------------
+    def init_teacher(self) -> ImplicitRefinementModel:
+        """Create the EMA teacher (a frozen copy, not a submodule: its weights are saved as ``ema.*``)."""
+        teacher = copy.deepcopy(self)
+        teacher._teacher = None
+        teacher.eval()
+        teacher.requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)
+        return teacher
+
+    @property
+    def teacher(self) -> ImplicitRefinementModel | None:
+        return self._teacher
+
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> None:
+        """EMA update after an optimiser step; the decay warms up as (1 + s) / (10 + s)."""
+        if self._teacher is None:
+            return
+        decay = min(self.config.ema_decay, (1 + step) / (10 + step))
+        for p_t, p in zip(self._teacher.parameters(), self.parameters()):
+            p_t.lerp_(p.detach(), 1.0 - decay)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,206 @@
+"""The Imadarem V training objective (DESIGN.md, "Training objective").
+
+Per sequence a step t ~ U{0..K-1} sets mask_rate(t) (1 - t/K, or cosine). Corrupted positions become
+[MASK]; for t > 0 some are refilled with the EMA teacher's own samples or random tokens, so inputs hold
+realistic wrong tokens, as they do at inference after step 0. The teacher's pass (no grad) also gives
+the self-conditioning state (on a ``self_condition_rate`` share of batches) and the previous gate.
+
+loss = CE(corrupted positions) + diversity_weight * relu(0.5 - entropy)[masked]
+       + gate BCE against 1[input token != target] + sparsity * mean(gate)
+       + smoothness * mean((gate - previous gate)^2) (+ critic BCE on committed tokens)
+
+All randomness is drawn for the whole global batch from a generator seeded by (seed, step), then sliced
+by rank, and every mean is taken over global counts: N processes under DDP compute the same loss as one
+process with the whole batch, and a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from imadarem.runtime.tokenizer import SpecialIds
+from imadarem.training.config import ImplicitRefinementConfig
+
+
+@dataclass
+class Noise:
+    """All random draws of one training step (rows of the global batch)."""
+
+    t: torch.Tensor  # [B] step index
+    u_corrupt: torch.Tensor  # [B, L]
+    u_replace: torch.Tensor  # [B, L]
+    random_tokens: torch.Tensor  # [B, L]
+    gumbel: torch.Tensor  # [B, L, V]
+    self_condition: bool
+
+    def rows(self, sl: slice) -> Noise:
+        return Noise(self.t[sl], self.u_corrupt[sl], self.u_replace[sl], self.random_tokens[sl], self.gumbel[sl],
+                     self.self_condition)
+
+
+def draw_noise(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefinementConfig,
+               special: SpecialIds, device: torch.device) -> Noise:
+    K, V = cfg.max_refinement_steps, cfg.vocab_size
+    kw = {"generator": gen, "device": device}
+    t = torch.randint(0, K, (batch,), **kw)
+    u_corrupt = torch.rand(batch, length, **kw)
+    u_replace = torch.rand(batch, length, **kw)
+    # random replacement tokens: anything but MASK and PAD
+    allowed = torch.tensor([i for i in range(V) if i not in (special.mask, special.pad)], device=device)
+    random_tokens = allowed[torch.randint(0, len(allowed), (batch, length), **kw)]
+    u = torch.rand(batch, length, V, **kw).clamp_(1e-20, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    self_condition = bool(torch.rand(1, **kw).item() < cfg.self_condition_rate)
+    return Noise(t, u_corrupt, u_replace, random_tokens, gumbel, self_condition)
+
+
+def mask_rate(t: torch.Tensor, cfg: ImplicitRefinementConfig) -> torch.Tensor:
+    ratio = t.float() / cfg.max_refinement_steps
+    if cfg.corruption_schedule == "cosine":
+        return torch.cos(math.pi / 2 * ratio)
+    return 1.0 - ratio
+
+
+def targets_of(clean: torch.Tensor, special: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (EOS repeated after the end, so the length is learned) and the end position of each row."""
+    if special.eos is None:
+        ends = (clean != special.pad).sum(-1) - 1
+        return clean, ends
+    is_eos = clean == special.eos
+    ends = is_eos.float().argmax(-1)
+    pos = torch.arange(clean.shape[1], device=clean.device)
+    targets = torch.where(pos[None] > ends[:, None], torch.full_like(clean, special.eos), clean)
+    return targets, ends
+
+
+def freeze_after_eos(tokens: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+    """What the runtime does on committing EOS: everything after the first EOS becomes PAD."""
+    if special.eos is None:
+        return tokens
+    is_eos = tokens == special.eos
+    has = is_eos.any(-1)
+    first = torch.where(has, is_eos.float().argmax(-1), torch.full_like(has, tokens.shape[1], dtype=torch.long))
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    return torch.where(pos[None] > first[:, None], torch.full_like(tokens, special.pad), tokens)
+
+
+@dataclass
+class Corrupted:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    step: torch.Tensor
+    cond: torch.Tensor
+    prev_gate: torch.Tensor
+    loss_positions: torch.Tensor  # corrupted and not padding
+    valid: torch.Tensor  # not padding
+
+
+@torch.no_grad()
+def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementConfig, special: SpecialIds,
+            autocast=None) -> Corrupted:
+    B, L = clean.shape
+    targets, ends = targets_of(clean, special)
+    pos = torch.arange(L, device=clean.device)
+    corrupted = noise.u_corrupt < mask_rate(noise.t, cfg)[:, None]
+    # the tail after EOS is one unit with the EOS: PAD if the EOS is kept, masked if it is not
+    after = pos[None] > ends[:, None]
+    end_corrupted = corrupted.gather(1, ends[:, None])
+    corrupted = torch.where(after, end_corrupted, corrupted)
+    inputs = torch.where(corrupted, torch.full_like(clean, special.mask), clean)
+
+    prev_step = (noise.t - 1).clamp(min=0)
+    zeros = torch.zeros(B, L, cfg.hidden_size, device=clean.device)
+    with autocast() if autocast else _null():
+        first = teacher.forward_train(inputs, prev_step, zeros)
+    logits0 = first["logits"].float()
+    logits0[..., [special.mask, special.pad]] = float("-inf")
+    samples = (logits0 + noise.gumbel).argmax(-1)
+    later = (noise.t > 0)[:, None]
+    cond = first["cond_next"].float() * later[..., None] if noise.self_condition else zeros
+    prev_gate = torch.sigmoid(first["gate_logits"].float())
+
+    replaceable = corrupted & later
+    p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
+    use_sample = replaceable & (noise.u_replace < p_s)
+    use_random = replaceable & (noise.u_replace >= p_s) & (noise.u_replace < p_s + p_r)
+    inputs = torch.where(use_sample, samples, inputs)
+    inputs = torch.where(use_random, noise.random_tokens, inputs)
+    inputs = freeze_after_eos(inputs, special)
+    valid = inputs != special.pad
+    return Corrupted(inputs, targets, noise.t, cond, prev_gate, corrupted & valid, valid)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _global_sum(x: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, special: SpecialIds,
+                    world_size: int = 1, autocast=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one (rank's share of a) batch; ``model_fn`` is the (DDP-wrapped) forward_train."""
+    with autocast() if autocast else _null():
+        out = model_fn(batch.inputs, batch.step, batch.cond)
+    logits = out["logits"].float()
+    V = logits.shape[-1]
+    valid, loss_pos = batch.valid, batch.loss_positions
+    masked = (batch.inputs == special.mask) & valid
+    committed = valid & ~masked
+    wrong = (batch.inputs != batch.targets) & valid
+    later = (batch.step > 0)[:, None] & valid
+
+    ce = F.cross_entropy(logits.reshape(-1, V), batch.targets.reshape(-1), reduction="none").view_as(batch.targets)
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    gate_logits = out["gate_logits"].float()
+    gate = torch.sigmoid(gate_logits)
+    bce = F.binary_cross_entropy_with_logits(gate_logits, wrong.float(), reduction="none")
+
+    sums = {
+        "ce": (ce * loss_pos).sum(),
+        "diversity": (F.relu(0.5 - entropy) * masked).sum(),
+        "gate_bce": (bce * valid).sum(),
+        "gate_mean": (gate * valid).sum(),
+        "smooth": ((gate - batch.prev_gate) ** 2 * later).sum(),
+        "gate_correct": (((gate > 0.5) == wrong) & committed).sum().float(),
+    }
+    counts = torch.stack([loss_pos.sum(), masked.sum(), valid.sum(), later.sum(), committed.sum()]).float()
+    if "critic_logits" in out:
+        critic = F.binary_cross_entropy_with_logits(out["critic_logits"].float(), wrong.float(), reduction="none")
+        sums["critic"] = (critic * committed).sum()
+    counts = _global_sum(counts).clamp(min=1.0)
+    n_loss, n_masked, n_valid, n_later, n_committed = counts.unbind()
+
+    loss = sums["ce"] / n_loss + cfg.diversity_weight * sums["diversity"] / n_masked
+    if cfg.use_refine_gate:
+        loss = loss + cfg.gate_loss_weight * sums["gate_bce"] / n_valid
+        loss = loss + cfg.gate_sparsity_weight * sums["gate_mean"] / n_valid
+        loss = loss + cfg.gate_smoothness_weight * sums["smooth"] / n_later
+    if "critic" in sums:
+        loss = loss + cfg.critic_loss_weight * sums["critic"] / n_committed
+    # DDP averages gradients over ranks; scaling by world size makes that the global-batch gradient
+    loss = loss * world_size
+    detached = {k: v.detach() for k, v in sums.items()}
+    stats = torch.stack([detached["ce"], detached["gate_bce"], detached["gate_correct"], detached["diversity"]])
+    stats = _global_sum(stats)
+    metrics = {
+        "loss": float(_global_sum(loss.detach()) / world_size),  # the global-batch loss
+        "ce": float(stats[0] / n_loss),
+        "gate_bce": float(stats[1] / n_valid),
+        "gate_acc": float(stats[2] / n_committed),
+        "diversity": float(stats[3] / n_masked),
+        "tokens": float(n_valid),
+    }
+    return loss, metrics

@@ -1,0 +1,371 @@
+"""The training loop: AdamW (or Ranger21), warmup + cosine LR, clipping, EMA, bf16 on CUDA, DDP, resume.
+
+Everything random is a function of (seed, step): the batch order (one seeded permutation per epoch),
+the corruption noise and dropout. So a run resumed from a checkpoint continues exactly as if it had
+never stopped, and ``torchrun --nproc_per_node N`` gives the loss of one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from imadarem.runtime.errors import CheckpointError, DataError, ImadaremError
+from imadarem.runtime.tokenizer import resolve_special_ids, tokenizer_to_json
+from imadarem.training import checkpoint as ckpt_io
+from imadarem.training.config import ImplicitRefinementConfig
+from imadarem.training.data import encode_file, iter_batches, split_validation
+from imadarem.training.model import ImplicitRefinementModel
+from imadarem.training.objective import corrupt, draw_noise, refinement_loss
+
+
+@dataclass
+class TrainArgs:
+    data: str = ""
+    out_dir: str = "runs/imadarem"
+    data_format: str = "auto"
+    tokenizer: str = "auto"
+    tokenizer_file: str | None = None
+    val_data: str | None = None
+    val_fraction: float = 0.01
+    steps: int = 10000
+    batch_size: int = 128  # global batch (split over DDP ranks)
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    seed: int = 0
+    eval_interval: int = 500
+    eval_batches: int = 4
+    checkpoint_interval: int = 500
+    log_interval: int = 50
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    workers: int | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+    model: dict[str, Any] = field(default_factory=dict)  # ImplicitRefinementConfig overrides
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _dist_info() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _step_seed(seed: int, step: int, salt: int) -> int:
+    return int(np.random.SeedSequence([seed, step, salt]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+class _TrainView(torch.nn.Module):
+    """Makes ``forward_train`` the forward DDP wraps (DDP hooks only ``forward``)."""
+
+    def __init__(self, model: ImplicitRefinementModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, step, cond):
+        return self.model.forward_train(tokens, step, cond)
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs, resume: bool = False, max_new_steps: int | None = None,
+                 overrides: dict[str, Any] | None = None):
+        self.rank, self.world, self.local_rank = _dist_info()
+        self.resume = resume
+        self.max_new_steps = max_new_steps
+        self.run_dir = Path(args.out_dir)
+        if resume:
+            args = self._load_run_args(overrides or {})
+        self.args = args
+        self._validate()
+        self.device = self._pick_device()
+        self.distributed = self.world > 1
+        if self.distributed and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+        self.is_main = self.rank == 0
+        self._stop_requested = False
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        a = self.args
+        if a.batch_size < 1 or a.steps < 1:
+            raise ImadaremError("--batch-size and --steps must be >= 1")
+        if a.batch_size % self.world:
+            raise ImadaremError(f"--batch-size {a.batch_size} must be divisible by the {self.world} processes")
+        if a.optimizer not in ("adamw", "ranger21"):
+            raise ImadaremError(f"--optimizer must be 'adamw' or 'ranger21', got {a.optimizer!r}")
+        if a.precision not in ("auto", "fp32", "bf16"):
+            raise ImadaremError(f"--precision must be auto, fp32 or bf16, got {a.precision!r}")
+
+    RESUMABLE_OVERRIDES = ("steps", "device", "progress", "workers", "cache_dir", "data")
+
+    def _load_run_args(self, overrides: dict[str, Any]) -> TrainArgs:
+        """The stored arguments of the run; only how long, where and with what display may change."""
+        run_json = self.run_dir / "run.json"
+        if not run_json.is_file():
+            raise CheckpointError(f"nothing to resume in {self.run_dir} (no run.json)")
+        stored = json.loads(run_json.read_text())["args"]
+        args = TrainArgs(**stored)
+        for key, value in overrides.items():
+            if key not in self.RESUMABLE_OVERRIDES:
+                raise ImadaremError(f"--{key.replace('_', '-')} cannot change when resuming a run")
+            if value is not None:
+                setattr(args, key, value)
+        args.out_dir = str(self.run_dir)
+        return args
+
+    def _pick_device(self) -> torch.device:
+        want = self.args.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ImadaremError("--device cuda requested but torch sees no CUDA GPU")
+            if self.world > 1 or want == "cuda":
+                want = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(torch.device(want))
+        return torch.device(want)
+
+    def _autocast(self):
+        use_bf16 = self.args.precision == "bf16" or (self.args.precision == "auto" and self.device.type == "cuda")
+        if not use_bf16:
+            return None
+        return lambda: torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self) -> None:
+        a = self.args
+        self.ckpt = ckpt_io.load_checkpoint(self.run_dir) if self.resume else None
+        data = encode_file(a.data, a.data_format, a.tokenizer, a.tokenizer_file, a.cache_dir, a.workers)
+        self.tokenizer = data.tokenizer
+        if self.ckpt is not None and tokenizer_to_json(self.tokenizer) != self.ckpt.state["tokenizer"]:
+            raise CheckpointError(f"{a.data} no longer gives the tokenizer this run was trained with")
+        self.special = resolve_special_ids(self.tokenizer)
+        cfg_fields = dict(a.model)
+        cfg_fields.setdefault("max_seq_len", 64)
+        if self.ckpt is not None:
+            self.config = ImplicitRefinementConfig.from_dict(self.ckpt.state["config"])
+        else:
+            self.config = ImplicitRefinementConfig(vocab_size=self.tokenizer.vocab_size, **cfg_fields)
+        packed, too_long = data.pack(self.config.max_seq_len)
+        if a.val_data:
+            val = encode_file(a.val_data, a.data_format, self.tokenizer, None, a.cache_dir, a.workers)
+            self.train_data, self.val_data = packed, val.pack(self.config.max_seq_len)[0]
+        else:
+            self.train_data, self.val_data = split_validation(packed, a.val_fraction, a.seed)
+        if len(self.train_data) == 0:
+            raise DataError(f"{a.data}: no sequence fits max_seq_len {self.config.max_seq_len}")
+        self.data_hash = data.source_hash
+        self.data_report = {"sequences": len(data.sequences), "unreadable": data.skipped, "too_long": too_long,
+                            "train": len(self.train_data), "val": len(self.val_data)}
+
+        torch.manual_seed(a.seed)
+        self.model = ImplicitRefinementModel(self.config, self.tokenizer).to(self.device)
+        self.model.init_teacher()
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        if self.ckpt is not None:
+            self.model.load_state_dict(self.ckpt.model_weights("raw"))
+            self.model.teacher.load_state_dict(self.ckpt.model_weights("ema"))
+            self.optimizer.load_state_dict(self.ckpt.optimizer_state())
+            self.step = self.ckpt.step
+        self.train_fn = _TrainView(self.model)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_fn = DDP(self.train_fn, device_ids=ids, find_unused_parameters=not self.config.use_refine_gate)
+        if self.is_main and not self.resume:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_json()
+
+    def _make_optimizer(self):
+        a = self.args
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if a.optimizer == "ranger21":
+            try:
+                from pytorch_optimizer import Ranger21
+            except ImportError:
+                raise ImadaremError("--optimizer ranger21 needs pytorch-optimizer: pip install 'imadarem[train]'") from None
+            return Ranger21(groups, num_iterations=a.steps, lr=a.lr)
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
+
+    def _write_run_json(self) -> None:
+        info = {"args": self.args.to_dict(), "config": self.config.to_dict(),
+                "tokenizer": tokenizer_to_json(self.tokenizer), "data_sha256": self.data_hash,
+                "data": self.data_report, "parameters": self.model.num_parameters(), "world_size": self.world,
+                "versions": _versions()}
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=1))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _batch(self, rows: np.ndarray, data: np.ndarray, step: int, salt: int):
+        B, L = len(rows), data.shape[1]
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(_step_seed(self.args.seed, step, salt))
+        noise = draw_noise(gen, B, L, self.config, self.special, self.device)
+        share = B // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        clean = torch.from_numpy(data[rows[mine]]).to(self.device)
+        batch = corrupt(clean, noise.rows(mine), self.model.teacher, self.config, self.special, self._autocast())
+        return batch
+
+    def train_step(self, step: int, rows: np.ndarray) -> dict[str, float]:
+        a = self.args
+        torch.manual_seed(_step_seed(a.seed, step, 1))  # dropout: reproducible per step
+        self.model.train()
+        batch = self._batch(rows, self.train_data, step, salt=2)
+        if a.optimizer == "adamw":
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(step, a)
+        loss, metrics = refinement_loss(self.train_fn, batch, self.config, self.special, self.world, self._autocast())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        self.optimizer.step()
+        self.model.update_teacher(step)
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        if len(self.val_data) == 0:
+            return {}
+        self.model.eval()
+        bs = self.args.batch_size
+        totals: dict[str, float] = {}
+        n = 0
+        for i in range(self.args.eval_batches):
+            rows = np.arange(i * bs, (i + 1) * bs) % len(self.val_data)
+            batch = self._batch(rows, self.val_data, 10_000_000 + i, salt=3)  # same noise at every eval
+            fn = self.model.teacher.forward_train
+            _, m = refinement_loss(fn, batch, self.config, self.special, 1, self._autocast())
+            for k in ("loss", "ce", "gate_acc"):
+                totals[k] = totals.get(k, 0.0) + m[k]
+            n += 1
+        return {f"val_{k}": v / n for k, v in totals.items()}
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        state = {"config": self.config.to_dict(), "tokenizer": tokenizer_to_json(self.tokenizer),
+                 "args": self.args.to_dict(), "data_sha256": self.data_hash, "versions": _versions(),
+                 "parameters": self.model.num_parameters()}
+        return ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                       keep=self.args.keep_checkpoints)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """On resume, drop log lines past the checkpoint so no step appears twice."""
+        log = self.run_dir / "log.jsonl"
+        if not (self.is_main and log.is_file()):
+            return
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", -1) < self.step]
+        log.write_text("".join(ln + "\n" for ln in kept))
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_requested = True
+
+    def run(self) -> dict[str, Any]:
+        self.prepare()
+        a = self.args
+        if self.resume:
+            self._trim_log()
+        end = a.steps if self.max_new_steps is None else min(a.steps, self.step + self.max_new_steps)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if _main_thread() else {}
+        bar = None
+        if a.progress and self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=a.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        interrupted = False
+        tokens_seen, t0 = 0.0, time.perf_counter()
+        try:
+            for step, rows in iter_batches(len(self.train_data), a.batch_size, a.seed, self.step):
+                if step >= end:
+                    break
+                metrics = self.train_step(step, rows)
+                self.step = step + 1
+                tokens_seen += metrics["tokens"]
+                record = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}}
+                if self.step % a.eval_interval == 0 or self.step == a.steps:
+                    record.update(self.evaluate(step))
+                if step % a.log_interval == 0 or "val_loss" in record or self.step == end:
+                    elapsed = time.perf_counter() - t0
+                    record["tokens_per_s"] = round(tokens_seen / max(elapsed, 1e-9), 1)
+                    self._log(record)
+                last = record
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", gate_acc=f"{metrics['gate_acc']:.3f}",
+                                    tok_s=f"{tokens_seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+                if self.step % a.checkpoint_interval == 0 and self.step < end:
+                    self.save()
+                if self._stop_requested:
+                    interrupted = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        path = self.save()
+        if self.distributed:
+            torch.distributed.barrier()
+        return {"step": self.step, "checkpoint": str(path) if path else None, "interrupted": interrupted,
+                "last": last, "data": self.data_report}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for name in ("imadarem", "selfies", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def train(args: TrainArgs, resume: bool = False, max_new_steps: int | None = None,
+          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return Trainer(args, resume=resume, max_new_steps=max_new_steps, overrides=overrides).run()
