@@ -131,6 +131,29 @@ def plugins_command(as_json):
         click.echo(f"error: {problem}", err=True)
 
 
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_command(model, as_json):
+    """Show a model file's metadata, inputs/outputs and parameter count."""
+    from imadarem.runtime.modelfile import describe_model_file
+
+    info = describe_model_file(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    cfg = info["config"]
+    click.echo(f"model file   {info['path']}  ({info['bytes']:,} bytes, format {info['format']})")
+    click.echo(f"parameters   {info['parameters']:,}" if info["parameters"] is not None else "parameters   unknown")
+    click.echo(f"tokenizer    {info['tokenizer']['adapter']} ({cfg['vocab_size']} tokens), special ids {info['special_ids']}")
+    click.echo("config       " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())))
+    for kind in ("inputs", "outputs"):
+        for io in info[kind]:
+            click.echo(f"{kind[:-1]:<12} {io['name']:<10} {io['type']:<15} {io['shape']}")
+    for key, value in sorted(info["provenance"].items()):
+        click.echo(f"provenance   {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
 class LazyGroup(click.Group):
     """A group whose subcommands live in other modules and are imported only when used."""
 
@@ -154,6 +177,7 @@ class LazyGroup(click.Group):
 LAZY_COMMANDS: dict[str, str] = {
     "train": "imadarem.training.cli:train_command",
     "data": "imadarem.training.cli:data_group",
+    "export": "imadarem.export.cli:export_command",
 }
 
 
@@ -165,6 +189,7 @@ def cli():
 
 cli.add_command(run_command)
 cli.add_command(plugins_command)
+cli.add_command(inspect_command)
 
 
 def main(args: list[str] | None = None) -> None:

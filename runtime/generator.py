@@ -78,15 +78,22 @@ class Generator:
             model_path = default_model_path()
             if model_path is None:
                 raise ModelFileError("no MODEL given and this installation has no bundled default model")
-        self.model: ModelFile = load_model_file(model_path, provider=provider, threads=threads)
+        self._attach(load_model_file(model_path, provider=provider, threads=threads), provider)
+
+    @classmethod
+    def from_model_file(cls, model: ModelFile, provider: str = "cpu") -> Generator:
+        """A Generator over an already opened and checked model file."""
+        gen = cls.__new__(cls)
+        gen._attach(model, provider)
+        return gen
+
+    def _attach(self, model: ModelFile, provider: str) -> None:
+        self.model = model
         self.provider = provider
         self.config = self.model.config
         self.tokenizer = self.model.tokenizer
         self.special = self.model.special
-        v = self.model.vocab_size
-        banned = [self.special.mask, self.special.pad]
-        self._banned = np.array(sorted(set(banned)), dtype=np.int64)
-        self._vocab = v
+        self._banned = banned_ids(self.special, getattr(self.tokenizer, "unk_token_id", None))
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, n: int = 1, selector: str | Selector = "gate", steps: int | None = None,
@@ -132,19 +139,12 @@ class Generator:
 
     # -- the loop ------------------------------------------------------------------------------
     def _step(self, tokens: np.ndarray, t: int, cond: np.ndarray) -> dict[str, np.ndarray]:
-        step = np.full(tokens.shape[0], t, dtype=np.int64)
+        step = np.full(tokens.shape[0], t, dtype=np.int64)  # t is already the model's step index
         outs = self.model.session.run(None, {"tokens": tokens, "step": step, "cond": cond})
         return dict(zip(self.model.outputs, outs))
 
     def _sample(self, logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
-        if temperature <= 1e-6:
-            return logits.argmax(-1)
-        noise = rng.random(logits.shape, dtype=np.float32)
-        np.clip(noise, 1e-20, 1.0 - 1e-7, out=noise)
-        np.log(noise, out=noise)
-        np.negative(noise, out=noise)
-        np.log(noise, out=noise)  # -log(-log u) is Gumbel; subtracting log(-log u) below
-        return (logits / np.float32(temperature) - noise).argmax(-1)
+        return sample_proposals(logits, temperature, rng)
 
     def _refine(self, n: int, run: _Run, rng: np.random.Generator) -> list[Sample]:
         sp = self.special
@@ -168,7 +168,7 @@ class Generator:
             if active.size == 0:
                 break
             x, fz = tokens[active], frozen[active]
-            out = self._step(x, t, cond)
+            out = self._step(x, model_step(t, K, int(self.config["max_refinement_steps"])), cond)
             logits = out["logits"]
             logits[..., self._banned] = -np.inf
             if eos_banned is not None:
@@ -207,9 +207,10 @@ class Generator:
             for j, row in enumerate(active):
                 edits[row].append(int(n_changed[j]))
                 if traj is not None:
-                    traj[row].append(TrajectoryStep(t, new[j].tolist(), np.flatnonzero(changed[j] & (new[j] != sp.mask)).tolist(),
-                                                    np.flatnonzero(remask[j] & changed[j]).tolist(), float(ratio[j]),
-                                                    bool(done[j]) and t < K - 1))
+                    refined = changed[j] & (new[j] != sp.mask) & (new[j] != sp.pad)
+                    traj[row].append(TrajectoryStep(t, new[j].tolist(), np.flatnonzero(refined).tolist(),
+                                                    np.flatnonzero(remask[j] & (x[j] != sp.mask)).tolist(),
+                                                    float(ratio[j]), bool(done[j]) and t < K - 1))
             keep = ~done
             active = active[keep]
             cond = out["cond_next"][keep]
@@ -227,6 +228,36 @@ class Generator:
             while ids and ids[-1] == sp.pad:
                 ids.pop()
         return Sample(self.tokenizer.decode(ids), ids, steps, edits, early, trajectory)
+
+
+def banned_ids(special, unk: int | None = None) -> np.ndarray:
+    """Ids never proposed: MASK, PAD (padding only ever follows a committed EOS) and UNK if any."""
+    ids = {special.mask, special.pad} | ({unk} if unk is not None and unk not in (special.eos,) else set())
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def model_step(t: int, num_steps: int, model_steps: int) -> int:
+    """The model's step index for run step t of num_steps: the run's schedule stretched onto the K the
+    model was trained with, so a run with more (or fewer) steps than K still sees familiar step indices."""
+    if num_steps == model_steps:
+        return t
+    return min(model_steps - 1, t * model_steps // num_steps)
+
+
+def sample_proposals(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Gumbel-max sampling from softmax(logits / temperature); argmax when temperature is 0.
+
+    One uniform draw per logit, of shape logits.shape, whatever the temperature > 0: the PyTorch
+    reference loop draws the same numbers and so samples the same tokens for the same seed.
+    """
+    if temperature <= 1e-6:
+        return logits.argmax(-1)
+    noise = rng.random(logits.shape, dtype=np.float32)
+    np.clip(noise, 1e-20, 1.0 - 1e-7, out=noise)
+    np.log(noise, out=noise)
+    np.negative(noise, out=noise)
+    np.log(noise, out=noise)  # log(-log u) = -Gumbel
+    return (logits / np.float32(temperature) - noise).argmax(-1)
 
 
 def _ro(array: np.ndarray | None) -> np.ndarray | None:

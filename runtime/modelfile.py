@@ -205,3 +205,31 @@ def default_model_path() -> Path | None:
         if (here / name).is_file():
             return here / name
     return None
+
+
+def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``imadarem inspect`` shows; the parameter count comes from the graph's initializers when the
+    onnx package is present, else from the provenance recorded at export."""
+    mfile = load_model_file(path)
+    params = mfile.provenance.get("parameters")
+    try:
+        import onnx
+        from onnx import numpy_helper
+
+        proto = onnx.load(str(path), load_external_data=False)
+        params = int(sum(numpy_helper.to_array(init).size for init in proto.graph.initializer))
+    except ImportError:
+        pass
+    sess = mfile.session
+    return {
+        "path": str(path),
+        "bytes": Path(path).stat().st_size,
+        "format": mfile.metadata.get(KEY_FORMAT),
+        "parameters": params,
+        "config": mfile.config,
+        "tokenizer": {"adapter": mfile.tokenizer.name, "vocab_size": mfile.tokenizer.vocab_size},
+        "special_ids": mfile.special.as_dict(),
+        "inputs": [{"name": i.name, "type": i.type, "shape": i.shape} for i in sess.get_inputs()],
+        "outputs": [{"name": o.name, "type": o.type, "shape": o.shape} for o in sess.get_outputs()],
+        "provenance": mfile.provenance,
+    }

@@ -44,11 +44,12 @@ from imadarem.runtime.cli import _parse_option
 @click.option("--gate/--no-gate", "use_refine_gate", default=None, help="Train the refinement gate.")
 @click.option("--set", "config_set", multiple=True, callback=_parse_option, metavar="KEY=VALUE",
               help="Any other ImplicitRefinementConfig field, e.g. --set ema_decay=0.9995.")
+@click.option("--time-limit", type=click.FloatRange(min=1), help="Seconds of wall time, then checkpoint and stop cleanly.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_command(data, out_dir, resume, data_format, tokenizer, tokenizer_file, val_data, val_fraction, steps,
                   max_new_steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, optimizer, seed, device,
                   precision, eval_interval, checkpoint_interval, log_interval, workers, cache_dir, config_set,
-                  no_progress, **model_fields):
+                  time_limit, no_progress, **model_fields):
     """Train an Imadarem V model; checkpoints go to OUT_DIR and --resume continues a stopped run.
 
     Runs under `torchrun --nproc_per_node N` with DDP (NCCL on GPUs, gloo on CPU).
@@ -58,7 +59,7 @@ def train_command(data, out_dir, resume, data_format, tokenizer, tokenizer_file,
 
     if resume:
         overrides = {"steps": steps, "device": device, "progress": not no_progress, "workers": workers,
-                     "cache_dir": cache_dir, "data": data}
+                     "cache_dir": cache_dir, "data": data, "time_limit": time_limit}
         result = train(TrainArgs(out_dir=out_dir), resume=True, max_new_steps=max_new_steps, overrides=overrides)
     else:
         if not data:
@@ -71,7 +72,7 @@ def train_command(data, out_dir, resume, data_format, tokenizer, tokenizer_file,
                          weight_decay=weight_decay, grad_clip=grad_clip, optimizer=optimizer, seed=seed,
                          device=device, precision=precision, eval_interval=eval_interval,
                          checkpoint_interval=checkpoint_interval, log_interval=log_interval, workers=workers,
-                         cache_dir=cache_dir, progress=not no_progress, model=model)
+                         cache_dir=cache_dir, progress=not no_progress, time_limit=time_limit, model=model)
         from pathlib import Path
 
         if (Path(out_dir) / "latest").exists():

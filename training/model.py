@@ -39,12 +39,16 @@ class TokenEmbedding(nn.Embedding):
 
 
 class AdaptivePositionalEmbedding(nn.Module):
-    """Fixed sinusoidal positions times a learned per-position decay (initialised to 1)."""
+    """Fixed sinusoidal positions times a learned per-position decay.
+
+    The decay starts at 1/sqrt(dim): unit-amplitude sinusoids (norm sqrt(dim/2)) would otherwise drown
+    the token embeddings, and the model could barely tell tokens apart early in training.
+    """
 
     def __init__(self, max_len: int, dim: int):
         super().__init__()
         self.register_buffer("pe", sinusoidal(torch.arange(max_len), dim), persistent=False)
-        self.decay = nn.Parameter(torch.ones(max_len))
+        self.decay = nn.Parameter(torch.full((max_len,), dim ** -0.5))
 
     def forward(self, length: int) -> torch.Tensor:
         return self.pe[:length] * self.decay[:length, None]
@@ -98,6 +102,7 @@ class ImplicitRefinementModel(nn.Module):
         self.tokenizer = tokenizer
         h = config.hidden_size
         self.tok_emb = TokenEmbedding(config.vocab_size, h)
+        self.emb_scale = math.sqrt(h)  # Vaswani et al.: token embeddings (shared with the output) times sqrt(h)
         self.pos_emb = AdaptivePositionalEmbedding(config.max_seq_len, h)
         self.time_emb = TimeEmbedding(h)
         self.self_cond = nn.Linear(h, h)
@@ -124,7 +129,7 @@ class ImplicitRefinementModel(nn.Module):
     def hidden(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         _, n = tokens.shape
         step = step.clamp(0, self.config.max_refinement_steps - 1)
-        x = self.tok_emb(tokens) + self.pos_emb(n)[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
+        x = self.tok_emb(tokens) * self.emb_scale + self.pos_emb(n)[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
         x = F.dropout(x, self.config.dropout, self.training)
         keep = tokens != self.special.pad  # padding derived in the graph; a query always sees itself
         eye = torch.eye(n, dtype=torch.bool, device=tokens.device)

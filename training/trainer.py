@@ -56,6 +56,7 @@ class TrainArgs:
     workers: int | None = None
     cache_dir: str | None = None
     progress: bool = True
+    time_limit: float | None = None  # seconds: stop cleanly (checkpoint saved) before this much wall time
     model: dict[str, Any] = field(default_factory=dict)  # ImplicitRefinementConfig overrides
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +107,7 @@ class Trainer:
             torch.distributed.init_process_group(backend=backend)
         self.is_main = self.rank == 0
         self._stop_requested = False
+        self._created = time.perf_counter()
 
     # -- setup ---------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -119,7 +121,7 @@ class Trainer:
         if a.precision not in ("auto", "fp32", "bf16"):
             raise ImadaremError(f"--precision must be auto, fp32 or bf16, got {a.precision!r}")
 
-    RESUMABLE_OVERRIDES = ("steps", "device", "progress", "workers", "cache_dir", "data")
+    RESUMABLE_OVERRIDES = ("steps", "device", "progress", "workers", "cache_dir", "data", "time_limit")
 
     def _load_run_args(self, overrides: dict[str, Any]) -> TrainArgs:
         """The stored arguments of the run; only how long, where and with what display may change."""
@@ -312,6 +314,7 @@ class Trainer:
         last: dict[str, Any] = {}
         interrupted = False
         tokens_seen, t0 = 0.0, time.perf_counter()
+        started = self._created
         try:
             for step, rows in iter_batches(len(self.train_data), a.batch_size, a.seed, self.step):
                 if step >= end:
@@ -335,6 +338,8 @@ class Trainer:
                     self.save()
                 if self._stop_requested:
                     interrupted = True
+                    break
+                if a.time_limit and time.perf_counter() - started > a.time_limit:
                     break
         finally:
             if bar is not None:

@@ -1,0 +1,157 @@
+"""Checkpoint -> one self-describing ONNX file holding exactly one refinement step.
+
+The graph has DESIGN.md's signature (tokens, step, cond -> logits, gate, cond_next[, critic]) with
+dynamic batch and length (length <= max_seq_len), and ``metadata_props`` carrying the config, the
+tokenizer spec, the special ids, the format version and provenance. Variants: ``fp16`` (float16 weights
+and compute, float32 inputs/outputs, for GPUs) and ``int8`` (onnxruntime dynamic quantisation of the
+MatMul weights, for edge CPUs).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from imadarem.runtime import modelfile as mf
+from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.tokenizer import tokenizer_to_json
+
+INPUT_NAMES = ["tokens", "step", "cond"]
+OPSET = 18
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("imadarem", "torch", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def build_metadata(model, provenance: dict[str, Any]) -> dict[str, str]:
+    """The model file's metadata_props for an ImplicitRefinementModel."""
+    cfg = model.config.to_dict()
+    return {
+        mf.KEY_FORMAT: mf.FORMAT_VERSION,
+        mf.KEY_CONFIG: json.dumps(cfg, sort_keys=True),
+        mf.KEY_TOKENIZER: tokenizer_to_json(model.tokenizer),
+        mf.KEY_SPECIAL_IDS: json.dumps(model.special.as_dict()),
+        mf.KEY_PROVENANCE: json.dumps(provenance, sort_keys=True),
+    }
+
+
+def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
+    """Export an ImplicitRefinementModel (fp32, CPU) to ``out_path`` as a single file."""
+    import onnx
+    import torch
+
+    model = model.eval().cpu()
+    cfg = model.config
+    batch, length = 2, min(8, cfg.max_seq_len)
+    tokens = torch.full((batch, length), model.special.mask, dtype=torch.long)
+    step = torch.zeros(batch, dtype=torch.long)
+    cond = torch.zeros(batch, length, cfg.hidden_size)
+    outputs = ["logits", "gate", "cond_next"] + (["critic"] if cfg.use_critic else [])
+    B = torch.export.Dim("batch", min=1, max=1 << 20)
+    L = torch.export.Dim("length", min=1, max=cfg.max_seq_len)
+    dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: B, 1: L}}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "step.onnx"
+        program = torch.onnx.export(model, (tokens, step, cond), dynamo=True, input_names=INPUT_NAMES,
+                                    output_names=outputs, dynamic_shapes=dynamic, opset_version=OPSET,
+                                    optimize=True, verbose=False)
+        program.save(str(raw), external_data=False)
+        proto = onnx.load(str(raw))
+    meta = build_metadata(model, provenance or {})
+    write_with_metadata(proto, out_path, meta)
+    return out_path
+
+
+def write_with_metadata(proto, out_path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "imadarem"
+    onnx.checker.check_model(proto, full_check=True)
+    tmp = out_path.with_name(out_path.name + ".part")
+    onnx.save(proto, str(tmp), save_as_external_data=False)
+    os.replace(tmp, out_path)
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """float16 weights and compute, float32 inputs and outputs (onnxruntime's float16 converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    del proto.graph.value_info[:]  # stale float32 annotations would contradict the converted graph
+    # softmax and sigmoid stay float32: they feed the sampled distribution and the gate
+    half = convert_float_to_float16(proto, keep_io_types=True, op_block_list=["Softmax", "Sigmoid"])
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(half)
+    wrapped.topological_sort()  # the converter appends its input casts after their users
+    del wrapped.model.graph.value_info[:]
+    write_with_metadata(wrapped.model, dst, meta)
+    return dst
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantisation of MatMul weights (activations quantised at run time)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        q = Path(tmp) / "q.onnx"
+        cwd = os.getcwd()
+        try:
+            os.chdir(tmp)  # symbolic shape inference writes scratch files into the working directory
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the original instead
+            pre = src
+        finally:
+            os.chdir(cwd)
+        logging.getLogger().setLevel(logging.ERROR)  # its pre-processing advice is already followed
+        quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True, reduce_range=False)
+        proto = onnx.load(str(q))
+    write_with_metadata(proto, dst, meta)
+    return dst
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike, weights: str = "ema",
+                      variant: str = "fp32") -> Path:
+    """``imadarem export``: checkpoint -> model file (``variant``: fp32, fp16 or int8)."""
+    from imadarem.training.checkpoint import build_model, load_checkpoint
+
+    if variant not in ("fp32", "fp16", "int8"):
+        raise ImadaremError(f"unknown variant {variant!r} (fp32, fp16, int8)")
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt, weights)
+    provenance = {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.file_hash(), "training_step": ckpt.step,
+                  "weights": weights, "variant": variant, "tools": _versions(),
+                  "data_sha256": ckpt.state.get("data_sha256"), "parameters": model.num_parameters()}
+    out_path = Path(out_path)
+    if variant == "fp32":
+        return export_model(model, out_path, provenance)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = export_model(model, Path(tmp) / "fp32.onnx", provenance)
+        return convert_fp16(base, out_path) if variant == "fp16" else quantize_int8(base, out_path)

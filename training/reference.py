@@ -1,0 +1,83 @@
+"""The refinement loop written directly in PyTorch (gate or entropy selector).
+
+What a PyTorch user would write: every tensor stays on the model's device. It is the reference the
+onnxruntime loop is tested against (same seed, same tokens: both draw their Gumbel noise from the same
+numpy generator in the same shapes) and the "PyTorch eager" row of ``imadarem bench``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from imadarem.runtime.generator import banned_ids, model_step
+
+
+@torch.no_grad()
+def torch_refine(model, n: int, steps: int | None = None, temperature: float | None = None, seed: int | None = 0,
+                 stop_threshold: float | None = None, selector: str = "gate", threshold: float | None = None,
+                 return_stats: bool = False):
+    """Generate ``n`` sequences; returns [n, max_seq_len] ids (and per-sequence steps used)."""
+    cfg, sp = model.config, model.special
+    device = next(model.parameters()).device
+    K = steps or cfg.max_refinement_steps
+    temp = cfg.sampling_temperature if temperature is None else temperature
+    stop = cfg.stop_threshold if stop_threshold is None else stop_threshold
+    if selector == "gate":
+        thr = 0.5 if threshold is None else threshold
+    elif selector == "entropy":
+        thr = cfg.min_refine_uncertainty if threshold is None else threshold
+    else:
+        raise ValueError(f"the PyTorch reference loop implements 'gate' and 'entropy', not {selector!r}")
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    L, H = cfg.max_seq_len, cfg.hidden_size
+    tokens = torch.full((n, L), sp.mask, dtype=torch.long, device=device)
+    frozen = torch.zeros(n, L, dtype=torch.bool, device=device)
+    steps_used = torch.zeros(n, dtype=torch.long, device=device)
+    active = torch.arange(n, device=device)
+    cond = torch.zeros(n, L, H, device=device)
+    pos = torch.arange(L, device=device)
+    banned = banned_ids(sp, getattr(model.tokenizer, "unk_token_id", None)).tolist()
+    model.eval()
+    for t in range(K):
+        if active.numel() == 0:
+            break
+        x, fz = tokens[active], frozen[active]
+        step = torch.full((x.shape[0],), model_step(t, K, cfg.max_refinement_steps), dtype=torch.long, device=device)
+        logits, gate, cond_next = model(x, step, cond)[:3]
+        logits[..., banned] = float("-inf")
+        if temp <= 1e-6:
+            proposals = logits.argmax(-1)
+        else:
+            u = torch.from_numpy(rng.random(tuple(logits.shape), dtype=np.float32)).to(device)
+            noise = torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+            proposals = (logits / temp - noise).argmax(-1)
+        is_mask = x == sp.mask
+        if selector == "gate":
+            update = gate > thr
+        else:
+            logp = torch.log_softmax(logits.float(), -1)
+            entropy = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1)
+            update = is_mask | (entropy > thr)
+        update &= ~fz
+        if t == K - 1:
+            update |= is_mask & ~fz
+        new = torch.where(update, proposals, x)
+        new_fz = fz.clone()
+        if sp.eos is not None:
+            is_eos = new == sp.eos
+            has = is_eos.any(-1)
+            first = torch.where(has, is_eos.float().argmax(-1), torch.full_like(has, L, dtype=torch.long))
+            after = pos[None] > first[:, None]
+            new = torch.where(after, torch.full_like(new, sp.pad), new)
+            new_fz |= after | (pos[None] == first[:, None])
+        changed = ((new != x) & ~fz).sum(-1)
+        ratio = changed.float() / (~fz).sum(-1).clamp(min=1).float()
+        tokens[active], frozen[active] = new, new_fz
+        steps_used[active] = t + 1
+        masks_left = ((new == sp.mask) & ~new_fz).any(-1)
+        done = new_fz.all(-1) | ((t > 0) & (ratio < stop) & ~masks_left)
+        keep = ~done
+        active = active[keep]
+        cond = cond_next[keep]
+    out = tokens.cpu().numpy()
+    return (out, steps_used.cpu().numpy()) if return_stats else out
