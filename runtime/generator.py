@@ -152,9 +152,9 @@ class Generator:
         length, hidden, K = layout.length, self.model.hidden_size, run.num_steps
         tokens = np.broadcast_to(layout.ids, (n, length)).copy()
         frozen = np.broadcast_to(layout.fixed, (n, length)).copy()
-        if sp.eos is not None:  # a fixed EOS in the layout already freezes what follows it
-            tokens, frozen = _freeze_after_eos(tokens, frozen, sp.eos, sp.pad)
         eos_banned = None if sp.eos is None or layout.eos_allowed.all() else ~layout.eos_allowed
+        eos_only = layout.eos_only if layout.eos_only.any() else None
+        positions = np.arange(length)[None, :]
         run.selector.begin(batch_size=n, length=length, num_steps=K, config=run.config)
 
         steps_used = np.zeros(n, dtype=np.int64)
@@ -171,8 +171,18 @@ class Generator:
             out = self._step(x, model_step(t, K, int(self.config["max_refinement_steps"])), cond)
             logits = out["logits"]
             logits[..., self._banned] = -np.inf
-            if eos_banned is not None:
-                logits[:, eos_banned, sp.eos] = -np.inf
+            if sp.eos is not None:
+                if eos_banned is not None:
+                    logits[:, eos_banned, sp.eos] = -np.inf
+                if eos_only is not None:
+                    keep = logits[:, eos_only, sp.eos].copy()
+                    logits[:, eos_only, :] = -np.inf
+                    logits[:, eos_only, sp.eos] = keep
+                # a committed EOS is frozen: no EOS before it, so the length (and its padding) is final
+                first = _first_eos(x, sp.eos)
+                before = positions < first[:, None]
+                if (first < length).any():
+                    logits[..., sp.eos][before & (first < length)[:, None]] = -np.inf
             temp = run.selector.step_temperature(t, K, run.temperature)
             proposals = self._sample(logits, temp, rng)
             state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=_ro(logits),
@@ -266,6 +276,12 @@ def _ro(array: np.ndarray | None) -> np.ndarray | None:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def _first_eos(tokens: np.ndarray, eos: int) -> np.ndarray:
+    """Position of the first EOS of each row (the row length when there is none)."""
+    is_eos = tokens == eos
+    return np.where(is_eos.any(-1), is_eos.argmax(-1), tokens.shape[1])
 
 
 def _freeze_after_eos(tokens: np.ndarray, frozen: np.ndarray, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,13 @@ MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
 
 @dataclass(frozen=True)
 class Layout:
-    """The starting sequence: ``ids`` (mask where blank), which positions are fixed, where EOS may go."""
+    """The starting sequence: ``ids`` (mask where blank), which positions are fixed, where EOS may go,
+    and where only EOS may go (a template's closing slot)."""
 
     ids: np.ndarray  # [L] int64
     fixed: np.ndarray  # [L] bool
     eos_allowed: np.ndarray  # [L] bool
+    eos_only: np.ndarray  # [L] bool
 
     @property
     def length(self) -> int:
@@ -33,7 +35,8 @@ class Layout:
 
 
 def blank_layout(length: int, special: SpecialIds) -> Layout:
-    return Layout(np.full(length, special.mask, dtype=np.int64), np.zeros(length, bool), np.ones(length, bool))
+    return Layout(np.full(length, special.mask, dtype=np.int64), np.zeros(length, bool), np.ones(length, bool),
+                  np.zeros(length, bool))
 
 
 def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, max_len: int) -> Layout:
@@ -76,11 +79,16 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
                           f"the model allows at most {max_len}")
     last_fixed = max((i for i, f in enumerate(fixed) if f), default=-1)
     eos_allowed = [i > last_fixed for i in range(len(ids))]
-    if special.eos is not None:  # a closing EOS slot, so the template always ends where it says
-        ids.append(special.eos)
-        fixed.append(True)
+    eos_only = [False] * len(ids)
+    if special.eos is not None:
+        # a closing slot that can only hold EOS, so the template ends where it says (or earlier, in
+        # trailing blanks); it is not frozen, so an earlier EOS may still turn it into padding
+        ids.append(special.mask)
+        fixed.append(False)
         eos_allowed.append(True)
-    return Layout(np.array(ids, dtype=np.int64), np.array(fixed, bool), np.array(eos_allowed, bool))
+        eos_only.append(True)
+    return Layout(np.array(ids, dtype=np.int64), np.array(fixed, bool), np.array(eos_allowed, bool),
+                  np.array(eos_only, bool))
 
 
 def _encode(tokenizer: TokenizerAdapter, text: str) -> list[int]:

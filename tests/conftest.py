@@ -27,3 +27,34 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+MOSES_SAMPLE = FIXTURES / "moses_test_sample.csv"  # 400 molecules of the MOSES test split (MIT)
+
+
+def tiny_args(out_dir, data=MOSES_SAMPLE, steps=120, **model):
+    from imadarem.training.trainer import TrainArgs
+
+    cfg = dict(hidden_size=32, num_layers=2, num_heads=2, max_seq_len=64, dropout=0.0, use_critic=True,
+               ema_decay=0.9)
+    cfg.update(model)
+    return TrainArgs(data=str(data), out_dir=str(out_dir), steps=steps, batch_size=32, lr=3e-3, warmup_steps=10,
+                     val_fraction=0.1, eval_interval=10_000, checkpoint_interval=10_000, log_interval=1,
+                     progress=False, cache_dir=str(Path(out_dir).parent / "cache"), model=cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny Imadarem V model (with critic) trained for a few seconds on MOSES molecules."""
+    from imadarem.training.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(tiny_args(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run):
+    from imadarem.export.onnx_export import export_checkpoint
+
+    return export_checkpoint(tiny_run, tiny_run.parent / "tiny.onnx")

@@ -45,6 +45,12 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         step = torch.full((x.shape[0],), model_step(t, K, cfg.max_refinement_steps), dtype=torch.long, device=device)
         logits, gate, cond_next = model(x, step, cond)[:3]
         logits[..., banned] = float("-inf")
+        if sp.eos is not None:  # as the runtime: no EOS before a committed one
+            is_e = x == sp.eos
+            first_e = torch.where(is_e.any(-1), is_e.float().argmax(-1), torch.full_like(x[:, 0], L))
+            eos_col = logits[..., sp.eos]
+            ban = (pos[None] < first_e[:, None]) & is_e.any(-1, keepdim=True)
+            logits[..., sp.eos] = torch.where(ban, float("-inf"), eos_col)
         if temp <= 1e-6:
             proposals = logits.argmax(-1)
         else:
