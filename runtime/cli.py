@@ -202,3 +202,45 @@ def run_main(args: list[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@click.group("eval")
+def eval_group():
+    """Measure generation quality."""
+
+
+@eval_group.command("molecules")
+@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: the bundled model].")
+@click.option("-n", "--num", "n", default=30000, show_default=True, type=click.IntRange(min=10))
+@click.option("--selector", "selectors", multiple=True, default=["gate"], show_default=True, help="Repeatable.")
+@click.option("--steps", "steps_list", multiple=True, type=click.IntRange(min=1), help="Repeatable [default: the model's K].")
+@click.option("--temperature", type=click.FloatRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES.")
+@click.option("--intdiv-sample", default=5000, show_default=True, type=click.IntRange(min=2))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
+def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
+                           intdiv_sample, json_path, plot_path):
+    """Validity, Unique@1k/10k, Novelty, IntDiv and Filters of generated molecules (RDKit, MOSES splits)."""
+    from imadarem.runtime import eval_molecules as em
+
+    cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters",
+            "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
+    click.echo("| " + " | ".join(cols) + " |")
+    click.echo("|" + "---|" * len(cols))
+
+    def show(row):
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
+        click.echo("| " + " | ".join(cells) + " |")
+
+    rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
+                       moses_cache, intdiv_sample, threads, progress=show)
+    em.write(rows, json_path)
+    if plot_path:
+        em.plot(rows, plot_path)
+
+
+cli.add_command(eval_group)
