@@ -180,3 +180,13 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 def test_fixture_file_is_present():
     assert (FIXTURES / "moses_test_sample.csv").stat().st_size > 10_000
+
+
+def test_ranger21_option_trains_and_resumes(tmp_path):
+    pytest.importorskip("pytorch_optimizer")
+    args = tiny_args(tmp_path / "r", steps=6, hidden_size=16)
+    args.optimizer = "ranger21"
+    train(args, max_new_steps=3)
+    result = train(tiny_args(tmp_path / "r", steps=6), resume=True)
+    assert result["step"] == 6
+    assert all(np.isfinite(r["loss"]) for r in _log(tmp_path / "r"))

@@ -190,7 +190,13 @@ class Trainer:
         if self.ckpt is not None:
             self.model.load_state_dict(self.ckpt.model_weights("raw"))
             self.model.teacher.load_state_dict(self.ckpt.model_weights("ema"))
-            self.optimizer.load_state_dict(self.ckpt.optimizer_state())
+            if (self.ckpt.path / "optimizer.safetensors").is_file():
+                self.optimizer.load_state_dict(self.ckpt.optimizer_state())
+            elif self.is_main:  # e.g. weights carried between machines without the optimiser moments
+                import sys
+
+                print(f"imadarem train: warning: {self.ckpt.path} has no optimizer state; resuming with fresh "
+                      "optimiser moments (the run will not repeat an uninterrupted one exactly)", file=sys.stderr)
             self.step = self.ckpt.step
         self.train_fn = _TrainView(self.model)
         if self.distributed:
