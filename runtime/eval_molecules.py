@@ -4,8 +4,8 @@ Metrics follow the MOSES benchmark (Polykovskiy et al. 2020): validity (RDKit sa
 and @10k, Novelty against the MOSES train split, IntDiv1 (1 - mean pairwise Tanimoto of Morgan radius-2,
 1024-bit fingerprints; computed on at most ``intdiv_sample`` molecules, because all pairs of 30k are
 9e8), and Filters (MOSES's medicinal-chemistry filters: the MCF and PAINS SMARTS shipped in the
-molsets wheel, allowed atoms C N S O F Cl Br H, no charges, no ring larger than 8). FCD is left out:
-no FCD implementation with shipped weights installs here.
+molsets wheel, allowed atoms C N S O F Cl Br H, no charges, no ring larger than 8). FCD is not
+computed yet (``fcd`` 1.2.2 on PyPI ships ChemNet weights: the next step).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def molecule_metrics(smiles: list[str], train: set[str], patterns, intdiv_sample
     canon = [Chem.MolToSmiles(m) for m in valid]
     out: dict[str, float] = {"n": len(smiles), "valid": len(valid) / max(len(smiles), 1)}
     for k in (1000, 10000):
-        if len(canon) >= k:
-            out[f"unique@{k // 1000}k"] = len(set(canon[:k])) / k
+        if len(smiles) >= k:  # as MOSES: the first k valid molecules, or all valid ones if fewer
+            head = canon[:k]
+            out[f"unique@{k // 1000}k"] = len(set(head)) / max(len(head), 1)
     unique = list(dict.fromkeys(canon))
     out["novelty"] = sum(c not in train for c in unique) / max(len(unique), 1) if train else float("nan")
     gen = fpgen.GetMorganGenerator(radius=2, fpSize=1024)

@@ -209,3 +209,15 @@ def test_cli_cuda_without_cuda_is_clear(tiny_onnx):
         pytest.skip("this machine has CUDA")
     r = run_cli(str(tiny_onnx), "--provider", "cuda")
     assert r.returncode == 2 and "provider 'cuda' is not available" in r.stderr
+
+
+def test_molecule_metrics_on_known_smiles():
+    pytest.importorskip("rdkit")
+    from imadarem.runtime.eval_molecules import molecule_metrics
+
+    smiles = ["CCO", "CCO", "c1ccccc1", "not-a-molecule", "", "CC(=O)O"] * 200  # 1200, 800 valid
+    m = molecule_metrics(smiles, train={"CCO"}, patterns=[], intdiv_sample=50)
+    assert m["valid"] == pytest.approx(800 / 1200)
+    assert m["unique@1k"] == pytest.approx(3 / 800)  # fewer than 1k valid: all valid ones, as MOSES
+    assert m["novelty"] == pytest.approx(2 / 3)
+    assert 0 < m["intdiv"] < 1 and m["filters"] == 1.0
