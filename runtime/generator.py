@@ -143,9 +143,6 @@ class Generator:
         outs = self.model.session.run(None, {"tokens": tokens, "step": step, "cond": cond})
         return dict(zip(self.model.outputs, outs))
 
-    def _sample(self, logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
-        return sample_proposals(logits, temperature, rng)
-
     def _refine(self, n: int, run: _Run, rng: np.random.Generator) -> list[Sample]:
         sp = self.special
         layout = run.layout
@@ -155,6 +152,7 @@ class Generator:
         eos_banned = None if sp.eos is None or layout.eos_allowed.all() else ~layout.eos_allowed
         eos_only = layout.eos_only if layout.eos_only.any() else None
         positions = np.arange(length)[None, :]
+        model_steps = int(self.config["max_refinement_steps"])
         run.selector.begin(batch_size=n, length=length, num_steps=K, config=run.config)
 
         steps_used = np.zeros(n, dtype=np.int64)
@@ -168,7 +166,7 @@ class Generator:
             if active.size == 0:
                 break
             x, fz = tokens[active], frozen[active]
-            out = self._step(x, model_step(t, K, int(self.config["max_refinement_steps"])), cond)
+            out = self._step(x, model_step(t, K, model_steps), cond)
             logits = out["logits"]
             logits[..., self._banned] = -np.inf
             if sp.eos is not None:
@@ -179,12 +177,10 @@ class Generator:
                     logits[:, eos_only, :] = -np.inf
                     logits[:, eos_only, sp.eos] = keep
                 # a committed EOS is frozen: no EOS before it, so the length (and its padding) is final
-                first = _first_eos(x, sp.eos)
-                before = positions < first[:, None]
-                if (first < length).any():
-                    logits[..., sp.eos][before & (first < length)[:, None]] = -np.inf
+                first = _first_eos(x, sp.eos)  # = length when a row has none: then nothing is banned
+                logits[..., sp.eos][positions < np.where(first < length, first, 0)[:, None]] = -np.inf
             temp = run.selector.step_temperature(t, K, run.temperature)
-            proposals = self._sample(logits, temp, rng)
+            proposals = sample_proposals(logits, temp, rng)
             state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=_ro(logits),
                               gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
                               rows=_ro(active), rng=rng, temperature=temp, mask_id=sp.mask, pad_id=sp.pad,
@@ -286,11 +282,9 @@ def _first_eos(tokens: np.ndarray, eos: int) -> np.ndarray:
 
 def _freeze_after_eos(tokens: np.ndarray, frozen: np.ndarray, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Freeze the first EOS of each row and turn everything after it into frozen padding."""
-    is_eos = tokens == eos
-    has = is_eos.any(-1)
-    if not has.any():
+    first = _first_eos(tokens, eos)
+    if (first == tokens.shape[1]).all():
         return tokens, frozen
-    first = np.where(has, is_eos.argmax(-1), tokens.shape[1])
     pos = np.arange(tokens.shape[1])[None, :]
     after = pos > first[:, None]
     tokens = np.where(after, pad, tokens)
