@@ -158,6 +158,14 @@ def test_bad_checkpoints_and_data_are_clear(tmp_path):
     assert r.returncode == 2 and "data file not found" in r.stderr and r.stderr.count("\n") == 1
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU) gives the loss curve of one process with the same global batch."""
@@ -169,9 +177,9 @@ def test_ddp_two_processes_match_one(tmp_path):
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", "-m", "imadarem.training", "--out-dir", str(tmp_path / "two"), *common],
+                          str(_free_port()), "-m", "imadarem.training", "--out-dir", str(tmp_path / "two"), *common],
                          capture_output=True, text=True, env=env, cwd=ROOT)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[:3000] + "\n...\n" + two.stderr[-1000:]
     a = [r["loss"] for r in _log(tmp_path / "one")]
     b = [r["loss"] for r in _log(tmp_path / "two")]
     assert len(a) == len(b) == 6

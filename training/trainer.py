@@ -102,9 +102,11 @@ class Trainer:
         self._validate()
         self.device = self._pick_device()
         self.distributed = self.world > 1
+        self._owns_group = False
         if self.distributed and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend=backend)
+            self._owns_group = True
         self.is_main = self.rank == 0
         self._stop_requested = False
         self._created = time.perf_counter()
@@ -304,6 +306,16 @@ class Trainer:
     def _on_signal(self, signum, _frame) -> None:
         self._stop_requested = True
 
+    def close(self) -> None:
+        """Tear down the process group this trainer created.
+
+        Leaving it to interpreter exit lets one rank close its gloo sockets while the other still
+        holds the group, which occasionally aborts that rank (SIGABRT) after a successful run.
+        """
+        if self._owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self._owns_group = False
+
     def run(self) -> dict[str, Any]:
         self.prepare()
         a = self.args
@@ -379,4 +391,8 @@ def _versions() -> dict[str, str]:
 
 def train(args: TrainArgs, resume: bool = False, max_new_steps: int | None = None,
           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    return Trainer(args, resume=resume, max_new_steps=max_new_steps, overrides=overrides).run()
+    trainer = Trainer(args, resume=resume, max_new_steps=max_new_steps, overrides=overrides)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
