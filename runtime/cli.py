@@ -178,6 +178,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "train": "imadarem.training.cli:train_command",
     "data": "imadarem.training.cli:data_group",
     "export": "imadarem.export.cli:export_command",
+    "bench": "imadarem.training.cli:bench_command",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,24 @@ class Sample:
         if self.trajectory is not None:
             out["trajectory"] = [vars(s) for s in self.trajectory]
         return out
+
+
+@dataclass
+class LoopTimings:
+    """Where a generate() call spends its time, one entry per loop step (for ``imadarem bench``).
+
+    ``run_seconds`` is the time inside ``session.run``; the rest of ``step_seconds`` is the loop's own
+    numpy work (sampling, the selector, EOS handling, compaction).
+    """
+
+    step_seconds: list[float] = field(default_factory=list)
+    run_seconds: list[float] = field(default_factory=list)
+    active_rows: list[int] = field(default_factory=list)
+    run_lengths: list[int] = field(default_factory=list)  # positions the model ran on
+    total_seconds: float = 0.0
+
+    def outside_run_fraction(self) -> float:
+        return 1.0 - sum(self.run_seconds) / self.total_seconds if self.total_seconds > 0 else float("nan")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -94,13 +113,21 @@ class Generator:
         self.tokenizer = self.model.tokenizer
         self.special = self.model.special
         self._banned = banned_ids(self.special, getattr(self.tokenizer, "unk_token_id", None))
+        #: run the model only up to the last committed EOS of the active rows (exact: what follows is
+        #: frozen padding, which attention ignores); off only to measure what it saves
+        self.trim_padding = True
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, n: int = 1, selector: str | Selector = "gate", steps: int | None = None,
                  temperature: float | None = None, stop_threshold: float | None = None,
                  seed: int | None = None, prompt: str | None = None, batch_size: int | None = None,
-                 trajectory: bool = False, **selector_options: Any) -> list[Sample]:
-        """Generate ``n`` sequences; every knob left None defaults from the model's config."""
+                 trajectory: bool = False, timings: LoopTimings | None = None,
+                 **selector_options: Any) -> list[Sample]:
+        """Generate ``n`` sequences; every knob left None defaults from the model's config.
+
+        ``timings``, when given, is filled with per-step wall and ``session.run`` times.
+        """
+        started = time.perf_counter()
         n = _positive_int("n", n)
         run = self._resolve(selector, steps, temperature, stop_threshold, prompt, trajectory, selector_options)
         batch = n if batch_size is None else _positive_int("batch_size", batch_size)
@@ -110,7 +137,9 @@ class Generator:
             size = min(batch, n - chunk)
             if chunk > 0:  # a fresh selector per chunk: selectors may keep per-run state
                 run.selector = self._make_selector(selector, selector_options)
-            samples += self._refine(size, run, np.random.default_rng(child))
+            samples += self._refine(size, run, np.random.default_rng(child), timings)
+        if timings is not None:
+            timings.total_seconds += time.perf_counter() - started
         return samples
 
     # -- setup ---------------------------------------------------------------------------------
@@ -143,7 +172,8 @@ class Generator:
         outs = self.model.session.run(None, {"tokens": tokens, "step": step, "cond": cond})
         return dict(zip(self.model.outputs, outs))
 
-    def _refine(self, n: int, run: _Run, rng: np.random.Generator) -> list[Sample]:
+    def _refine(self, n: int, run: _Run, rng: np.random.Generator,
+                timings: LoopTimings | None = None) -> list[Sample]:
         sp = self.special
         layout = run.layout
         length, hidden, K = layout.length, self.model.hidden_size, run.num_steps
@@ -161,12 +191,22 @@ class Generator:
         traj: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if run.trajectory else None
         active = np.arange(n)
         cond = np.zeros((n, length, hidden), dtype=np.float32)
+        cut = length  # positions the model runs on
 
         for t in range(K):
             if active.size == 0:
                 break
+            step_started = time.perf_counter()
             x, fz = tokens[active], frozen[active]
-            out = self._step(x, model_step(t, K, model_steps), cond)
+            if self.trim_padding and sp.eos is not None:  # non-increasing: committed EOS never move
+                cut = min(cut, int(_first_eos(x, sp.eos).max()) + 1)
+            feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
+            feed_cond = cond if cond.shape[1] == cut else np.ascontiguousarray(cond[:, :cut])
+            run_started = time.perf_counter()
+            out = self._step(feed_x, model_step(t, K, model_steps), feed_cond)
+            run_seconds = time.perf_counter() - run_started
+            if cut < length:
+                out = _widen(out, length)
             logits = out["logits"]
             logits[..., self._banned] = -np.inf
             if sp.eos is not None:
@@ -218,8 +258,14 @@ class Generator:
                                                     np.flatnonzero(remask[j] & (x[j] != sp.mask)).tolist(),
                                                     float(ratio[j]), bool(done[j]) and t < K - 1))
             keep = ~done
+            if timings is not None:
+                timings.active_rows.append(int(active.size))
+                timings.run_lengths.append(cut)
             active = active[keep]
             cond = out["cond_next"][keep]
+            if timings is not None:
+                timings.run_seconds.append(run_seconds)
+                timings.step_seconds.append(time.perf_counter() - step_started)
 
         return [self._finish(tokens[i], int(steps_used[i]), edits[i], bool(early[i]),
                              traj[i] if traj is not None else None) for i in range(n)]
@@ -272,6 +318,19 @@ def _ro(array: np.ndarray | None) -> np.ndarray | None:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def _widen(out: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Per-position outputs of a trimmed run, zero-filled back to ``length`` for the selector
+    (the filled positions are frozen padding: nothing there is ever updated). ``cond_next`` stays
+    trimmed: it is only fed back."""
+    wide = dict(out)
+    for name, value in out.items():
+        if name != "cond_next" and value.ndim >= 2 and value.shape[1] < length:
+            full = np.zeros((value.shape[0], length, *value.shape[2:]), dtype=value.dtype)
+            full[:, : value.shape[1]] = value
+            wide[name] = full
+    return wide
 
 
 def _first_eos(tokens: np.ndarray, eos: int) -> np.ndarray:

@@ -64,13 +64,16 @@ def test_logits_parity_with_pytorch(tiny_run, tiny_onnx, batch, length):
 @pytest.mark.parametrize("selector,temperature", [("gate", 0.0), ("gate", 1.0), ("entropy", 1.0)])
 def test_full_loop_matches_pytorch_loop(tiny_run, tiny_onnx, selector, temperature):
     model = _ref_model(tiny_run)
-    want, want_steps = torch_refine(model, 12, selector=selector, temperature=temperature, seed=7, return_stats=True)
+    want, stats = torch_refine(model, 12, selector=selector, temperature=temperature, seed=7, return_stats=True)
+    want_steps = stats["steps"]
     samples = Generator(tiny_onnx).generate(12, selector=selector, temperature=temperature, seed=7)
     got = np.full_like(want, model.special.pad)
     for i, s in enumerate(samples):
         got[i, : len(s.ids)] = s.ids
     np.testing.assert_array_equal(got, want)
     assert [s.steps for s in samples] == want_steps.tolist()
+    assert [s.early_stop for s in samples] == stats["early"].tolist()
+    assert [s.edits for s in samples] == [[int(e) for e in row if e >= 0] for row in stats["edits"]]
 
 
 @pytest.mark.parametrize("variant", ["int8", "fp16"])

@@ -221,3 +221,18 @@ def test_molecule_metrics_on_known_smiles():
     assert m["unique@1k"] == pytest.approx(3 / 800)  # fewer than 1k valid: all valid ones, as MOSES
     assert m["novelty"] == pytest.approx(2 / 3)
     assert 0 < m["intdiv"] < 1 and m["filters"] == 1.0
+
+
+def test_trimming_trailing_padding_changes_no_token(tiny_onnx):
+    from imadarem.runtime.generator import LoopTimings
+
+    gen = Generator(tiny_onnx)
+    timings = LoopTimings()
+    trimmed = gen.generate(32, seed=5, timings=timings)
+    assert min(timings.run_lengths) < gen.model.max_seq_len, "the model never ran on fewer positions"
+    assert len(timings.step_seconds) == len(timings.run_seconds) == len(timings.active_rows) > 0
+    assert 0.0 <= timings.outside_run_fraction() < 1.0
+    gen.trim_padding = False
+    full = gen.generate(32, seed=5)
+    assert [s.ids for s in trimmed] == [s.ids for s in full]
+    assert [s.edits for s in trimmed] == [s.edits for s in full]

@@ -1,8 +1,9 @@
-"""``imadarem train`` and ``imadarem data``: click commands that import torch only when they run."""
+"""``imadarem train``, ``imadarem data`` and ``imadarem bench``: click commands that import torch only when they run."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from imadarem.runtime.cli import _parse_option
@@ -100,3 +101,52 @@ def moses_command(cache_dir, wheel):
 
     for name, path in fetch_moses(cache_dir, wheel).items():
         click.echo(f"{name}\t{path}")
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _name_list(ctx, param, value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@click.command("bench")
+@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: the bundled model].")
+@click.option("--checkpoint", type=click.Path(), help="Benchmark a training run / checkpoint instead of a model file.")
+@click.option("--batch-sizes", default="1,16,64,256", show_default=True, callback=_int_list)
+@click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
+@click.option("--engines", default="all", show_default=True, callback=_name_list,
+              help="Comma-separated: ort-fp32, ort-int8, ort-fp16, torch, torch-bf16, xt-nar, xt-ar-kv.")
+@click.option("--steps", type=click.IntRange(min=1), help="Refinement steps [default: the model's K].")
+@click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime and torch [default: all].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--agreement-n", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Sequences decoded greedily to compare int8/fp16 tokens with fp32.")
+@click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
+def bench_command(model, checkpoint, batch_sizes, providers, engines, steps, selector, repeats, threads, seed,
+                  agreement_n, out_dir):
+    """Time the runtime loop against PyTorch eager, x-transformers and a KV-cache AR decoder.
+
+    Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the table, with ratios against the PyTorch loop).
+    """
+    from imadarem.runtime.errors import ImadaremError
+    from imadarem.training.bench import ENGINES, Bench, BenchArgs
+
+    engines = ENGINES if engines == ("all",) else engines
+    if model and checkpoint:
+        raise ImadaremError("give --model or --checkpoint, not both")
+    args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
+                     engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
+                     agreement_n=agreement_n, out_dir=out_dir)
+    bench = Bench(args)
+    bench.run(progress=lambda msg: click.echo(f"bench: {msg}", err=True))
+    click.echo((Path(out_dir) / "bench.md").read_text())

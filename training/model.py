@@ -85,6 +85,8 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).split(h, dim=-1)
         q, k, v = (t.reshape(b, n, self.num_heads, h // self.num_heads).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:  # an additive bias, under autocast
+            attn_mask = attn_mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(b, n, h)
         x = x + F.dropout(self.proj(y), p, self.training)
@@ -134,8 +136,11 @@ class ImplicitRefinementModel(nn.Module):
         keep = tokens != self.special.pad  # padding derived in the graph; a query always sees itself
         eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
         attn_mask = keep[:, None, None, :] | eye[None, None]
+        # one additive bias for all layers: a boolean mask makes the exported attention of every layer
+        # turn it into a bias again and guard its softmax against NaN rows (which the eye rules out)
+        attn_bias = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, attn_bias)
         return self.ln_f(x)
 
     def heads(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:

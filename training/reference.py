@@ -7,16 +7,25 @@ numpy generator in the same shapes) and the "PyTorch eager" row of ``imadarem be
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
-from imadarem.runtime.generator import banned_ids, model_step
+from imadarem.runtime.generator import LoopTimings, banned_ids, model_step
 
 
 @torch.no_grad()
 def torch_refine(model, n: int, steps: int | None = None, temperature: float | None = None, seed: int | None = 0,
                  stop_threshold: float | None = None, selector: str = "gate", threshold: float | None = None,
-                 return_stats: bool = False):
-    """Generate ``n`` sequences; returns [n, max_seq_len] ids (and per-sequence steps used)."""
+                 return_stats: bool = False, timings: LoopTimings | None = None, autocast: str | None = None):
+    """Generate ``n`` sequences; returns [n, max_seq_len] ids (and per-sequence steps used).
+
+    With ``return_stats`` the second value is a dict: ``steps`` used, ``edits`` (changed tokens of
+    each step, -1 once a row has left) and ``early`` stop flags. ``timings`` gets per-step wall times
+    (the model call is the whole of ``run_seconds``). ``autocast="bf16"`` runs the model under bf16
+    autocast (the fast PyTorch path on GPUs).
+    """
+    started = time.perf_counter()
     cfg, sp = model.config, model.special
     device = next(model.parameters()).device
     K = steps or cfg.max_refinement_steps
@@ -33,17 +42,38 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     tokens = torch.full((n, L), sp.mask, dtype=torch.long, device=device)
     frozen = torch.zeros(n, L, dtype=torch.bool, device=device)
     steps_used = torch.zeros(n, dtype=torch.long, device=device)
+    edits = torch.full((n, K), -1, dtype=torch.long, device=device)
+    early = torch.zeros(n, dtype=torch.bool, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
+           else torch.autocast(device.type, enabled=False))
     active = torch.arange(n, device=device)
     cond = torch.zeros(n, L, H, device=device)
     pos = torch.arange(L, device=device)
+    cut = L  # positions the model runs on
     banned = banned_ids(sp, getattr(model.tokenizer, "unk_token_id", None)).tolist()
     model.eval()
     for t in range(K):
         if active.numel() == 0:
             break
+        step_started = time.perf_counter()
         x, fz = tokens[active], frozen[active]
         step = torch.full((x.shape[0],), model_step(t, K, cfg.max_refinement_steps), dtype=torch.long, device=device)
-        logits, gate, cond_next = model(x, step, cond)[:3]
+        if sp.eos is not None:  # as the runtime: run only up to the last committed EOS (the rest is padding)
+            has_e = (x == sp.eos).any(-1)
+            last = torch.where(has_e, (x == sp.eos).float().argmax(-1), torch.full_like(x[:, 0], L))
+            cut = min(cut, int(last.max()) + 1)
+        if timings is not None:
+            sync()
+            run_started = time.perf_counter()
+        with amp:
+            logits, gate, cond_next = (o.float() for o in model(x[:, :cut], step, cond[:, :cut])[:3])
+        if timings is not None:
+            sync()
+            run_seconds = time.perf_counter() - run_started
+        if cut < L:
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, L - cut))
+            gate = torch.nn.functional.pad(gate, (0, L - cut))
         logits[..., banned] = float("-inf")
         if sp.eos is not None:  # as the runtime: no EOS before a committed one
             is_e = x == sp.eos
@@ -82,8 +112,22 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         steps_used[active] = t + 1
         masks_left = ((new == sp.mask) & ~new_fz).any(-1)
         done = new_fz.all(-1) | ((t > 0) & (ratio < stop) & ~masks_left)
+        edits[active, t] = changed
+        if t < K - 1:
+            early[active[done]] = True
         keep = ~done
+        if timings is not None:
+            timings.active_rows.append(int(active.numel()))
+            timings.run_lengths.append(cut)
         active = active[keep]
         cond = cond_next[keep]
+        if timings is not None:
+            sync()
+            timings.run_seconds.append(run_seconds)
+            timings.step_seconds.append(time.perf_counter() - step_started)
     out = tokens.cpu().numpy()
-    return (out, steps_used.cpu().numpy()) if return_stats else out
+    if timings is not None:
+        timings.total_seconds += time.perf_counter() - started
+    if not return_stats:
+        return out
+    return out, {"steps": steps_used.cpu().numpy(), "edits": edits.cpu().numpy(), "early": early.cpu().numpy()}
