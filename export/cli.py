@@ -14,9 +14,12 @@ import click
               help="EMA teacher weights or the raw trained weights.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation (edge CPUs).")
 @click.option("--fp16", is_flag=True, help="float16 weights and compute, float32 I/O (GPUs).")
+@click.option("--device-state/--no-device-state", default=None,
+              help="Add the cond_rows input so the CUDA loop keeps its state on the GPU "
+                   "[default: on for --fp16, off otherwise].")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the file with the PyTorch model on random batches.")
-def export_command(checkpoint, output, weights, quantize, fp16, check):
+def export_command(checkpoint, output, weights, quantize, fp16, device_state, check):
     """Export CHECKPOINT (a run folder or one of its checkpoints) as one single-step ONNX model file."""
     from imadarem.export.onnx_export import export_checkpoint
     from imadarem.export.parity import parity_report
@@ -25,7 +28,7 @@ def export_command(checkpoint, output, weights, quantize, fp16, check):
     if quantize and fp16:
         raise ImadaremError("choose --quantize int8 or --fp16, not both")
     variant = "int8" if quantize else "fp16" if fp16 else "fp32"
-    path = export_checkpoint(checkpoint, output, weights=weights, variant=variant)
+    path = export_checkpoint(checkpoint, output, weights=weights, variant=variant, device_state=device_state)
     summary = {"output": str(path), "variant": variant, "weights": weights, "bytes": path.stat().st_size}
     if check:
         summary.update(parity_report(checkpoint, path, weights=weights))

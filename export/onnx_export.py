@@ -48,8 +48,31 @@ def build_metadata(model, provenance: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
-    """Export an ImplicitRefinementModel (fp32, CPU) to ``out_path`` as a single file."""
+def _device_state_step(model):
+    """The step with one more input, ``cond_rows`` (int64 [batch]): ``cond`` is the previous step's
+    ``cond_next`` as it was, and the graph itself picks the still-active rows and the first ``length``
+    positions. The loop can then leave ``cond`` on the GPU for the whole run (IO binding), even while
+    finished sequences leave the batch and the trailing padding is trimmed."""
+    import torch
+
+    class DeviceStateStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, step, cond, cond_rows):
+            cond = cond.index_select(0, cond_rows)[:, : tokens.shape[1]]
+            return self.model(tokens, step, cond)
+
+    return DeviceStateStep().eval()
+
+
+def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] | None = None,
+                 device_state: bool = False) -> Path:
+    """Export an ImplicitRefinementModel (fp32, CPU) to ``out_path`` as a single file.
+
+    ``device_state`` adds the optional ``cond_rows`` input (see ``_device_state_step``).
+    """
     import onnx
     import torch
 
@@ -63,12 +86,21 @@ def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] 
     B = torch.export.Dim("batch", min=1, max=1 << 20)
     L = torch.export.Dim("length", min=1, max=cfg.max_seq_len)
     dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: B, 1: L}}
+    args, names, module = (tokens, step, cond), INPUT_NAMES, model
+    if device_state:
+        CB = torch.export.Dim("cond_batch", min=1, max=1 << 20)
+        CL = torch.export.Dim("cond_length", min=1, max=cfg.max_seq_len)
+        cond = torch.zeros(batch + 1, length + 1, cfg.hidden_size)
+        args = (tokens, step, cond, torch.arange(batch, dtype=torch.long))
+        names = INPUT_NAMES + ["cond_rows"]
+        dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: CB, 1: CL}, "cond_rows": {0: B}}
+        module = _device_state_step(model)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "step.onnx"
-        program = torch.onnx.export(model, (tokens, step, cond), dynamo=True, input_names=INPUT_NAMES,
+        program = torch.onnx.export(module, args, dynamo=True, input_names=names,
                                     output_names=outputs, dynamic_shapes=dynamic, opset_version=OPSET,
                                     optimize=True, verbose=False)
         program.save(str(raw), external_data=False)
@@ -138,7 +170,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike, weights: str = "ema",
-                      variant: str = "fp32") -> Path:
+                      variant: str = "fp32", device_state: bool | None = None) -> Path:
     """``imadarem export``: checkpoint -> model file (``variant``: fp32, fp16 or int8)."""
     from imadarem.training.checkpoint import build_model, load_checkpoint
 
@@ -150,8 +182,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike
                   "weights": weights, "variant": variant, "tools": _versions(),
                   "data_sha256": ckpt.state.get("data_sha256"), "parameters": model.num_parameters()}
     out_path = Path(out_path)
+    if device_state is None:  # the fp16 file is meant for GPUs: keep the loop's state there
+        device_state = variant == "fp16"
+    provenance["device_state"] = device_state
     if variant == "fp32":
-        return export_model(model, out_path, provenance)
+        return export_model(model, out_path, provenance, device_state)
     with tempfile.TemporaryDirectory() as tmp:
-        base = export_model(model, Path(tmp) / "fp32.onnx", provenance)
+        base = export_model(model, Path(tmp) / "fp32.onnx", provenance, device_state)
         return convert_fp16(base, out_path) if variant == "fp16" else quantize_int8(base, out_path)

@@ -88,6 +88,12 @@ def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: floa
     config = ImplicitRefinementConfig.from_dict(json.loads(meta[mf.KEY_CONFIG]))
     model = ImplicitRefinementModel(config, tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
     inits = _initializers(proto)
+    if mfile.device_state:  # the cond_rows wrapper exports the model as its submodule "model"
+        renamed = {name[len("model."):]: value for name, value in inits.items() if name.startswith("model.")}
+        inits.update(renamed)
+        for node in proto.graph.node:
+            node.input[:] = [name[len("model."):] if name in renamed or name[len("model."):] in renamed else name
+                             for name in node.input]
     quantized = any(n.op_type == "MatMulInteger" for n in proto.graph.node)
     state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
@@ -148,7 +154,7 @@ def _compare(model, mfile) -> float:
     tokens[0, length // 2:] = sp.mask
     step = np.array([0, 1, cfg.max_refinement_steps - 1], dtype=np.int64)
     cond = (rng.standard_normal((3, length, cfg.hidden_size)) * 0.1).astype(np.float32)
-    ort_logits = mfile.session.run(["logits"], {"tokens": tokens, "step": step, "cond": cond})[0]
+    ort_logits = mfile.session.run(["logits"], mfile.feed(tokens, step, cond))[0]
     with torch.no_grad():
         ref = model(torch.from_numpy(tokens), torch.from_numpy(step), torch.from_numpy(cond))[0].numpy()
     return float(np.abs(ref - ort_logits).max())

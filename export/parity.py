@@ -26,7 +26,7 @@ def parity_report(checkpoint, model_path: Path, weights: str = "ema", batches=((
         tokens[rng.random((b, length)) < 0.3] = model.special.mask
         step = rng.integers(0, cfg.max_refinement_steps, b)
         cond = (rng.normal(size=(b, length, cfg.hidden_size)) * 0.1).astype(np.float32)
-        ort_out = mfile.session.run(["logits", "gate", "cond_next"], {"tokens": tokens, "step": step, "cond": cond})
+        ort_out = mfile.session.run(["logits", "gate", "cond_next"], mfile.feed(tokens, step, cond))
         with torch.no_grad():
             ref = model(torch.from_numpy(tokens), torch.from_numpy(step), torch.from_numpy(cond))
         for name, a, r in zip(worst, ort_out, ref):

@@ -201,9 +201,6 @@ def run_main(args: list[str] | None = None) -> None:
     _invoke(run_command, "imadarem-run", args)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
 
 @click.group("eval")
 def eval_group():
@@ -245,3 +242,7 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
 
 
 cli.add_command(eval_group)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

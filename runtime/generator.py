@@ -167,16 +167,16 @@ class Generator:
         return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(cfg))
 
     # -- the loop ------------------------------------------------------------------------------
-    def _step(self, tokens: np.ndarray, t: int, cond: np.ndarray) -> dict[str, np.ndarray]:
-        step = np.full(tokens.shape[0], t, dtype=np.int64)  # t is already the model's step index
-        outs = self.model.session.run(None, {"tokens": tokens, "step": step, "cond": cond})
-        return dict(zip(self.model.outputs, outs))
+    def _state(self, n: int, length: int) -> _HostCond | _DeviceCond:
+        if self.provider == "cuda":
+            return _DeviceCond(self.model, n, length)
+        return _HostCond(self.model, n, length)
 
     def _refine(self, n: int, run: _Run, rng: np.random.Generator,
                 timings: LoopTimings | None = None) -> list[Sample]:
         sp = self.special
         layout = run.layout
-        length, hidden, K = layout.length, self.model.hidden_size, run.num_steps
+        length, K = layout.length, run.num_steps
         tokens = np.broadcast_to(layout.ids, (n, length)).copy()
         frozen = np.broadcast_to(layout.fixed, (n, length)).copy()
         eos_banned = None if sp.eos is None or layout.eos_allowed.all() else ~layout.eos_allowed
@@ -190,7 +190,7 @@ class Generator:
         edits: list[list[int]] = [[] for _ in range(n)]
         traj: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if run.trajectory else None
         active = np.arange(n)
-        cond = np.zeros((n, length, hidden), dtype=np.float32)
+        cond = self._state(n, length)  # the self-conditioning state, on the host or on the GPU
         cut = length  # positions the model runs on
 
         for t in range(K):
@@ -201,9 +201,8 @@ class Generator:
             if self.trim_padding and sp.eos is not None:  # non-increasing: committed EOS never move
                 cut = min(cut, int(_first_eos(x, sp.eos).max()) + 1)
             feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
-            feed_cond = cond if cond.shape[1] == cut else np.ascontiguousarray(cond[:, :cut])
             run_started = time.perf_counter()
-            out = self._step(feed_x, model_step(t, K, model_steps), feed_cond)
+            out = cond.run(feed_x, np.full(x.shape[0], model_step(t, K, model_steps), dtype=np.int64))
             run_seconds = time.perf_counter() - run_started
             if cut < length:
                 out = _widen(out, length)
@@ -262,7 +261,7 @@ class Generator:
                 timings.active_rows.append(int(active.size))
                 timings.run_lengths.append(cut)
             active = active[keep]
-            cond = out["cond_next"][keep]
+            cond.keep(keep)
             if timings is not None:
                 timings.run_seconds.append(run_seconds)
                 timings.step_seconds.append(time.perf_counter() - step_started)
@@ -280,6 +279,72 @@ class Generator:
             while ids and ids[-1] == sp.pad:
                 ids.pop()
         return Sample(self.tokenizer.decode(ids), ids, steps, edits, early, trajectory)
+
+
+class _HostCond:
+    """``cond`` as a numpy array: run the step with ``session.run`` and keep ``cond_next``."""
+
+    def __init__(self, model: ModelFile, n: int, length: int):
+        self.model = model
+        self.value = np.zeros((n, length, model.hidden_size), dtype=np.float32)
+        self.rows: np.ndarray | None = None
+
+    def run(self, tokens: np.ndarray, step: np.ndarray) -> dict[str, np.ndarray]:
+        b, cut = tokens.shape
+        cond = self.value if self.value.shape[:2] == (b, cut) else np.ascontiguousarray(self.value[:, :cut])
+        outs = self.model.session.run(None, self.model.feed(tokens, step, cond))
+        out = dict(zip(self.model.outputs, outs))
+        self.value = out["cond_next"]
+        return out
+
+    def keep(self, rows: np.ndarray) -> None:
+        if not rows.all():
+            self.value = self.value[rows]
+
+
+class _DeviceCond:
+    """``cond`` kept on the GPU with IO binding: only tokens, step (and row indices) go up and only
+    the per-position outputs the selectors read (logits, gate, critic) come down.
+
+    With a ``cond_rows`` graph (``imadarem export --device-state``, the default for ``--fp16``) the
+    state never leaves the GPU: the graph picks the active rows and positions. Without it, the state
+    stays there while the active batch and length are unchanged, and makes one round trip when they
+    change.
+    """
+
+    def __init__(self, model: ModelFile, n: int, length: int):
+        import onnxruntime as ort
+
+        self.ort, self.model = ort, model
+        self.value = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((n, length, model.hidden_size), dtype=np.float32), "cuda", 0)
+        self.rows = np.arange(n, dtype=np.int64)
+        self.in_graph = model.device_state
+
+    def run(self, tokens: np.ndarray, step: np.ndarray) -> dict[str, np.ndarray]:
+        b, cut = tokens.shape
+        binding = self.model.session.io_binding()
+        binding.bind_cpu_input("tokens", tokens)
+        binding.bind_cpu_input("step", step)
+        if self.in_graph:
+            binding.bind_ortvalue_input("cond", self.value)
+            binding.bind_cpu_input("cond_rows", self.rows)
+        else:
+            shape = self.value.shape()
+            if shape[0] != b or shape[1] != cut:  # rows left or padding trimmed: one round trip
+                host = self.value.numpy()[self.rows][:, :cut]
+                self.value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), "cuda", 0)
+            binding.bind_ortvalue_input("cond", self.value)
+        for name in self.model.outputs:
+            binding.bind_output(name, "cuda" if name == "cond_next" else "cpu")
+        self.model.session.run_with_iobinding(binding)
+        values = dict(zip(self.model.outputs, binding.get_outputs()))
+        self.value = values.pop("cond_next")
+        self.rows = np.arange(b, dtype=np.int64)
+        return {name: v.numpy() for name, v in values.items()}
+
+    def keep(self, rows: np.ndarray) -> None:
+        self.rows = self.rows[rows]
 
 
 def banned_ids(special, unk: int | None = None) -> np.ndarray:

@@ -94,6 +94,21 @@ class ModelFile:
         return "critic" in self.outputs
 
     @property
+    def device_state(self) -> bool:
+        """The graph takes ``cond_rows`` and picks active rows / positions of ``cond`` itself."""
+        get_inputs = getattr(self.session, "get_inputs", None)
+        return get_inputs is not None and any(i.name == "cond_rows" for i in get_inputs())
+
+    def feed(self, tokens, step, cond) -> dict[str, Any]:
+        """The inputs of one step on host arrays (``cond`` already [batch, length, hidden])."""
+        feed = {"tokens": tokens, "step": step, "cond": cond}
+        if self.device_state:
+            import numpy as np
+
+            feed["cond_rows"] = np.arange(tokens.shape[0], dtype=np.int64)
+        return feed
+
+    @property
     def hidden_size(self) -> int:
         return int(self.config["hidden_size"])
 

@@ -76,3 +76,12 @@ def test_bench_cli_refuses_bad_input_in_one_line(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0
+
+
+def test_model_rebuilt_from_a_device_state_file(tiny_run, tmp_path):
+    from imadarem.export.onnx_export import export_checkpoint
+    from imadarem.export.onnx_import import model_from_onnx
+
+    path = export_checkpoint(tiny_run, tmp_path / "ds.onnx", device_state=True)
+    _, report = model_from_onnx(path)
+    assert report.max_abs_logit_diff <= 1e-4

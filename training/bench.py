@@ -69,10 +69,23 @@ class Row:
     outside_run: float | None  # share of the wall time spent outside the model call
     repeats: int
     speedup_vs_torch: float | None = None
+    model_tflops: float | None = None  # achieved FLOP rate inside the model call
     notes: list[str] = field(default_factory=list)
 
 
-def _summarise(engine: str, provider: str, batch: int, runs: list[tuple[LoopTimings, dict]]) -> Row:
+def step_flops(config, batch: int, length: int) -> float:
+    """Matrix-product FLOPs of one step on [batch, length] (what a roofline counts): the linear
+    layers, the attention products and the tied output projection plus the self-conditioning
+    product with the embedding."""
+    h, layers, vocab = config.hidden_size, config.num_layers, config.vocab_size
+    tokens = batch * length
+    linear = layers * (4 * h * h + 2 * config.mlp_ratio * h * h) + h * h + h  # blocks, self_cond, gate
+    attention = layers * 2 * length * h  # QK^T and AV, per token
+    heads = 2 * h * vocab  # logits and soft-prediction @ embedding
+    return 2.0 * tokens * (linear + attention + heads)
+
+
+def _summarise(engine: str, provider: str, batch: int, runs: list[tuple[LoopTimings, dict]], config=None) -> Row:
     walls = [t.total_seconds for t, _ in runs]
     steps = np.concatenate([t.step_seconds for t, _ in runs]) * 1e3
     stats = [s for _, s in runs]
@@ -81,9 +94,13 @@ def _summarise(engine: str, provider: str, batch: int, runs: list[tuple[LoopTimi
     early = [float(np.mean(s["early"])) for s in stats if s.get("early") is not None]
     outside = [t.outside_run_fraction() for t, _ in runs]
     wall = float(np.median(walls))
+    tflops = None
+    if config is not None and all(t.run_lengths for t, _ in runs):
+        flops = sum(step_flops(config, b, n) for t, _ in runs for b, n in zip(t.active_rows, t.run_lengths))
+        tflops = flops / sum(sum(t.run_seconds) for t, _ in runs) / 1e12
     return Row(engine, provider, batch, wall, batch / wall, float(np.percentile(steps, 50)),
                float(np.percentile(steps, 95)), steps_used, float(np.mean(edits)) if edits else None,
-               float(np.mean(early)) if early else None, float(np.median(outside)), len(runs))
+               float(np.mean(early)) if early else None, float(np.median(outside)), len(runs), model_tflops=tflops)
 
 
 class Bench:
@@ -116,7 +133,8 @@ class Bench:
             ckpt = load_checkpoint(a.checkpoint)
             model = build_model(ckpt, "ema").eval()
             self.source = f"checkpoint {ckpt.path} (step {ckpt.step}, EMA weights)"
-            files["fp32"] = export_model(model, work / "fp32.onnx", {"variant": "fp32", "source": str(ckpt.path)})
+            files["fp32"] = export_model(model, work / "fp32.onnx", {"variant": "fp32", "source": str(ckpt.path)},
+                                         device_state="cuda" in a.providers)
         else:
             from imadarem.export.onnx_import import model_from_onnx
             from imadarem.runtime.modelfile import default_model_path
@@ -129,7 +147,8 @@ class Bench:
                                                  if report.quantized else "")
             if report.quantized:
                 files["int8"] = path
-                files["fp32"] = export_model(model, work / "fp32.onnx", {"variant": "fp32", "rebuilt_from": str(path)})
+                files["fp32"] = export_model(model, work / "fp32.onnx", {"variant": "fp32", "rebuilt_from": str(path)},
+                                             device_state="cuda" in a.providers)
             else:
                 files["fp32"] = path
         if "int8" not in files and "ort-int8" in a.engines:
@@ -198,7 +217,7 @@ class Bench:
             tm = LoopTimings()
             stats = run(tm, self.args.seed + r)
             runs.append((tm, stats))
-        row = _summarise(engine, provider, batch, runs)
+        row = _summarise(engine, provider, batch, runs, self.config)
         self._tokens[(engine, provider, batch)] = runs[0][1].get("tokens")
         return row
 
@@ -305,13 +324,14 @@ def markdown(result: dict[str, Any]) -> str:
     for note in result["notes"]:
         lines.append(f"- {note}")
     lines += ["", "| provider | batch | engine | seq/s | × torch eager | step p50 ms | step p95 ms | steps used "
-              "| edits/step | early stop | outside model call |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| edits/step | early stop | outside model call | model TFLOP/s |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['provider']} | {r['batch']} | {r['engine']} | {_fmt(r['seq_per_s'], '.1f')} | "
                      f"{_fmt(r['speedup_vs_torch'], '.2f')} | {_fmt(r['step_p50_ms'], '.2f')} | "
                      f"{_fmt(r['step_p95_ms'], '.2f')} | {_fmt(r['steps_used'], '.1f')} | "
                      f"{_fmt(r['edits_per_step'], '.1f')} | {_fmt(r['early_stop'], '.2f')} | "
-                     f"{_fmt(None if r['outside_run'] is None else 100 * r['outside_run'], '.1f')}% |")
+                     f"{_fmt(None if r['outside_run'] is None else 100 * r['outside_run'], '.1f')}% | "
+                     f"{_fmt(r['model_tflops'], '.3g')} |")
     notes = [f"- {r['engine']} ({r['provider']}, batch {r['batch']}): {n}" for r in result["rows"] for n in r["notes"]]
     return "\n".join(lines + ([""] + notes if notes else []) + [""])
