@@ -198,8 +198,9 @@ class Generator:
                 break
             step_started = time.perf_counter()
             x, fz = tokens[active], frozen[active]
-            if self.trim_padding and sp.eos is not None:  # non-increasing: committed EOS never move
-                cut = min(cut, int(_first_eos(x, sp.eos).max()) + 1)
+            first = None if sp.eos is None else _first_eos(x, sp.eos)  # = length when a row has none
+            if self.trim_padding and first is not None:  # non-increasing: committed EOS never move
+                cut = min(cut, int(first.max()) + 1)
             feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
             run_started = time.perf_counter()
             out = cond.run(feed_x, np.full(x.shape[0], model_step(t, K, model_steps), dtype=np.int64))
@@ -216,7 +217,6 @@ class Generator:
                     logits[:, eos_only, :] = -np.inf
                     logits[:, eos_only, sp.eos] = keep
                 # a committed EOS is frozen: no EOS before it, so the length (and its padding) is final
-                first = _first_eos(x, sp.eos)  # = length when a row has none: then nothing is banned
                 logits[..., sp.eos][positions < np.where(first < length, first, 0)[:, None]] = -np.inf
             temp = run.selector.step_temperature(t, K, run.temperature)
             proposals = sample_proposals(logits, temp, rng)
@@ -257,12 +257,12 @@ class Generator:
                                                     np.flatnonzero(remask[j] & (x[j] != sp.mask)).tolist(),
                                                     float(ratio[j]), bool(done[j]) and t < K - 1))
             keep = ~done
-            if timings is not None:
-                timings.active_rows.append(int(active.size))
-                timings.run_lengths.append(cut)
+            rows_run = active.size
             active = active[keep]
             cond.keep(keep)
             if timings is not None:
+                timings.active_rows.append(int(rows_run))
+                timings.run_lengths.append(cut)
                 timings.run_seconds.append(run_seconds)
                 timings.step_seconds.append(time.perf_counter() - step_started)
 
@@ -287,7 +287,6 @@ class _HostCond:
     def __init__(self, model: ModelFile, n: int, length: int):
         self.model = model
         self.value = np.zeros((n, length, model.hidden_size), dtype=np.float32)
-        self.rows: np.ndarray | None = None
 
     def run(self, tokens: np.ndarray, step: np.ndarray) -> dict[str, np.ndarray]:
         b, cut = tokens.shape

@@ -120,6 +120,8 @@ class Bench:
         torch.set_num_threads(self.threads)
         self.out_dir = Path(args.out_dir)
         self.notes: list[str] = []
+        self._generators: dict[tuple[str, str], Generator] = {}  # one session per model variant and provider
+        self._tokens: dict[tuple, np.ndarray | None] = {}  # first run's tokens per row, for identity checks
 
     # -- the model in every form ------------------------------------------------------------------
     def prepare(self, work: Path) -> None:
@@ -202,10 +204,9 @@ class Bench:
 
     def _generator(self, variant: str, provider: str) -> Generator:
         key = (variant, provider)
-        cache = self.__dict__.setdefault("_generators", {})
-        if key not in cache:
-            cache[key] = Generator(self.files[variant], provider=provider, threads=self.threads)
-        return cache[key]
+        if key not in self._generators:
+            self._generators[key] = Generator(self.files[variant], provider=provider, threads=self.threads)
+        return self._generators[key]
 
     def measure(self, engine: str, provider: str, batch: int) -> Row | None:
         run = self._runner(engine, provider, batch)
@@ -224,7 +225,6 @@ class Bench:
     # -- all of it --------------------------------------------------------------------------------
     def run(self, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         a = self.args
-        self._tokens: dict[tuple, np.ndarray | None] = {}
         with tempfile.TemporaryDirectory() as tmp:
             self.prepare(Path(tmp))
             rows: list[Row] = []

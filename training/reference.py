@@ -60,9 +60,8 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         x, fz = tokens[active], frozen[active]
         step = torch.full((x.shape[0],), model_step(t, K, cfg.max_refinement_steps), dtype=torch.long, device=device)
         if sp.eos is not None:  # as the runtime: run only up to the last committed EOS (the rest is padding)
-            has_e = (x == sp.eos).any(-1)
-            last = torch.where(has_e, (x == sp.eos).float().argmax(-1), torch.full_like(x[:, 0], L))
-            cut = min(cut, int(last.max()) + 1)
+            first_e = _first_eos(x, sp.eos)
+            cut = min(cut, int(first_e.max()) + 1)
         if timings is not None:
             sync()
             run_started = time.perf_counter()
@@ -76,11 +75,8 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
             gate = torch.nn.functional.pad(gate, (0, L - cut))
         logits[..., banned] = float("-inf")
         if sp.eos is not None:  # as the runtime: no EOS before a committed one
-            is_e = x == sp.eos
-            first_e = torch.where(is_e.any(-1), is_e.float().argmax(-1), torch.full_like(x[:, 0], L))
-            eos_col = logits[..., sp.eos]
-            ban = (pos[None] < first_e[:, None]) & is_e.any(-1, keepdim=True)
-            logits[..., sp.eos] = torch.where(ban, float("-inf"), eos_col)
+            ban = (pos[None] < first_e[:, None]) & (first_e < L)[:, None]
+            logits[..., sp.eos] = torch.where(ban, float("-inf"), logits[..., sp.eos])
         if temp <= 1e-6:
             proposals = logits.argmax(-1)
         else:
@@ -100,9 +96,7 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         new = torch.where(update, proposals, x)
         new_fz = fz.clone()
         if sp.eos is not None:
-            is_eos = new == sp.eos
-            has = is_eos.any(-1)
-            first = torch.where(has, is_eos.float().argmax(-1), torch.full_like(has, L, dtype=torch.long))
+            first = _first_eos(new, sp.eos)
             after = pos[None] > first[:, None]
             new = torch.where(after, torch.full_like(new, sp.pad), new)
             new_fz |= after | (pos[None] == first[:, None])
@@ -116,13 +110,13 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         if t < K - 1:
             early[active[done]] = True
         keep = ~done
-        if timings is not None:
-            timings.active_rows.append(int(active.numel()))
-            timings.run_lengths.append(cut)
+        rows_run = active.numel()
         active = active[keep]
         cond = cond_next[keep]
         if timings is not None:
             sync()
+            timings.active_rows.append(int(rows_run))
+            timings.run_lengths.append(cut)
             timings.run_seconds.append(run_seconds)
             timings.step_seconds.append(time.perf_counter() - step_started)
     out = tokens.cpu().numpy()
@@ -131,3 +125,9 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     if not return_stats:
         return out
     return out, {"steps": steps_used.cpu().numpy(), "edits": edits.cpu().numpy(), "early": early.cpu().numpy()}
+
+
+def _first_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """Position of the first EOS of each row (the row length when there is none), as the runtime's."""
+    is_eos = tokens == eos
+    return torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(tokens[:, 0], tokens.shape[1]))
