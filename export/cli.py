@@ -17,9 +17,12 @@ import click
 @click.option("--device-state/--no-device-state", default=None,
               help="Add the cond_rows input so the CUDA loop keeps its state on the GPU "
                    "[default: on for --fp16, off otherwise].")
+@click.option("--sampling/--no-sampling", default=None,
+              help="Add the sampling head (proposals, entropy, top-2, ... computed in the graph, so no "
+                   "[batch, length, vocab] copy leaves the GPU) [default: on for --fp16, off otherwise].")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the file with the PyTorch model on random batches.")
-def export_command(checkpoint, output, weights, quantize, fp16, device_state, check):
+def export_command(checkpoint, output, weights, quantize, fp16, device_state, sampling, check):
     """Export CHECKPOINT (a run folder or one of its checkpoints) as one single-step ONNX model file."""
     from imadarem.export.onnx_export import export_checkpoint
     from imadarem.export.parity import parity_report
@@ -28,7 +31,8 @@ def export_command(checkpoint, output, weights, quantize, fp16, device_state, ch
     if quantize and fp16:
         raise ImadaremError("choose --quantize int8 or --fp16, not both")
     variant = "int8" if quantize else "fp16" if fp16 else "fp32"
-    path = export_checkpoint(checkpoint, output, weights=weights, variant=variant, device_state=device_state)
+    path = export_checkpoint(checkpoint, output, weights=weights, variant=variant, device_state=device_state,
+                             sampling=sampling)
     summary = {"output": str(path), "variant": variant, "weights": weights, "bytes": path.stat().st_size}
     if check:
         summary.update(parity_report(checkpoint, path, weights=weights))

@@ -170,8 +170,12 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike, weights: str = "ema",
-                      variant: str = "fp32", device_state: bool | None = None) -> Path:
-    """``imadarem export``: checkpoint -> model file (``variant``: fp32, fp16 or int8)."""
+                      variant: str = "fp32", device_state: bool | None = None, sampling: bool | None = None) -> Path:
+    """``imadarem export``: checkpoint -> model file (``variant``: fp32, fp16 or int8).
+
+    ``device_state`` and ``sampling`` (the sampling head, ``sampling_head.py``) default to on for the
+    fp16 file, which is meant for GPUs, and off otherwise.
+    """
     from imadarem.training.checkpoint import build_model, load_checkpoint
 
     if variant not in ("fp32", "fp16", "int8"):
@@ -184,9 +188,29 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike
     out_path = Path(out_path)
     if device_state is None:  # the fp16 file is meant for GPUs: keep the loop's state there
         device_state = variant == "fp16"
-    provenance["device_state"] = device_state
-    if variant == "fp32":
-        return export_model(model, out_path, provenance, device_state)
+    if sampling is None:
+        sampling = variant == "fp16"
+    provenance["device_state"], provenance["sampling_head"] = device_state, sampling
     with tempfile.TemporaryDirectory() as tmp:
-        base = export_model(model, Path(tmp) / "fp32.onnx", provenance, device_state)
-        return convert_fp16(base, out_path) if variant == "fp16" else quantize_int8(base, out_path)
+        step_path = Path(tmp) / "step.onnx" if sampling else out_path  # the step, before the head
+        if variant == "fp32":
+            export_model(model, step_path, provenance, device_state)
+        else:
+            base = export_model(model, Path(tmp) / "fp32.onnx", provenance, device_state)
+            (convert_fp16 if variant == "fp16" else quantize_int8)(base, step_path)
+        if sampling:
+            add_sampling_head(step_path, out_path, model)
+    return out_path
+
+
+def add_sampling_head(src: Path, dst: Path, model) -> Path:
+    """``src`` with the sampling head grafted on (after fp16 conversion or quantisation: it stays fp32)."""
+    import onnx
+    from imadarem.export.sampling_head import export_head, graft_sampling_head
+
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    cfg, sp = model.config, model.special
+    head = export_head(cfg.vocab_size, sp.mask, sp.eos, cfg.max_seq_len, OPSET)
+    write_with_metadata(graft_sampling_head(proto, head), dst, meta)
+    return dst

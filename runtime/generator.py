@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from imadarem.runtime.errors import ImadaremError, ModelFileError, SelectorError
-from imadarem.runtime.modelfile import ModelFile, default_model_path, load_model_file
+from imadarem.runtime.modelfile import SAMPLING_INPUTS, ModelFile, default_model_path, load_model_file
 from imadarem.runtime.prompt import Layout, blank_layout, parse_prompt
 from imadarem.runtime.registry import create_selector
 from imadarem.runtime.selector import Selector, StepState
@@ -36,7 +36,7 @@ class TrajectoryStep:
 class Sample:
     """One generated sequence."""
 
-    text: str
+    text: str | None  # None when generate(decode=False) was asked for ids only
     ids: list[int]  # up to and including EOS, without padding
     steps: int
     edits: list[int]  # positions changed at each step
@@ -86,6 +86,7 @@ class _Run:
     layout: Layout
     trajectory: bool
     config: dict[str, Any] = field(default_factory=dict)
+    decode: bool = True
 
 
 class Generator:
@@ -116,20 +117,25 @@ class Generator:
         #: run the model only up to the last committed EOS of the active rows (exact: what follows is
         #: frozen padding, which attention ignores); off only to measure what it saves
         self.trim_padding = True
+        #: sample and measure uncertainty inside the graph when the model file has the sampling head
+        #: (off: the numpy path, e.g. to compare the two)
+        self.graph_sampling = True
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, n: int = 1, selector: str | Selector = "gate", steps: int | None = None,
                  temperature: float | None = None, stop_threshold: float | None = None,
                  seed: int | None = None, prompt: str | None = None, batch_size: int | None = None,
-                 trajectory: bool = False, timings: LoopTimings | None = None,
+                 trajectory: bool = False, timings: LoopTimings | None = None, decode: bool = True,
                  **selector_options: Any) -> list[Sample]:
         """Generate ``n`` sequences; every knob left None defaults from the model's config.
 
-        ``timings``, when given, is filled with per-step wall and ``session.run`` times.
+        ``timings``, when given, is filled with per-step wall and ``session.run`` times. ``decode=False``
+        leaves ``Sample.text`` None (ids only; decoding SELFIES to SMILES costs more than a GPU step).
         """
         started = time.perf_counter()
         n = _positive_int("n", n)
-        run = self._resolve(selector, steps, temperature, stop_threshold, prompt, trajectory, selector_options)
+        run = self._resolve(selector, steps, temperature, stop_threshold, prompt, trajectory, selector_options,
+                            decode)
         batch = n if batch_size is None else _positive_int("batch_size", batch_size)
         seq = np.random.SeedSequence(seed)
         samples: list[Sample] = []
@@ -151,7 +157,8 @@ class Generator:
                                 f"{os.path.basename(self.model.path)} does not have")
         return sel
 
-    def _resolve(self, selector, steps, temperature, stop_threshold, prompt, trajectory, options) -> _Run:
+    def _resolve(self, selector, steps, temperature, stop_threshold, prompt, trajectory, options,
+                 decode: bool = True) -> _Run:
         cfg = self.config
         num_steps = _positive_int("steps", cfg["max_refinement_steps"] if steps is None else steps)
         temp = float(cfg["sampling_temperature"] if temperature is None else temperature)
@@ -164,7 +171,7 @@ class Generator:
         layout = (blank_layout(max_len, self.special) if prompt is None
                   else parse_prompt(prompt, self.tokenizer, self.special, max_len))
         sel = self._make_selector(selector, options)
-        return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(cfg))
+        return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(cfg), decode)
 
     # -- the loop ------------------------------------------------------------------------------
     def _state(self, n: int, length: int) -> _HostCond | _DeviceCond:
@@ -179,15 +186,14 @@ class Generator:
         length, K = layout.length, run.num_steps
         tokens = np.broadcast_to(layout.ids, (n, length)).copy()
         frozen = np.broadcast_to(layout.fixed, (n, length)).copy()
-        eos_banned = None if sp.eos is None or layout.eos_allowed.all() else ~layout.eos_allowed
-        eos_only = layout.eos_only if layout.eos_only.any() else None
-        positions = np.arange(length)[None, :]
+        bias = logit_bias(layout, self.model.vocab_size, self._banned, sp.eos)
+        in_graph = self.graph_sampling and self.model.graph_sampling
         model_steps = int(self.config["max_refinement_steps"])
         run.selector.begin(batch_size=n, length=length, num_steps=K, config=run.config)
 
         steps_used = np.zeros(n, dtype=np.int64)
         early = np.zeros(n, dtype=bool)
-        edits: list[list[int]] = [[] for _ in range(n)]
+        edits = np.full((n, K), -1, dtype=np.int64)  # changed tokens per step; -1 once a row has left
         traj: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if run.trajectory else None
         active = np.arange(n)
         cond = self._state(n, length)  # the self-conditioning state, on the host or on the GPU
@@ -202,28 +208,32 @@ class Generator:
             if self.trim_padding and first is not None:  # non-increasing: committed EOS never move
                 cut = min(cut, int(first.max()) + 1)
             feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
+            temp = run.selector.step_temperature(t, K, run.temperature)
+            step = np.full(x.shape[0], model_step(t, K, model_steps), dtype=np.int64)
+            sampling = None
+            if in_graph:
+                sampling = (rng.random(feed_x.shape, dtype=np.float32), np.full(x.shape[0], temp, np.float32),
+                            bias[:cut])
             run_started = time.perf_counter()
-            out = cond.run(feed_x, np.full(x.shape[0], model_step(t, K, model_steps), dtype=np.int64))
+            out = cond.run(feed_x, step, sampling)
             run_seconds = time.perf_counter() - run_started
             if cut < length:
                 out = _widen(out, length)
-            logits = out["logits"]
-            logits[..., self._banned] = -np.inf
-            if sp.eos is not None:
-                if eos_banned is not None:
-                    logits[:, eos_banned, sp.eos] = -np.inf
-                if eos_only is not None:
-                    keep = logits[:, eos_only, sp.eos].copy()
-                    logits[:, eos_only, :] = -np.inf
-                    logits[:, eos_only, sp.eos] = keep
-                # a committed EOS is frozen: no EOS before it, so the length (and its padding) is final
-                logits[..., sp.eos][positions < np.where(first < length, first, 0)[:, None]] = -np.inf
-            temp = run.selector.step_temperature(t, K, run.temperature)
-            proposals = sample_proposals(logits, temp, rng)
-            state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=_ro(logits),
+            measures = None
+            if in_graph:
+                proposals = out["proposals"]
+                measures = {"entropy": out["entropy"], "top2": (out["top1"], out["top2"]),
+                            "proposal_prob": out["proposal_prob"], "current_prob": out["current_prob"]}
+                logits = _LazyLogits(out["logits"], length, bias, first, sp.eos)
+            else:
+                logits = out["logits"]
+                ban_logits(logits, bias, first, sp.eos)
+                logits = _ro(logits)
+                proposals = sample_proposals(logits, temp, rng)
+            state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=logits,
                               gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
                               rows=_ro(active), rng=rng, temperature=temp, mask_id=sp.mask, pad_id=sp.pad,
-                              eos_id=sp.eos, config=run.config)
+                              eos_id=sp.eos, config=run.config, measures=measures)
             decision = run.selector.select(state)
             update = np.asarray(decision.update, dtype=bool) & ~fz
             remask = (np.zeros_like(update) if decision.remask is None
@@ -249,9 +259,9 @@ class Generator:
             done = nothing_left | ((t > 0) & quiet & ~masks_left)
             if t < K - 1:
                 early[active[done]] = True
-            for j, row in enumerate(active):
-                edits[row].append(int(n_changed[j]))
-                if traj is not None:
+            edits[active, t] = n_changed
+            if traj is not None:
+                for j, row in enumerate(active):
                     refined = changed[j] & (new[j] != sp.mask) & (new[j] != sp.pad)
                     traj[row].append(TrajectoryStep(t, new[j].tolist(), np.flatnonzero(refined).tolist(),
                                                     np.flatnonzero(remask[j] & (x[j] != sp.mask)).tolist(),
@@ -266,11 +276,11 @@ class Generator:
                 timings.run_seconds.append(run_seconds)
                 timings.step_seconds.append(time.perf_counter() - step_started)
 
-        return [self._finish(tokens[i], int(steps_used[i]), edits[i], bool(early[i]),
-                             traj[i] if traj is not None else None) for i in range(n)]
+        return [self._finish(tokens[i], int(steps_used[i]), edits[i, : steps_used[i]].tolist(), bool(early[i]),
+                             traj[i] if traj is not None else None, run.decode) for i in range(n)]
 
     def _finish(self, row: np.ndarray, steps: int, edits: list[int], early: bool,
-                trajectory: list[TrajectoryStep] | None) -> Sample:
+                trajectory: list[TrajectoryStep] | None, decode: bool = True) -> Sample:
         ids = row.tolist()
         sp = self.special
         if sp.eos is not None and sp.eos in ids:
@@ -278,7 +288,7 @@ class Generator:
         else:
             while ids and ids[-1] == sp.pad:
                 ids.pop()
-        return Sample(self.tokenizer.decode(ids), ids, steps, edits, early, trajectory)
+        return Sample(self.tokenizer.decode(ids) if decode else None, ids, steps, edits, early, trajectory)
 
 
 class _HostCond:
@@ -288,10 +298,10 @@ class _HostCond:
         self.model = model
         self.value = np.zeros((n, length, model.hidden_size), dtype=np.float32)
 
-    def run(self, tokens: np.ndarray, step: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, tokens: np.ndarray, step: np.ndarray, sampling: tuple | None = None) -> dict[str, np.ndarray]:
         b, cut = tokens.shape
         cond = self.value if self.value.shape[:2] == (b, cut) else np.ascontiguousarray(self.value[:, :cut])
-        outs = self.model.session.run(None, self.model.feed(tokens, step, cond))
+        outs = self.model.session.run(None, self.model.feed(tokens, step, cond, sampling))
         out = dict(zip(self.model.outputs, outs))
         self.value = out["cond_next"]
         return out
@@ -320,11 +330,18 @@ class _DeviceCond:
         self.rows = np.arange(n, dtype=np.int64)
         self.in_graph = model.device_state
 
-    def run(self, tokens: np.ndarray, step: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, tokens: np.ndarray, step: np.ndarray, sampling: tuple | None = None) -> dict[str, Any]:
+        """Outputs as host arrays, except ``logits`` of a sampling-head step: an OrtValue on the GPU
+        (read only if a selector asks for the full distribution)."""
         b, cut = tokens.shape
         binding = self.model.session.io_binding()
         binding.bind_cpu_input("tokens", tokens)
         binding.bind_cpu_input("step", step)
+        on_device = {"cond_next"}
+        if sampling is not None:
+            for name, value in zip(SAMPLING_INPUTS, sampling):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            on_device.add("logits")
         if self.in_graph:
             binding.bind_ortvalue_input("cond", self.value)
             binding.bind_cpu_input("cond_rows", self.rows)
@@ -335,12 +352,12 @@ class _DeviceCond:
                 self.value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), "cuda", 0)
             binding.bind_ortvalue_input("cond", self.value)
         for name in self.model.outputs:
-            binding.bind_output(name, "cuda" if name == "cond_next" else "cpu")
+            binding.bind_output(name, "cuda" if name in on_device else "cpu")
         self.model.session.run_with_iobinding(binding)
         values = dict(zip(self.model.outputs, binding.get_outputs()))
         self.value = values.pop("cond_next")
         self.rows = np.arange(b, dtype=np.int64)
-        return {name: v.numpy() for name, v in values.items()}
+        return {name: v if name in on_device else v.numpy() for name, v in values.items()}
 
     def keep(self, rows: np.ndarray) -> None:
         self.rows = self.rows[rows]
@@ -350,6 +367,42 @@ def banned_ids(special, unk: int | None = None) -> np.ndarray:
     """Ids never proposed: MASK, PAD (padding only ever follows a committed EOS) and UNK if any."""
     ids = {special.mask, special.pad} | ({unk} if unk is not None and unk not in (special.eos,) else set())
     return np.array(sorted(ids), dtype=np.int64)
+
+
+def logit_bias(layout: Layout, vocab_size: int, banned: np.ndarray, eos: int | None) -> np.ndarray:
+    """[length, vocab] additive bias holding every ban that depends only on the run: the banned ids
+    everywhere and, for a template, no EOS where it may not go and only EOS in its closing slot."""
+    bias = np.zeros((layout.length, vocab_size), dtype=np.float32)
+    bias[:, banned] = -np.inf
+    if eos is not None:
+        bias[~layout.eos_allowed, eos] = -np.inf
+        bias[layout.eos_only, :] = -np.inf
+        bias[layout.eos_only, eos] = 0.0
+    return bias
+
+
+def ban_logits(logits: np.ndarray, bias: np.ndarray, first: np.ndarray | None, eos: int | None) -> None:
+    """Apply ``logit_bias`` and the per-row ban in place: no EOS before a row's first committed EOS
+    (``first``; = length when there is none), so the length and its padding are final once chosen.
+    The sampling head does the same inside the graph."""
+    logits += bias
+    if eos is not None:
+        length = logits.shape[1]
+        logits[..., eos][np.arange(length)[None, :] < np.where(first < length, first, 0)[:, None]] = -np.inf
+
+
+class _LazyLogits:
+    """The banned logits of a step whose sampling ran in the graph, fetched (from the GPU, if that is
+    where they are) and widened only when a selector reads ``state.logits``."""
+
+    def __init__(self, value, length: int, bias: np.ndarray, first: np.ndarray | None, eos: int | None):
+        self.value, self.length, self.bias, self.first, self.eos = value, length, bias, first, eos
+
+    def __call__(self) -> np.ndarray:
+        host = self.value if isinstance(self.value, np.ndarray) else self.value.numpy()
+        logits = _widen({"logits": host}, self.length)["logits"].copy()
+        ban_logits(logits, self.bias, self.first, self.eos)
+        return _ro(logits)
 
 
 def model_step(t: int, num_steps: int, model_steps: int) -> int:
@@ -390,7 +443,7 @@ def _widen(out: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     trimmed: it is only fed back."""
     wide = dict(out)
     for name, value in out.items():
-        if name != "cond_next" and value.ndim >= 2 and value.shape[1] < length:
+        if name != "cond_next" and isinstance(value, np.ndarray) and value.ndim >= 2 and value.shape[1] < length:
             full = np.zeros((value.shape[0], length, *value.shape[2:]), dtype=value.dtype)
             full[:, : value.shape[1]] = value
             wide[name] = full

@@ -34,6 +34,9 @@ REQUIRED_CONFIG = (
 )
 REQUIRED_INPUTS = ("tokens", "step", "cond")
 REQUIRED_OUTPUTS = ("logits", "gate", "cond_next")
+#: the optional sampling head (imadarem.export.sampling_head): all of these, or none
+SAMPLING_INPUTS = ("uniform", "temperature", "logit_bias")
+SAMPLING_OUTPUTS = ("proposals", "proposal_prob", "entropy", "top1", "top2", "current_prob")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -96,16 +99,37 @@ class ModelFile:
     @property
     def device_state(self) -> bool:
         """The graph takes ``cond_rows`` and picks active rows / positions of ``cond`` itself."""
-        get_inputs = getattr(self.session, "get_inputs", None)
-        return get_inputs is not None and any(i.name == "cond_rows" for i in get_inputs())
+        return "cond_rows" in self.input_names
 
-    def feed(self, tokens, step, cond) -> dict[str, Any]:
-        """The inputs of one step on host arrays (``cond`` already [batch, length, hidden])."""
+    @property
+    def graph_sampling(self) -> bool:
+        """The graph has the sampling head (``imadarem export --sampling``): it samples proposals and
+        computes the selectors' uncertainty measures itself, from ``uniform``, ``temperature`` and
+        ``logit_bias``."""
+        return "uniform" in self.input_names
+
+    @property
+    def input_names(self) -> list[str]:
+        get_inputs = getattr(self.session, "get_inputs", None)
+        return [i.name for i in get_inputs()] if get_inputs is not None else []
+
+    def feed(self, tokens, step, cond, sampling: tuple | None = None) -> dict[str, Any]:
+        """The inputs of one step on host arrays (``cond`` already [batch, length, hidden]).
+
+        ``sampling`` = (uniform, temperature, logit_bias) for a graph with the sampling head; left out,
+        it gets greedy sampling with no bans (the step's own outputs do not depend on it).
+        """
+        import numpy as np
+
         feed = {"tokens": tokens, "step": step, "cond": cond}
         if self.device_state:
-            import numpy as np
-
             feed["cond_rows"] = np.arange(tokens.shape[0], dtype=np.int64)
+        if self.graph_sampling:
+            b, length = tokens.shape
+            if sampling is None:
+                sampling = (np.full((b, length), 0.5, np.float32), np.zeros(b, np.float32),
+                            np.zeros((length, self.vocab_size), np.float32))
+            feed.update(zip(SAMPLING_INPUTS, sampling))
         return feed
 
     @property
@@ -182,6 +206,10 @@ def check_graph(session, config: dict[str, Any], path: str) -> list[str]:
     for name in REQUIRED_OUTPUTS:
         if name not in outputs:
             raise ModelFileError(f"{path}: graph has no output {name!r} (has: {', '.join(outputs)})")
+    if "uniform" in inputs:
+        missing = [n for n in SAMPLING_INPUTS if n not in inputs] + [n for n in SAMPLING_OUTPUTS if n not in outputs]
+        if missing:
+            raise ModelFileError(f"{path}: graph has a partial sampling head (missing {', '.join(missing)})")
     expected = {"tokens": "tensor(int64)", "step": "tensor(int64)", "cond": "tensor(float)"}
     for name, dtype in expected.items():
         if inputs[name].type != dtype:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -23,7 +24,6 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return shifted
 
 
-@dataclass
 class StepState:
     """One refinement step of the active sequences, as the selector sees it (arrays are read-only).
 
@@ -31,23 +31,34 @@ class StepState:
     with PAD and MASK already excluded (-inf); ``gate``/``critic``: [B, L] model outputs or None;
     ``frozen``: [B, L] positions that never change; ``rows``: index of each active sequence in the
     whole request (for selectors that keep per-sequence memory); ``t`` 0-based, ``num_steps`` = K.
+
+    When the model file samples in the graph (its sampling head), the loop hands over ``logits`` as a
+    zero-argument function and the uncertainty measures (``entropy``, ``top2``, ``proposal_prob``,
+    ``current_prob``) as ``measures``: reading ``logits`` (or ``probs``) then costs one copy from the
+    GPU, so selectors should prefer the measures, which are free.
     """
 
-    t: int
-    num_steps: int
-    tokens: np.ndarray
-    proposals: np.ndarray
-    logits: np.ndarray
-    gate: np.ndarray | None
-    critic: np.ndarray | None
-    frozen: np.ndarray
-    rows: np.ndarray
-    rng: np.random.Generator
-    temperature: float
-    mask_id: int
-    pad_id: int
-    eos_id: int | None
-    config: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, *, t: int, num_steps: int, tokens: np.ndarray, proposals: np.ndarray,
+                 logits: np.ndarray | Callable[[], np.ndarray], gate: np.ndarray | None,
+                 critic: np.ndarray | None, frozen: np.ndarray, rows: np.ndarray, rng: np.random.Generator,
+                 temperature: float, mask_id: int, pad_id: int, eos_id: int | None,
+                 config: dict[str, Any] | None = None, measures: dict[str, Any] | None = None):
+        self.t, self.num_steps = t, num_steps
+        self.tokens, self.proposals, self.gate, self.critic = tokens, proposals, gate, critic
+        self.frozen, self.rows, self.rng, self.temperature = frozen, rows, rng, temperature
+        self.mask_id, self.pad_id, self.eos_id = mask_id, pad_id, eos_id
+        self.config = {} if config is None else config
+        self._logits = logits
+        for name, value in (measures or {}).items():  # pre-computed cached properties
+            if name not in _MEASURES:
+                raise ValueError(f"unknown step measure {name!r}")
+            self.__dict__[name] = value
+
+    @property
+    def logits(self) -> np.ndarray:
+        if callable(self._logits):
+            self._logits = self._logits()
+        return self._logits
 
     @cached_property
     def is_mask(self) -> np.ndarray:
@@ -99,6 +110,9 @@ class StepState:
         cur = np.where(self.is_mask, 0, self.tokens)
         p = np.take_along_axis(self.probs, cur[..., None], axis=-1)[..., 0]
         return np.where(self.is_mask, 0.0, p).astype(np.float32)
+
+
+_MEASURES = ("entropy", "top2", "proposal_prob", "current_prob")
 
 
 @dataclass

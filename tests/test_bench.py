@@ -53,7 +53,7 @@ def test_bench_runs_every_cpu_engine(tiny_run, tmp_path):
     args = BenchArgs(checkpoint=str(tiny_run), batch_sizes=(1, 3), repeats=2, agreement_n=8, out_dir=str(tmp_path))
     result = Bench(args).run()
     rows = {(r["engine"], r["batch"]): r for r in result["rows"]}
-    assert set(e for e, _ in rows) == {"ort-fp32", "ort-int8", "torch", "xt-nar", "xt-ar-kv"}
+    assert set(e for e, _ in rows) == {"ort-fp32", "ort-int8", "ort-fp32-head", "torch", "xt-nar", "xt-ar-kv"}
     for r in result["rows"]:
         assert r["seq_per_s"] > 0 and r["step_p95_ms"] >= r["step_p50_ms"] > 0 and r["repeats"] == 2
         assert r["speedup_vs_torch"] == pytest.approx(rows[("torch", r["batch"])]["wall_s"] / r["wall_s"])

@@ -4,10 +4,12 @@ Every engine generates the same number of sequences at the same model size, step
 size, after one untimed warm-up run, ``repeats`` times. Rows:
 
 - ``ort-fp32`` / ``ort-int8`` / ``ort-fp16``: the runtime's numpy + onnxruntime loop over the model
-  file variants (fp16 on CUDA only);
+  file variants (fp16 on CUDA only), sampling on the host;
+- ``ort-fp32-head`` / ``ort-fp16-head``: the same files with the sampling head (``export --sampling``):
+  proposals and uncertainty measures come out of the graph, no [batch, length, vocab] copy;
 - ``torch``: the same model's PyTorch eager loop (``imadarem.training.reference.torch_refine``),
-  which gives the same tokens as ``ort-fp32`` for the same seed; ``torch-bf16`` runs it under bf16
-  autocast on CUDA;
+  which gives the same tokens as ``ort-fp32`` for the same seed on the CPU (on CUDA it draws its noise
+  with torch on the GPU, as a PyTorch user would); ``torch-bf16`` runs it under bf16 autocast on CUDA;
 - ``xt-nar``: x-transformers' NonAutoregressiveWrapper.generate at equal size and steps;
 - ``xt-ar-kv``: an equal-size x-transformers decoder generating left to right with a KV cache.
 
@@ -33,8 +35,9 @@ import torch
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.generator import Generator, LoopTimings
 
-ENGINES = ("ort-fp32", "ort-int8", "ort-fp16", "torch", "torch-bf16", "xt-nar", "xt-ar-kv")
-CUDA_ONLY = {"ort-fp16", "torch-bf16"}
+ENGINES = ("ort-fp32", "ort-int8", "ort-fp16", "ort-fp32-head", "ort-fp16-head", "torch", "torch-bf16", "xt-nar",
+           "xt-ar-kv")
+CUDA_ONLY = {"ort-fp16", "ort-fp16-head", "torch-bf16"}
 CPU_ONLY = {"ort-int8"}  # onnxruntime's CUDA provider has no MatMulInteger fast path
 
 
@@ -125,7 +128,7 @@ class Bench:
 
     # -- the model in every form ------------------------------------------------------------------
     def prepare(self, work: Path) -> None:
-        from imadarem.export.onnx_export import convert_fp16, export_model, quantize_int8
+        from imadarem.export.onnx_export import add_sampling_head, convert_fp16, export_model, quantize_int8
 
         a = self.args
         files: dict[str, Path] = {}
@@ -155,8 +158,11 @@ class Bench:
                 files["fp32"] = path
         if "int8" not in files and "ort-int8" in a.engines:
             files["int8"] = quantize_int8(files["fp32"], work / "int8.onnx")
-        if "cuda" in a.providers and "ort-fp16" in a.engines:
+        if "cuda" in a.providers and {"ort-fp16", "ort-fp16-head"} & set(a.engines):
             files["fp16"] = convert_fp16(files["fp32"], work / "fp16.onnx")
+        for variant in ("fp32", "fp16"):
+            if f"ort-{variant}-head" in a.engines and variant in files:
+                files[f"{variant}-head"] = add_sampling_head(files[variant], work / f"{variant}-head.onnx", model)
         self.model, self.files = model, files
         self.config = model.config
         self.steps = a.steps or self.config.max_refinement_steps
@@ -170,7 +176,7 @@ class Bench:
 
             def run(tm: LoopTimings, seed: int) -> dict:
                 samples = gen.generate(batch, selector=a.selector, steps=self.steps, seed=seed, batch_size=batch,
-                                       timings=tm)
+                                       timings=tm, decode=False)  # ids, as the PyTorch loop returns
                 return {"steps": np.array([s.steps for s in samples]), "edits": [s.edits for s in samples],
                         "early": np.array([s.early_stop for s in samples]), "tokens": _pad_ids(samples, self.config)}
             return run
@@ -180,10 +186,11 @@ class Bench:
             if a.selector not in ("gate", "entropy"):
                 return None
             model = self.model.to(device)
+            noise = "torch" if provider == "cuda" else "numpy"
 
             def run(tm: LoopTimings, seed: int) -> dict:
                 tokens, stats = torch_refine(model, batch, steps=self.steps, seed=seed, selector=a.selector,
-                                             return_stats=True, timings=tm,
+                                             return_stats=True, timings=tm, noise=noise,
                                              autocast="bf16" if engine == "torch-bf16" else None)
                 edits = [[int(e) for e in row if e >= 0] for row in stats["edits"]]
                 return {"steps": stats["steps"], "edits": edits, "early": stats["early"], "tokens": tokens}
@@ -256,7 +263,7 @@ class Bench:
         for r in here:
             if ref is not None:
                 r.speedup_vs_torch = ref.wall_s / r.wall_s
-            if r.engine == "torch":
+            if r.engine == "torch" and provider == "cpu":  # on CUDA the PyTorch loop draws its own noise
                 ort = self._tokens.get(("ort-fp32", provider, batch))
                 mine = self._tokens.get(("torch", provider, batch))
                 if ort is not None and mine is not None:

@@ -123,7 +123,8 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--batch-sizes", default="1,16,64,256", show_default=True, callback=_int_list)
 @click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
 @click.option("--engines", default="all", show_default=True, callback=_name_list,
-              help="Comma-separated: ort-fp32, ort-int8, ort-fp16, torch, torch-bf16, xt-nar, xt-ar-kv.")
+              help="Comma-separated: ort-fp32, ort-int8, ort-fp16, ort-fp32-head, ort-fp16-head (files with the "
+                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv.")
 @click.option("--steps", type=click.IntRange(min=1), help="Refinement steps [default: the model's K].")
 @click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))

@@ -17,13 +17,16 @@ from imadarem.runtime.generator import LoopTimings, banned_ids, model_step
 @torch.no_grad()
 def torch_refine(model, n: int, steps: int | None = None, temperature: float | None = None, seed: int | None = 0,
                  stop_threshold: float | None = None, selector: str = "gate", threshold: float | None = None,
-                 return_stats: bool = False, timings: LoopTimings | None = None, autocast: str | None = None):
+                 return_stats: bool = False, timings: LoopTimings | None = None, autocast: str | None = None,
+                 noise: str = "numpy"):
     """Generate ``n`` sequences; returns [n, max_seq_len] ids (and per-sequence steps used).
 
     With ``return_stats`` the second value is a dict: ``steps`` used, ``edits`` (changed tokens of
     each step, -1 once a row has left) and ``early`` stop flags. ``timings`` gets per-step wall times
     (the model call is the whole of ``run_seconds``). ``autocast="bf16"`` runs the model under bf16
-    autocast (the fast PyTorch path on GPUs).
+    autocast (the fast PyTorch path on GPUs). ``noise="torch"`` draws the Gumbel noise with torch on
+    the model's device instead of numpy on the host (what a PyTorch user would do on a GPU; the tokens
+    then no longer match the onnxruntime loop's).
     """
     started = time.perf_counter()
     cfg, sp = model.config, model.special
@@ -37,7 +40,10 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         thr = cfg.min_refine_uncertainty if threshold is None else threshold
     else:
         raise ValueError(f"the PyTorch reference loop implements 'gate' and 'entropy', not {selector!r}")
+    if noise not in ("numpy", "torch"):
+        raise ValueError(f"noise must be 'numpy' or 'torch', not {noise!r}")
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    device_rng = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
     L, H = cfg.max_seq_len, cfg.hidden_size
     tokens = torch.full((n, L), sp.mask, dtype=torch.long, device=device)
     frozen = torch.zeros(n, L, dtype=torch.bool, device=device)
@@ -80,7 +86,10 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         if temp <= 1e-6:
             proposals = logits.argmax(-1)
         else:
-            u = torch.from_numpy(rng.random(tuple(logits.shape), dtype=np.float32)).to(device)
+            if noise == "torch":
+                u = torch.rand(logits.shape, generator=device_rng, device=device)
+            else:
+                u = torch.from_numpy(rng.random(tuple(logits.shape), dtype=np.float32)).to(device)
             noise = torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
             proposals = (logits / temp - noise).argmax(-1)
         is_mask = x == sp.mask
