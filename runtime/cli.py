@@ -218,14 +218,17 @@ def eval_group():
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES.")
 @click.option("--intdiv-sample", default=5000, show_default=True, type=click.IntRange(min=2))
+@click.option("--fcd/--no-fcd", "with_fcd", default=None,
+              help="FCD/Test with the fcd package's ChemNet [default: when the fcd extra is installed].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
 def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
-                           intdiv_sample, json_path, plot_path):
-    """Validity, Unique@1k/10k, Novelty, IntDiv and Filters of generated molecules (RDKit, MOSES splits)."""
+                           intdiv_sample, with_fcd, json_path, plot_path):
+    """Validity, Unique@1k/10k, Novelty, IntDiv, Filters and FCD/Test of generated molecules (RDKit,
+    MOSES splits)."""
     from imadarem.runtime import eval_molecules as em
 
-    cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters",
+    cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
             "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
     click.echo("| " + " | ".join(cols) + " |")
     click.echo("|" + "---|" * len(cols))
@@ -235,7 +238,7 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
         click.echo("| " + " | ".join(cells) + " |")
 
     rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
-                       moses_cache, intdiv_sample, threads, progress=show)
+                       moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd)
     em.write(rows, json_path)
     if plot_path:
         em.plot(rows, plot_path)

@@ -4,14 +4,17 @@ Metrics follow the MOSES benchmark (Polykovskiy et al. 2020): validity (RDKit sa
 and @10k, Novelty against the MOSES train split, IntDiv1 (1 - mean pairwise Tanimoto of Morgan radius-2,
 1024-bit fingerprints; computed on at most ``intdiv_sample`` molecules, because all pairs of 30k are
 9e8), and Filters (MOSES's medicinal-chemistry filters: the MCF and PAINS SMARTS shipped in the
-molsets wheel, allowed atoms C N S O F Cl Br H, no charges, no ring larger than 8). FCD is not
-computed yet (``fcd`` 1.2.2 on PyPI ships ChemNet weights: the next step).
+molsets wheel, allowed atoms C N S O F Cl Br H, no charges, no ring larger than 8), and FCD/Test
+(Fréchet ChemNet Distance of the valid molecules to the whole MOSES test split, with the ``fcd``
+package's shipped ChemNet weights; the test split's statistics are computed once and cached beside the
+MOSES files, as plain arrays). FCD needs the ``fcd`` extra (it brings PyTorch).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,7 @@ def passes_filters(mol, patterns) -> bool:
 
 
 def molecule_metrics(smiles: list[str], train: set[str], patterns, intdiv_sample: int = 5000,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, fcd: FrechetChemNet | None = None) -> dict[str, float]:
     Chem, DataStructs, fpgen = _rdkit()
     mols = []
     for smi in smiles:
@@ -82,7 +85,53 @@ def molecule_metrics(smiles: list[str], train: set[str], patterns, intdiv_sample
         out["intdiv"] = float(1 - np.mean(sims))
     out["filters"] = float(np.mean([passes_filters(m, patterns) for m in valid])) if valid else 0.0
     out["heavy_atoms"] = float(np.mean([m.GetNumAtoms() for m in valid])) if valid else 0.0
+    if fcd is not None:
+        out["fcd"] = fcd(canon)
     return out
+
+
+def _fcd():
+    try:
+        import fcd
+    except ImportError:
+        raise ImadaremError("FCD needs the fcd package: pip install 'imadarem[fcd]' (or pass --no-fcd)") from None
+    return fcd
+
+
+class FrechetChemNet:
+    """FCD against one reference set (MOSES: FCD/Test), ChemNet loaded once."""
+
+    def __init__(self, reference: Path, cache_dir: Path, device: str | None = None):
+        fcd = _fcd()
+        self.fcd, self.device = fcd, device
+        self.model = fcd.load_ref_model()
+        stats = Path(cache_dir) / f"fcd-{fcd.__version__}-{reference.name.split('.')[0]}-stats.npz"
+        if stats.is_file():
+            with np.load(stats) as saved:  # plain float arrays: no pickle
+                self.mu, self.sigma = saved["mu"], saved["sigma"]
+        else:
+            self.mu, self.sigma = self._stats(read_smiles(reference))
+            tmp = stats.with_name(stats.stem + ".part.npz")
+            np.savez(tmp, mu=self.mu, sigma=self.sigma)
+            os.replace(tmp, stats)
+
+    def _stats(self, smiles: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        act = self.fcd.get_predictions(self.model, smiles, device=self.device)
+        return act.mean(0), np.cov(act.T)
+
+    def __call__(self, smiles: list[str]) -> float:
+        if len(smiles) < 2:
+            return float("nan")
+        mu, sigma = self._stats(smiles)
+        return float(self.fcd.calculate_frechet_distance(mu1=mu, sigma1=sigma, mu2=self.mu, sigma2=self.sigma))
+
+
+def read_smiles(path: Path) -> list[str]:
+    """The SMILES column of a MOSES split (csv or csv.gz with a header)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        next(fh)
+        return [line.split(",")[0].strip() for line in fh if line.strip()]
 
 
 def read_train_set(path: Path) -> set[str]:
@@ -93,13 +142,20 @@ def read_train_set(path: Path) -> set[str]:
 
 def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[int | None], seed: int,
              temperature: float | None, batch_size: int, moses_cache: str | None, intdiv_sample: int,
-             threads: int | None = None, progress=None) -> list[dict[str, Any]]:
+             threads: int | None = None, progress=None, with_fcd: bool | None = None) -> list[dict[str, Any]]:
+    """One row per selector and step count. ``with_fcd``: True needs the fcd package, None uses it
+    when installed, False skips FCD."""
     from imadarem.runtime.generator import Generator
     from imadarem.training.data import fetch_moses
 
     files = fetch_moses(moses_cache)
     train = read_train_set(files["train"])
     patterns = load_filters(files)
+    if with_fcd is None:
+        import importlib.util
+
+        with_fcd = importlib.util.find_spec("fcd") is not None
+    fcd = FrechetChemNet(files["test"], files["test"].parent) if with_fcd else None
     gen = Generator(model, threads=threads)
     rows = []
     for selector in selectors:
@@ -109,7 +165,7 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
                                    batch_size=batch_size)
             elapsed = time.perf_counter() - t0
             row: dict[str, Any] = {"selector": selector, "steps": steps or int(gen.config["max_refinement_steps"])}
-            row.update(molecule_metrics([s.text for s in samples], train, patterns, intdiv_sample, seed))
+            row.update(molecule_metrics([s.text for s in samples], train, patterns, intdiv_sample, seed, fcd))
             row["steps_used"] = float(np.mean([s.steps for s in samples]))
             row["edits_per_step"] = float(np.mean([np.mean(s.edits) for s in samples]))
             row["early_stop"] = float(np.mean([s.early_stop for s in samples]))
@@ -126,7 +182,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("valid", "unique@10k", "unique@1k", "novelty", "intdiv", "filters") if m in rows[0]]
+    metrics = [m for m in ("valid", "unique@10k", "unique@1k", "novelty", "intdiv", "filters", "fcd")
+               if m in rows[0]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for selector in dict.fromkeys(r["selector"] for r in rows):

@@ -236,3 +236,24 @@ def test_trimming_trailing_padding_changes_no_token(tiny_onnx):
     full = gen.generate(32, seed=5)
     assert [s.ids for s in trimmed] == [s.ids for s in full]
     assert [s.edits for s in trimmed] == [s.edits for s in full]
+
+
+def test_fcd_against_a_reference_set(tmp_path):
+    """FCD is ~0 for the reference's own molecules, large for a set unlike it; the reference's statistics
+    are cached as plain arrays and reused."""
+    pytest.importorskip("fcd")
+    from conftest import MOSES_SAMPLE
+    from imadarem.runtime.eval_molecules import FrechetChemNet, read_smiles
+
+    ref = tmp_path / "ref.csv"
+    ref.write_text("\n".join(MOSES_SAMPLE.read_text().splitlines()[:301]) + "\n")
+    fcd = FrechetChemNet(ref, tmp_path, device="cpu")
+    cached = list(tmp_path.glob("fcd-*-ref-stats.npz"))
+    assert len(cached) == 1
+    held_out = read_smiles(MOSES_SAMPLE)[300:]
+    alkanes = ["C" * k for k in range(2, 40)] * 3
+    same, near, far = fcd(read_smiles(ref)), fcd(held_out), fcd(alkanes)
+    assert same < 0.5 < near < far and far > 20, (same, near, far)
+    again = FrechetChemNet(ref, tmp_path, device="cpu")  # from the cache
+    np.testing.assert_allclose(again.mu, fcd.mu)
+    assert again(held_out) == pytest.approx(near, rel=1e-6)
