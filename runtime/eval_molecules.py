@@ -110,6 +110,10 @@ class FrechetChemNet:
             with np.load(stats) as saved:  # plain float arrays: no pickle
                 self.mu, self.sigma = saved["mu"], saved["sigma"]
         else:
+            import sys
+
+            print(f"FCD: computing ChemNet statistics of {reference.name} once (about 15 min on 2 CPU cores, "
+                  f"seconds on a GPU); cached as {stats}", file=sys.stderr, flush=True)
             self.mu, self.sigma = self._stats(read_smiles(reference))
             tmp = stats.with_name(stats.stem + ".part.npz")
             np.savez(tmp, mu=self.mu, sigma=self.sigma)

@@ -257,3 +257,12 @@ def test_fcd_against_a_reference_set(tmp_path):
     again = FrechetChemNet(ref, tmp_path, device="cpu")  # from the cache
     np.testing.assert_allclose(again.mu, fcd.mu)
     assert again(held_out) == pytest.approx(near, rel=1e-6)
+
+
+def test_ids_only_generation_skips_decoding_and_nothing_else(tiny_onnx):
+    gen = Generator(tiny_onnx)
+    decoded = gen.generate(6, seed=2)
+    raw = gen.generate(6, seed=2, decode=False)
+    assert all(s.text is None for s in raw) and all(isinstance(s.text, str) for s in decoded)
+    assert [s.ids for s in raw] == [s.ids for s in decoded]
+    assert [s.edits for s in raw] == [s.edits for s in decoded] and all(len(s.edits) == s.steps for s in raw)
