@@ -133,8 +133,9 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
-    proto = _gpu_fusions(src, json.loads(meta[mf.KEY_CONFIG]))
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    proto = _gpu_fusions(proto, json.loads(meta[mf.KEY_CONFIG]))
     del proto.graph.value_info[:]  # stale float32 annotations would contradict the converted graph
     # softmax and sigmoid stay float32: they feed the sampled distribution and the gate
     half = convert_float_to_float16(proto, keep_io_types=True, op_block_list=["Softmax", "Sigmoid"])
@@ -147,12 +148,12 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _gpu_fusions(src: Path, config: dict[str, Any]):
+def _gpu_fusions(proto, config: dict[str, Any]):
     """The step graph with onnxruntime's transformer fusions (as for BERT-like encoders, GPU kernels)."""
     from onnxruntime.transformers import optimizer
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # producer-name advice
-    fused = optimizer.optimize_model(str(src), model_type="bert", num_heads=int(config["num_heads"]),
+    fused = optimizer.optimize_model(proto, model_type="bert", num_heads=int(config["num_heads"]),
                                      hidden_size=int(config["hidden_size"]), use_gpu=True, opt_level=0)
     proto = fused.model
     if not any(op.domain == "com.microsoft" for op in proto.opset_import):  # added on save only

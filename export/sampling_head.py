@@ -113,8 +113,8 @@ def graft_sampling_head(step, head, prefix: str = "sampling/"):
         g.node.append(node)
     g.input.extend(i for i in h.input if i.name in SAMPLING_INPUTS)
     g.output.extend(o for o in h.output if o.name in SAMPLING_OUTPUTS)
-    # the step graph may import the default domain at another version only if the head's ops allow it
-    have = {op.domain: op.version for op in step.opset_import}
+    # domains only the head uses (both graphs are exported at the same default-domain opset)
+    have = {op.domain for op in step.opset_import}
     for op in head.opset_import:
         if op.domain not in have:
             step.opset_import.append(helper.make_opsetid(op.domain, op.version))

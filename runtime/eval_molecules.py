@@ -139,9 +139,7 @@ def read_smiles(path: Path) -> list[str]:
 
 
 def read_train_set(path: Path) -> set[str]:
-    with gzip.open(path, "rt") as fh:
-        next(fh)
-        return {line.strip() for line in fh if line.strip()}
+    return set(read_smiles(path))
 
 
 def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[int | None], seed: int,

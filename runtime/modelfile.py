@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,9 @@ class ModelFile:
         ``logit_bias``."""
         return "uniform" in self.input_names
 
-    @property
+    @cached_property
     def input_names(self) -> list[str]:
+        """The graph's input names (looked up once: ``feed`` runs every step)."""
         get_inputs = getattr(self.session, "get_inputs", None)
         return [i.name for i in get_inputs()] if get_inputs is not None else []
 

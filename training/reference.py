@@ -43,7 +43,8 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     if noise not in ("numpy", "torch"):
         raise ValueError(f"noise must be 'numpy' or 'torch', not {noise!r}")
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
-    device_rng = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    device_rng = (torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+                  if noise == "torch" else None)
     L, H = cfg.max_seq_len, cfg.hidden_size
     tokens = torch.full((n, L), sp.mask, dtype=torch.long, device=device)
     frozen = torch.zeros(n, L, dtype=torch.bool, device=device)
