@@ -230,10 +230,13 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
 
     cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
             "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
-    click.echo("| " + " | ".join(cols) + " |")
-    click.echo("|" + "---|" * len(cols))
+    shown = []
 
     def show(row):
+        if not shown:  # the header with the first row: a setup error (data, FCD) prints nothing else
+            click.echo("| " + " | ".join(cols) + " |")
+            click.echo("|" + "---|" * len(cols))
+        shown.append(row)
         cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
         click.echo("| " + " | ".join(cells) + " |")
 
