@@ -25,11 +25,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from imadarem.runtime import rules
 from imadarem.runtime.modelfile import SAMPLING_INPUTS, SAMPLING_OUTPUTS
 
 #: the step-graph values the head reads (inputs and outputs of the step, by name)
 _SHARED = ("logits", "tokens")
-GREEDY_TEMPERATURE = 1e-6
+GREEDY_TEMPERATURE = rules.GREEDY_TEMPERATURE
 
 
 def _head_module(vocab_size: int, mask_id: int, eos_id: int | None):
@@ -38,18 +39,12 @@ def _head_module(vocab_size: int, mask_id: int, eos_id: int | None):
     class SamplingHead(torch.nn.Module):
         def forward(self, logits, tokens, uniform, temperature, logit_bias):
             scores = logits.float() + logit_bias
-            length = tokens.shape[1]
             if eos_id is not None:  # no EOS before a committed one (the length is final once it is)
-                is_eos = tokens == eos_id
-                pos = torch.arange(length, device=tokens.device)
-                first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), length)
-                limit = torch.where(first < length, first, 0)
-                before = pos[None, :] < limit[:, None]
+                before = rules.eos_banned(rules.first_eos(tokens, eos_id), tokens.shape[1])
                 eos_col = torch.arange(vocab_size, device=tokens.device) == eos_id
                 scores = scores.masked_fill(before[..., None] & eos_col, float("-inf"))
-            logp = torch.log_softmax(scores, -1)
-            probs = logp.exp()
-            entropy = -torch.where(probs > 0, probs * logp, torch.zeros_like(probs)).sum(-1)
+            probs = torch.softmax(scores, -1)
+            entropy = rules.entropy(scores)
             top = probs.topk(2, -1).values
             temp = temperature.clamp(min=GREEDY_TEMPERATURE)
             cdf = torch.softmax(scores / temp[:, None, None], -1).cumsum(-1)

@@ -1,4 +1,4 @@
-"""The refinement loop over one exported step, in numpy + onnxruntime (DESIGN.md, "The loop").
+"""The refinement loop over one exported step, in numpy + onnxruntime (docs/ARCHITECTURE.md, "The loop").
 
 x starts as all masks (or a prompt layout) and cond as zeros. Each step runs the model once on the
 active sequences, samples proposals, lets the selector choose what to update or re-mask, freezes EOS,
@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from imadarem.runtime import rules
 from imadarem.runtime.errors import ImadaremError, ModelFileError, SelectorError
 from imadarem.runtime.modelfile import SAMPLING_INPUTS, ModelFile, default_model_path, load_model_file
 from imadarem.runtime.prompt import Layout, blank_layout, parse_prompt
 from imadarem.runtime.registry import create_selector
-from imadarem.runtime.selector import Selector, StepState
+from imadarem.runtime.selector import Decision, Selector, StepState
 
 
 @dataclass
@@ -89,6 +90,64 @@ class _Run:
     decode: bool = True
 
 
+class _Batch:
+    """The loop's bookkeeping for one batch: every row's tokens and frozen mask, which rows are still
+    active, and what the result reports (steps used, edits per step, early stop, trajectories)."""
+
+    def __init__(self, tokens: np.ndarray, frozen: np.ndarray, num_steps: int, trajectory: bool):
+        n, length = tokens.shape
+        self.tokens, self.frozen, self.num_steps = tokens, frozen, num_steps
+        self.active = np.arange(n)
+        self.steps_used = np.zeros(n, dtype=np.int64)
+        self.early = np.zeros(n, dtype=bool)
+        self.edits = np.full((n, num_steps), -1, dtype=np.int64)  # changed tokens per step; -1 once a row left
+        self.trajectories: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if trajectory else None
+        self.cut = length  # positions the model runs on
+
+    @classmethod
+    def start(cls, n: int, layout: Layout, num_steps: int, trajectory: bool) -> _Batch:
+        """All masks (or the prompt's layout) in every row."""
+        return cls(np.broadcast_to(layout.ids, (n, layout.length)).copy(),
+                   np.broadcast_to(layout.fixed, (n, layout.length)).copy(), num_steps, trajectory)
+
+    def current(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[self.active], self.frozen[self.active]
+
+    def trim(self, x: np.ndarray, eos: int | None, enabled: bool) -> np.ndarray | None:
+        """Each active row's first EOS (None without an EOS id); with ``enabled``, the model runs only up
+        to the last committed EOS of the active rows (exact: what follows is frozen padding that attention
+        ignores; non-increasing, since a committed EOS never moves)."""
+        if eos is None:
+            return None
+        first = rules.first_eos(x, eos)
+        if enabled:
+            self.cut = min(self.cut, int(first.max()) + 1)
+        return first
+
+    def record(self, t: int, x, fz, new, new_frozen, changed, remask, ratio, done, special) -> None:
+        """Write the step's result for the active rows (and, when asked, each row's trajectory step)."""
+        rows = self.active
+        self.tokens[rows], self.frozen[rows] = new, new_frozen
+        self.steps_used[rows] = t + 1
+        self.edits[rows, t] = changed
+        if t < self.num_steps - 1:
+            self.early[rows[done]] = True
+        if self.trajectories is None:
+            return
+        refined = (new != x) & ~fz & (new != special.mask) & (new != special.pad)
+        for j, row in enumerate(rows):
+            self.trajectories[row].append(TrajectoryStep(
+                t, new[j].tolist(), np.flatnonzero(refined[j]).tolist(),
+                np.flatnonzero(remask[j] & (x[j] != special.mask)).tolist(), float(ratio[j]),
+                bool(done[j]) and t < self.num_steps - 1))
+
+    def compact(self, done: np.ndarray) -> np.ndarray:
+        """Drop the finished rows from the active batch; returns the kept-row mask (for the state)."""
+        keep = ~done
+        self.active = self.active[keep]
+        return keep
+
+
 class Generator:
     """Generate sequences from an Imadarem model file with numpy + onnxruntime."""
 
@@ -110,7 +169,8 @@ class Generator:
     def _attach(self, model: ModelFile, provider: str) -> None:
         self.model = model
         self.provider = provider
-        self.config = self.model.config
+        self.config = self.model.config  # the whole config dict, as selectors see it
+        self.model_config = self.model.typed_config  # the values the loop reads
         self.tokenizer = self.model.tokenizer
         self.special = self.model.special
         self._banned = banned_ids(self.special, getattr(self.tokenizer, "unk_token_id", None))
@@ -159,19 +219,19 @@ class Generator:
 
     def _resolve(self, selector, steps, temperature, stop_threshold, prompt, trajectory, options,
                  decode: bool = True) -> _Run:
-        cfg = self.config
-        num_steps = _positive_int("steps", cfg["max_refinement_steps"] if steps is None else steps)
-        temp = float(cfg["sampling_temperature"] if temperature is None else temperature)
+        cfg = self.model_config
+        num_steps = _positive_int("steps", cfg.max_refinement_steps if steps is None else steps)
+        temp = float(cfg.sampling_temperature if temperature is None else temperature)
         if not math.isfinite(temp) or temp < 0:
             raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
-        stop = float(cfg["stop_threshold"] if stop_threshold is None else stop_threshold)
+        stop = float(cfg.stop_threshold if stop_threshold is None else stop_threshold)
         if not 0.0 <= stop <= 1.0:
             raise ImadaremError(f"stop_threshold must be in [0, 1], got {stop_threshold!r}")
         max_len = self.model.max_seq_len
         layout = (blank_layout(max_len, self.special) if prompt is None
                   else parse_prompt(prompt, self.tokenizer, self.special, max_len))
         sel = self._make_selector(selector, options)
-        return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(cfg), decode)
+        return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(self.config), decode)
 
     # -- the loop ------------------------------------------------------------------------------
     def _state(self, n: int, length: int) -> _HostCond | _DeviceCond:
@@ -181,103 +241,100 @@ class Generator:
 
     def _refine(self, n: int, run: _Run, rng: np.random.Generator,
                 timings: LoopTimings | None = None) -> list[Sample]:
-        sp = self.special
-        layout = run.layout
-        length, K = layout.length, run.num_steps
-        tokens = np.broadcast_to(layout.ids, (n, length)).copy()
-        frozen = np.broadcast_to(layout.fixed, (n, length)).copy()
-        bias = logit_bias(layout, self.model.vocab_size, self._banned, sp.eos)
+        """The loop of docs/ARCHITECTURE.md: per step run the model, sample, select, apply, freeze EOS,
+        stop, compact."""
+        K = run.num_steps
+        batch = _Batch.start(n, run.layout, K, run.trajectory)
+        bias = logit_bias(run.layout, self.model.vocab_size, self._banned, self.special.eos)
         in_graph = self.graph_sampling and self.model.graph_sampling
-        model_steps = int(self.config["max_refinement_steps"])
-        run.selector.begin(batch_size=n, length=length, num_steps=K, config=run.config)
-
-        steps_used = np.zeros(n, dtype=np.int64)
-        early = np.zeros(n, dtype=bool)
-        edits = np.full((n, K), -1, dtype=np.int64)  # changed tokens per step; -1 once a row has left
-        traj: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if run.trajectory else None
-        active = np.arange(n)
-        cond = self._state(n, length)  # the self-conditioning state, on the host or on the GPU
-        cut = length  # positions the model runs on
-
+        cond = self._state(n, run.layout.length)  # the self-conditioning state, on the host or on the GPU
+        run.selector.begin(batch_size=n, length=run.layout.length, num_steps=K, config=run.config)
         for t in range(K):
-            if active.size == 0:
+            if batch.active.size == 0:
                 break
             step_started = time.perf_counter()
-            x, fz = tokens[active], frozen[active]
-            first = None if sp.eos is None else _first_eos(x, sp.eos)  # = length when a row has none
-            if self.trim_padding and first is not None:  # non-increasing: committed EOS never move
-                cut = min(cut, int(first.max()) + 1)
-            feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
+            x, fz = batch.current()
+            first = batch.trim(x, self.special.eos, self.trim_padding)
             temp = run.selector.step_temperature(t, K, run.temperature)
-            step = np.full(x.shape[0], model_step(t, K, model_steps), dtype=np.int64)
-            sampling = None
-            if in_graph:
-                sampling = (rng.random(feed_x.shape, dtype=np.float32), np.full(x.shape[0], temp, np.float32),
-                            bias[:cut])
-            run_started = time.perf_counter()
-            out = cond.run(feed_x, step, sampling)
-            run_seconds = time.perf_counter() - run_started
-            if cut < length:
-                out = _widen(out, length)
-            measures = None
-            if in_graph:
-                proposals = out["proposals"]
-                measures = {"entropy": out["entropy"], "top2": (out["top1"], out["top2"]),
-                            "proposal_prob": out["proposal_prob"], "current_prob": out["current_prob"]}
-                logits = _LazyLogits(out["logits"], length, bias, first, sp.eos)
-            else:
-                logits = out["logits"]
-                ban_logits(logits, bias, first, sp.eos)
-                logits = _ro(logits)
-                proposals = sample_proposals(logits, temp, rng)
+            out, run_seconds = self._run_step(cond, batch, x, t, K, temp, bias, rng, in_graph)
+            proposals, logits, measures = self._sample(out, x.shape[1], temp, bias, first, rng, in_graph)
             state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=logits,
                               gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
-                              rows=_ro(active), rng=rng, temperature=temp, mask_id=sp.mask, pad_id=sp.pad,
-                              eos_id=sp.eos, config=run.config, measures=measures)
+                              rows=_ro(batch.active), rng=rng, temperature=temp, mask_id=self.special.mask,
+                              pad_id=self.special.pad, eos_id=self.special.eos, config=run.config,
+                              measures=measures)
             decision = run.selector.select(state)
-            update = np.asarray(decision.update, dtype=bool) & ~fz
-            remask = (np.zeros_like(update) if decision.remask is None
-                      else np.asarray(decision.remask, dtype=bool) & ~fz & ~update)
-            if t == K - 1:  # nothing may stay masked after the last step
-                update |= (x == sp.mask) & ~fz
-                remask[:] = False
-            new = np.where(update, proposals, x)
-            new[remask] = sp.mask
-            new_frozen = fz
-            if sp.eos is not None:
-                new, new_frozen = _freeze_after_eos(new, fz.copy(), sp.eos, sp.pad)
-            changed = (new != x) & ~fz
-            n_changed = changed.sum(-1)
-            ratio = n_changed / np.maximum((~fz).sum(-1), 1)
-            tokens[active], frozen[active] = new, new_frozen
-            steps_used[active] = t + 1
-            masks_left = ((new == sp.mask) & ~new_frozen).any(-1)
-            nothing_left = new_frozen.all(-1)
-            quiet = ratio < run.stop_threshold
-            if decision.stop is not None:
-                quiet |= np.asarray(decision.stop, dtype=bool)
-            done = nothing_left | ((t > 0) & quiet & ~masks_left)
-            if t < K - 1:
-                early[active[done]] = True
-            edits[active, t] = n_changed
-            if traj is not None:
-                for j, row in enumerate(active):
-                    refined = changed[j] & (new[j] != sp.mask) & (new[j] != sp.pad)
-                    traj[row].append(TrajectoryStep(t, new[j].tolist(), np.flatnonzero(refined).tolist(),
-                                                    np.flatnonzero(remask[j] & (x[j] != sp.mask)).tolist(),
-                                                    float(ratio[j]), bool(done[j]) and t < K - 1))
-            keep = ~done
-            rows_run = active.size
-            active = active[keep]
+            new, update, remask = self._apply(decision, x, fz, proposals, last=t == K - 1)
+            new, new_fz = self._freeze_eos(new, fz)
+            done, changed, ratio = self._stop(t, new, x, fz, new_fz, decision, run.stop_threshold)
+            batch.record(t, x, fz, new, new_fz, changed, remask, ratio, done, self.special)
+            rows_run = batch.active.size
+            keep = batch.compact(done)
             cond.keep(keep)
             if timings is not None:
                 timings.active_rows.append(int(rows_run))
-                timings.run_lengths.append(cut)
+                timings.run_lengths.append(batch.cut)
                 timings.run_seconds.append(run_seconds)
                 timings.step_seconds.append(time.perf_counter() - step_started)
+        return [self._finish(batch.tokens[i], int(batch.steps_used[i]), batch.edits[i, : batch.steps_used[i]].tolist(),
+                             bool(batch.early[i]), batch.trajectories[i] if batch.trajectories else None, run.decode)
+                for i in range(n)]
 
-        return [self._finish(tokens[i], int(steps_used[i]), edits[i, : steps_used[i]].tolist(), bool(early[i]),
-                             traj[i] if traj is not None else None, run.decode) for i in range(n)]
+    # -- the phases of one step ----------------------------------------------------------------------
+    def _run_step(self, cond, batch: _Batch, x, t: int, K: int, temp: float, bias, rng, in_graph: bool):
+        """Run the model once on the active rows, up to ``batch.cut``; the outputs widened back to the
+        full length for the selector, and the seconds spent inside onnxruntime."""
+        length = x.shape[1]
+        feed_x = x if batch.cut == length else np.ascontiguousarray(x[:, : batch.cut])
+        step = np.full(x.shape[0], rules.model_step(t, K, self.model_config.max_refinement_steps), dtype=np.int64)
+        sampling = None
+        if in_graph:
+            sampling = (rng.random(feed_x.shape, dtype=np.float32), np.full(x.shape[0], temp, np.float32),
+                        bias[: batch.cut])
+        started = time.perf_counter()
+        out = cond.run(feed_x, step, sampling)
+        seconds = time.perf_counter() - started
+        return (_widen(out, length) if batch.cut < length else out), seconds
+
+    def _sample(self, out, length: int, temp: float, bias, first, rng, in_graph: bool):
+        """Proposals, the (banned) logits for the selector and, from the sampling head, the measures."""
+        eos = self.special.eos
+        if in_graph:
+            measures = {"entropy": out["entropy"], "top2": (out["top1"], out["top2"]),
+                        "proposal_prob": out["proposal_prob"], "current_prob": out["current_prob"]}
+            return out["proposals"], _LazyLogits(out["logits"], length, bias, first, eos), measures
+        logits = out["logits"]
+        ban_logits(logits, bias, first, eos)
+        logits = _ro(logits)
+        return sample_proposals(logits, temp, rng), logits, None
+
+    def _apply(self, decision: Decision, x, fz, proposals, last: bool):
+        """Take the selector's updates and re-masks (never on frozen positions; at the last step every
+        leftover mask takes its proposal)."""
+        mask = self.special.mask
+        update = np.asarray(decision.update, dtype=bool) & ~fz
+        remask = (np.zeros_like(update) if decision.remask is None
+                  else np.asarray(decision.remask, dtype=bool) & ~fz & ~update)
+        if last:
+            update |= (x == mask) & ~fz
+            remask[:] = False
+        new = np.where(update, proposals, x)
+        new[remask] = mask
+        return new, update, remask
+
+    def _freeze_eos(self, new, fz):
+        if self.special.eos is None:
+            return new, fz
+        return rules.freeze_after_eos(new, fz.copy(), self.special.eos, self.special.pad)
+
+    def _stop(self, t: int, new, x, fz, new_fz, decision: Decision, stop_threshold: float):
+        """Which rows are done: all frozen, or quiet (change ratio under the threshold, or the selector
+        says so) with no mask left; also the changed counts and ratios of the step."""
+        changed, ratio = rules.change_ratio(new, x, fz)
+        masks_left = ((new == self.special.mask) & ~new_fz).any(-1)
+        quiet_ratio = ratio if decision.stop is None else np.where(np.asarray(decision.stop, dtype=bool), -1.0, ratio)
+        done = rules.finished(t, quiet_ratio, stop_threshold, masks_left, new_fz.all(-1))
+        return done, changed, ratio
 
     def _finish(self, row: np.ndarray, steps: int, edits: list[int], early: bool,
                 trajectory: list[TrajectoryStep] | None, decode: bool = True) -> Sample:
@@ -387,8 +444,7 @@ def ban_logits(logits: np.ndarray, bias: np.ndarray, first: np.ndarray | None, e
     The sampling head does the same inside the graph."""
     logits += bias
     if eos is not None:
-        length = logits.shape[1]
-        logits[..., eos][np.arange(length)[None, :] < np.where(first < length, first, 0)[:, None]] = -np.inf
+        logits[..., eos][rules.eos_banned(first, logits.shape[1])] = -np.inf
 
 
 class _LazyLogits:
@@ -405,28 +461,15 @@ class _LazyLogits:
         return _ro(logits)
 
 
-def model_step(t: int, num_steps: int, model_steps: int) -> int:
-    """The model's step index for run step t of num_steps: the run's schedule stretched onto the K the
-    model was trained with, so a run with more (or fewer) steps than K still sees familiar step indices."""
-    if num_steps == model_steps:
-        return t
-    return min(model_steps - 1, t * model_steps // num_steps)
-
-
 def sample_proposals(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """Gumbel-max sampling from softmax(logits / temperature); argmax when temperature is 0.
 
     One uniform draw per logit, of shape logits.shape, whatever the temperature > 0: the PyTorch
     reference loop draws the same numbers and so samples the same tokens for the same seed.
     """
-    if temperature <= 1e-6:
+    if temperature <= rules.GREEDY_TEMPERATURE:
         return logits.argmax(-1)
-    noise = rng.random(logits.shape, dtype=np.float32)
-    np.clip(noise, 1e-20, 1.0 - 1e-7, out=noise)
-    np.log(noise, out=noise)
-    np.negative(noise, out=noise)
-    np.log(noise, out=noise)  # log(-log u) = -Gumbel
-    return (logits / np.float32(temperature) - noise).argmax(-1)
+    return rules.gumbel_max(logits, np.float32(temperature), rng.random(logits.shape, dtype=np.float32))
 
 
 def _ro(array: np.ndarray | None) -> np.ndarray | None:
@@ -450,19 +493,3 @@ def _widen(out: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     return wide
 
 
-def _first_eos(tokens: np.ndarray, eos: int) -> np.ndarray:
-    """Position of the first EOS of each row (the row length when there is none)."""
-    is_eos = tokens == eos
-    return np.where(is_eos.any(-1), is_eos.argmax(-1), tokens.shape[1])
-
-
-def _freeze_after_eos(tokens: np.ndarray, frozen: np.ndarray, eos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Freeze the first EOS of each row and turn everything after it into frozen padding."""
-    first = _first_eos(tokens, eos)
-    if (first == tokens.shape[1]).all():
-        return tokens, frozen
-    pos = np.arange(tokens.shape[1])[None, :]
-    after = pos > first[:, None]
-    tokens = np.where(after, pad, tokens)
-    frozen = frozen | after | (pos == first[:, None])
-    return tokens, frozen

@@ -6,7 +6,9 @@ the shapes from its input/output descriptions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,10 +31,6 @@ KEY_CONFIG = "imadarem.config"
 KEY_TOKENIZER = "imadarem.tokenizer"
 KEY_SPECIAL_IDS = "imadarem.special_ids"
 KEY_PROVENANCE = "imadarem.provenance"
-REQUIRED_CONFIG = (
-    "vocab_size", "hidden_size", "max_seq_len", "max_refinement_steps", "stop_threshold",
-    "sampling_temperature", "min_refine_uncertainty", "use_refine_gate",
-)
 REQUIRED_INPUTS = ("tokens", "step", "cond")
 REQUIRED_OUTPUTS = ("logits", "gate", "cond_next")
 #: the optional sampling head (imadarem.export.sampling_head): all of these, or none
@@ -80,6 +78,47 @@ def providers_for(provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """A typed view of the model config the runtime reads (the ``imadarem.config`` metadata).
+
+    The metadata keeps every field the trainer recorded; selectors still see that whole dict as
+    ``StepState.config``. The loop reads only these, checked once when the file is opened.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    max_seq_len: int
+    max_refinement_steps: int
+    stop_threshold: float
+    sampling_temperature: float
+    min_refine_uncertainty: float
+    use_refine_gate: bool
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], path: str = "model") -> ModelConfig:
+        """Check types and ranges; a bad value is a one-line ModelFileError naming the field."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = config.get(f.name)
+            if f.type == "bool":
+                ok = isinstance(raw, bool)
+                value = raw
+            elif f.type == "int":
+                ok = isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1
+                value = raw
+            else:
+                ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw) and raw >= 0
+                value = float(raw) if ok else raw
+            if not ok:
+                kind = {"bool": "true or false", "int": "a positive integer"}.get(f.type, "a number >= 0")
+                raise ModelFileError(f"{path}: model config {f.name} must be {kind}, got {raw!r}")
+            values[f.name] = value
+        if values["stop_threshold"] > 1:
+            raise ModelFileError(f"{path}: model config stop_threshold must be in [0, 1], got {values['stop_threshold']!r}")
+        return cls(**values)
+
+
 @dataclass
 class ModelFile:
     """A checked model file: its session, config, tokenizer and special ids."""
@@ -92,6 +131,10 @@ class ModelFile:
     outputs: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def typed_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.config, self.path)
 
     @property
     def has_critic(self) -> bool:
@@ -136,15 +179,15 @@ class ModelFile:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config["hidden_size"])
+        return self.typed_config.hidden_size
 
     @property
     def vocab_size(self) -> int:
-        return int(self.config["vocab_size"])
+        return self.typed_config.vocab_size
 
     @property
     def max_seq_len(self) -> int:
-        return int(self.config["max_seq_len"])
+        return self.typed_config.max_seq_len
 
 
 def _json_field(meta: dict[str, str], key: str, path: str) -> Any:
@@ -167,9 +210,10 @@ def check_metadata(meta: dict[str, str], path: str) -> tuple[dict, TokenizerAdap
     config = _json_field(meta, KEY_CONFIG, path)
     if not isinstance(config, dict):
         raise ModelFileError(f"{path}: metadata {KEY_CONFIG!r} must be a JSON object")
-    missing = [k for k in REQUIRED_CONFIG if k not in config]
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config]
     if missing:
         raise ModelFileError(f"{path}: model config lacks {', '.join(missing)}")
+    ModelConfig.from_dict(config, path)  # types and ranges, before anything reads a value
     if KEY_TOKENIZER not in meta:
         raise ModelFileError(f"{path}: not an Imadarem model file (metadata {KEY_TOKENIZER!r} is missing)")
     try:
@@ -253,18 +297,11 @@ def default_model_path() -> Path | None:
 
 
 def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``imadarem inspect`` shows; the parameter count comes from the graph's initializers when the
-    onnx package is present, else from the provenance recorded at export."""
+    """What ``imadarem inspect`` shows. The parameter count is the PyTorch model's, recorded in the
+    provenance at export (the graph's initializers would count differently for int8 and fp16 files, and
+    reading them needs the onnx package, which the runtime never imports)."""
     mfile = load_model_file(path)
     params = mfile.provenance.get("parameters")
-    try:
-        import onnx
-        from onnx import numpy_helper
-
-        proto = onnx.load(str(path), load_external_data=False)
-        params = int(sum(numpy_helper.to_array(init).size for init in proto.graph.initializer))
-    except ImportError:
-        pass
     sess = mfile.session
     return {
         "path": str(path),

@@ -14,7 +14,12 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
+from imadarem.runtime import rules
 from imadarem.runtime.errors import SelectorError
+from imadarem.runtime.rules import check_schedule, mask_schedule
+
+__all__ = ["Decision", "Selector", "StepState", "check_fraction", "check_noise", "check_schedule", "gumbel",
+           "keep_top", "mask_schedule", "masks_after_step", "softmax", "with_annealed_noise"]
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -77,10 +82,7 @@ class StepState:
     @cached_property
     def entropy(self) -> np.ndarray:
         """Per-position entropy in nats, [B, L]."""
-        p = self.probs
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ent = -np.where(p > 0, p * np.log(p), 0.0).sum(-1)
-        return ent.astype(np.float32)
+        return rules.entropy(self.logits)
 
     @cached_property
     def top2(self) -> tuple[np.ndarray, np.ndarray]:
@@ -177,21 +179,6 @@ def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
     return value
 
 
-def mask_schedule(kind: str, ratio: np.ndarray | float) -> np.ndarray | float:
-    """Fraction of positions still masked after a fraction ``ratio`` of the steps (1 at 0, 0 at 1)."""
-    if kind == "linear":
-        return 1.0 - np.asarray(ratio)
-    if kind == "cosine":
-        return np.cos(np.pi / 2 * np.asarray(ratio))
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {kind!r}")
-
-
-def check_schedule(kind: str) -> str:
-    if kind not in ("linear", "cosine"):
-        raise ValueError(f"schedule must be 'linear' or 'cosine', got {kind!r}")
-    return kind
-
-
 def keep_top(scores: np.ndarray, candidates: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per row, the ``counts[row]`` candidates with the highest scores (ties broken by position)."""
     masked_scores = np.where(candidates, scores, -np.inf)
@@ -201,6 +188,26 @@ def keep_top(scores: np.ndarray, candidates: np.ndarray, counts: np.ndarray) -> 
     return candidates & (ranks < np.asarray(counts)[:, None])
 
 
+def check_noise(noise: float) -> float:
+    noise = float(noise)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    return noise
+
+
+def masks_after_step(state: StepState, schedule: str) -> np.ndarray:
+    """[B] how many editable positions the schedule leaves masked after this step (MaskGIT's count)."""
+    ratio = (state.t + 1) / state.num_steps
+    return np.floor(state.editable.sum(-1) * mask_schedule(schedule, ratio)).astype(np.int64)
+
+
+def with_annealed_noise(score: np.ndarray, noise: float, state: StepState) -> np.ndarray:
+    """``score`` plus Gumbel noise scaled by noise * (1 - (t + 1) / K): random early, greedy at the end
+    (MaskGIT's choice temperature, the token critic's annealed noise)."""
+    scale = noise * (1.0 - (state.t + 1) / state.num_steps)
+    return score + scale * gumbel(state.rng, score.shape) if scale > 0 else score
+
+
 def gumbel(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    u = rng.random(shape, dtype=np.float32)
-    return -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7)))
+    """Gumbel noise of ``shape`` from the step's generator (the rule itself is :func:`rules.gumbel`)."""
+    return rules.gumbel(rng.random(shape, dtype=np.float32))

@@ -1,4 +1,4 @@
-"""The Imadarem V training objective (DESIGN.md, "Training objective").
+"""The Imadarem V training objective (docs/ARCHITECTURE.md, "Training objective").
 
 Per sequence a step t ~ U{0..K-1} sets mask_rate(t) (1 - t/K, or cosine). Corrupted positions become
 [MASK]; for t > 0 some are refilled with the EMA teacher's own samples or random tokens, so inputs hold
@@ -16,11 +16,11 @@ process with the whole batch, and a resumed run repeats an uninterrupted one exa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from imadarem.runtime import rules
 from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.config import ImplicitRefinementConfig
 
@@ -51,17 +51,15 @@ def draw_noise(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefin
     # random replacement tokens: anything but MASK and PAD
     allowed = torch.tensor([i for i in range(V) if i not in (special.mask, special.pad)], device=device)
     random_tokens = allowed[torch.randint(0, len(allowed), (batch, length), **kw)]
-    u = torch.rand(batch, length, V, **kw).clamp_(1e-20, 1 - 1e-7)
-    gumbel = -torch.log(-torch.log(u))
+    gumbel = rules.gumbel(torch.rand(batch, length, V, **kw))
     self_condition = bool(torch.rand(1, **kw).item() < cfg.self_condition_rate)
     return Noise(t, u_corrupt, u_replace, random_tokens, gumbel, self_condition)
 
 
 def mask_rate(t: torch.Tensor, cfg: ImplicitRefinementConfig) -> torch.Tensor:
-    ratio = t.float() / cfg.max_refinement_steps
-    if cfg.corruption_schedule == "cosine":
-        return torch.cos(math.pi / 2 * ratio)
-    return 1.0 - ratio
+    """Share of positions corrupted at step t: the unmasking selectors' schedule, so training and decoding
+    agree on how many masks step t sees."""
+    return rules.mask_schedule(cfg.corruption_schedule, t.float() / cfg.max_refinement_steps)
 
 
 def targets_of(clean: torch.Tensor, special: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,22 +67,9 @@ def targets_of(clean: torch.Tensor, special: SpecialIds) -> tuple[torch.Tensor, 
     if special.eos is None:
         ends = (clean != special.pad).sum(-1) - 1
         return clean, ends
-    is_eos = clean == special.eos
-    ends = is_eos.float().argmax(-1)
-    pos = torch.arange(clean.shape[1], device=clean.device)
-    targets = torch.where(pos[None] > ends[:, None], torch.full_like(clean, special.eos), clean)
+    ends = rules.first_eos(clean, special.eos)
+    targets = torch.where(rules.after_first_eos(ends, clean.shape[1]), special.eos, clean)
     return targets, ends
-
-
-def freeze_after_eos(tokens: torch.Tensor, special: SpecialIds) -> torch.Tensor:
-    """What the runtime does on committing EOS: everything after the first EOS becomes PAD."""
-    if special.eos is None:
-        return tokens
-    is_eos = tokens == special.eos
-    has = is_eos.any(-1)
-    first = torch.where(has, is_eos.float().argmax(-1), torch.full_like(has, tokens.shape[1], dtype=torch.long))
-    pos = torch.arange(tokens.shape[1], device=tokens.device)
-    return torch.where(pos[None] > first[:, None], torch.full_like(tokens, special.pad), tokens)
 
 
 @dataclass
@@ -103,11 +88,10 @@ def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementC
             autocast=None) -> Corrupted:
     B, L = clean.shape
     targets, ends = targets_of(clean, special)
-    pos = torch.arange(L, device=clean.device)
     corrupted = noise.u_corrupt < mask_rate(noise.t, cfg)[:, None]
     # the tail after EOS is one unit with the EOS: PAD if the EOS is kept, masked if it is not
-    after = pos[None] > ends[:, None]
-    end_corrupted = corrupted.gather(1, ends[:, None])
+    after = rules.after_first_eos(ends, L)
+    end_corrupted = corrupted.gather(1, ends.clamp(max=L - 1)[:, None])
     corrupted = torch.where(after, end_corrupted, corrupted)
     inputs = torch.where(corrupted, torch.full_like(clean, special.mask), clean)
 
@@ -128,7 +112,7 @@ def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementC
     use_random = replaceable & (noise.u_replace >= p_s) & (noise.u_replace < p_s + p_r)
     inputs = torch.where(use_sample, samples, inputs)
     inputs = torch.where(use_random, noise.random_tokens, inputs)
-    inputs = freeze_after_eos(inputs, special)
+    inputs = rules.pad_after_eos(inputs, special.eos, special.pad)  # what committing EOS does at run time
     valid = inputs != special.pad
     return Corrupted(inputs, targets, noise.t, cond, prev_gate, corrupted & valid, valid)
 
@@ -162,8 +146,7 @@ def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, s
     later = (batch.step > 0)[:, None] & valid
 
     ce = F.cross_entropy(logits.reshape(-1, V), batch.targets.reshape(-1), reduction="none").view_as(batch.targets)
-    logp = torch.log_softmax(logits, -1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    entropy = rules.entropy(logits)
     gate_logits = out["gate_logits"].float()
     gate = torch.sigmoid(gate_logits)
     bce = F.binary_cross_entropy_with_logits(gate_logits, wrong.float(), reduction="none")

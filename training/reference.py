@@ -2,16 +2,89 @@
 
 What a PyTorch user would write: every tensor stays on the model's device. It is the reference the
 onnxruntime loop is tested against (same seed, same tokens: both draw their Gumbel noise from the same
-numpy generator in the same shapes) and the "PyTorch eager" row of ``imadarem bench``.
+numpy generator in the same shapes) and the "PyTorch eager" row of ``imadarem bench``. Its rules are the
+runtime's own (``imadarem.runtime.rules``), applied to tensors; its phases are the runtime loop's.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from imadarem.runtime.generator import LoopTimings, banned_ids, model_step
+from imadarem.runtime import rules
+from imadarem.runtime.generator import LoopTimings, banned_ids
+
+SELECTORS = ("gate", "entropy")
+NOISE_SOURCES = ("numpy", "torch")
+
+
+@dataclass
+class _Knobs:
+    """One call's settings, resolved against the model's config."""
+
+    num_steps: int
+    temperature: float
+    stop_threshold: float
+    selector: str
+    threshold: float
+    noise: str
+
+
+def _resolve(cfg, steps, temperature, stop_threshold, selector, threshold, noise) -> _Knobs:
+    if selector not in SELECTORS:
+        raise ValueError(f"the PyTorch reference loop implements 'gate' and 'entropy', not {selector!r}")
+    if noise not in NOISE_SOURCES:
+        raise ValueError(f"noise must be 'numpy' or 'torch', not {noise!r}")
+    default_threshold = 0.5 if selector == "gate" else cfg.min_refine_uncertainty
+    return _Knobs(num_steps=steps or cfg.max_refinement_steps,
+                  temperature=cfg.sampling_temperature if temperature is None else temperature,
+                  stop_threshold=cfg.stop_threshold if stop_threshold is None else stop_threshold,
+                  selector=selector, threshold=default_threshold if threshold is None else threshold,
+                  noise=noise)
+
+
+class _Uniforms:
+    """The uniforms behind Gumbel sampling: from the runtime's numpy generator (same seed, same tokens as
+    the onnxruntime loop) or from a torch generator on the model's device (no host-to-device copy)."""
+
+    def __init__(self, seed: int | None, source: str, device: torch.device):
+        self.device = device
+        self.numpy = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+        self.torch = None
+        if source == "torch":
+            state = int(np.random.SeedSequence(seed).generate_state(1)[0])
+            self.torch = torch.Generator(device=device).manual_seed(state)
+
+    def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.torch is not None:
+            return torch.rand(shape, generator=self.torch, device=self.device)
+        return torch.from_numpy(self.numpy.random(shape, dtype=np.float32)).to(self.device)
+
+
+def _sample(logits, first, banned: list[int], eos: int | None, temperature: float, uniforms: _Uniforms):
+    """Proposals from the logits with the runtime's bans (in place): banned ids, and no EOS before a
+    row's committed EOS."""
+    logits[..., banned] = float("-inf")
+    if first is not None:
+        logits[..., eos] = logits[..., eos].masked_fill(rules.eos_banned(first, logits.shape[1]), float("-inf"))
+    if temperature <= rules.GREEDY_TEMPERATURE:
+        return logits.argmax(-1)
+    return rules.gumbel_max(logits, temperature, uniforms(tuple(logits.shape)))
+
+
+def _select_and_apply(x, fz, proposals, logits, gate, knobs: _Knobs, mask_id: int, last: bool):
+    """The gate or entropy rule; frozen positions never change, leftover masks resolve at the last step."""
+    is_mask = x == mask_id
+    if knobs.selector == "gate":
+        update = rules.gate_update(gate, knobs.threshold)
+    else:
+        update = rules.entropy_update(is_mask, rules.entropy(logits), knobs.threshold)
+    update &= ~fz
+    if last:
+        update |= is_mask & ~fz
+    return torch.where(update, proposals, x)
 
 
 @torch.no_grad()
@@ -24,101 +97,67 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     With ``return_stats`` the second value is a dict: ``steps`` used, ``edits`` (changed tokens of
     each step, -1 once a row has left) and ``early`` stop flags. ``timings`` gets per-step wall times
     (the model call is the whole of ``run_seconds``). ``autocast="bf16"`` runs the model under bf16
-    autocast (the fast PyTorch path on GPUs). ``noise="torch"`` draws the Gumbel noise with torch on
-    the model's device instead of numpy on the host (what a PyTorch user would do on a GPU; the tokens
-    then no longer match the onnxruntime loop's).
+    autocast (the fast PyTorch path on GPUs). ``noise="torch"`` draws the uniforms with torch on the
+    model's device at every step instead of numpy on the host (what a PyTorch user would do on a GPU;
+    the tokens then no longer match the onnxruntime loop's).
     """
     started = time.perf_counter()
     cfg, sp = model.config, model.special
     device = next(model.parameters()).device
-    K = steps or cfg.max_refinement_steps
-    temp = cfg.sampling_temperature if temperature is None else temperature
-    stop = cfg.stop_threshold if stop_threshold is None else stop_threshold
-    if selector == "gate":
-        thr = 0.5 if threshold is None else threshold
-    elif selector == "entropy":
-        thr = cfg.min_refine_uncertainty if threshold is None else threshold
-    else:
-        raise ValueError(f"the PyTorch reference loop implements 'gate' and 'entropy', not {selector!r}")
-    if noise not in ("numpy", "torch"):
-        raise ValueError(f"noise must be 'numpy' or 'torch', not {noise!r}")
-    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
-    device_rng = (torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-                  if noise == "torch" else None)
-    L, H = cfg.max_seq_len, cfg.hidden_size
+    knobs = _resolve(cfg, steps, temperature, stop_threshold, selector, threshold, noise)
+    K, L = knobs.num_steps, cfg.max_seq_len
+    uniforms = _Uniforms(seed, knobs.noise, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
+           else torch.autocast(device.type, enabled=False))
+    banned = banned_ids(sp, getattr(model.tokenizer, "unk_token_id", None)).tolist()
+
     tokens = torch.full((n, L), sp.mask, dtype=torch.long, device=device)
     frozen = torch.zeros(n, L, dtype=torch.bool, device=device)
     steps_used = torch.zeros(n, dtype=torch.long, device=device)
     edits = torch.full((n, K), -1, dtype=torch.long, device=device)
     early = torch.zeros(n, dtype=torch.bool, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
-           else torch.autocast(device.type, enabled=False))
     active = torch.arange(n, device=device)
-    cond = torch.zeros(n, L, H, device=device)
-    pos = torch.arange(L, device=device)
+    cond = torch.zeros(n, L, cfg.hidden_size, device=device)
     cut = L  # positions the model runs on
-    banned = banned_ids(sp, getattr(model.tokenizer, "unk_token_id", None)).tolist()
     model.eval()
     for t in range(K):
         if active.numel() == 0:
             break
         step_started = time.perf_counter()
         x, fz = tokens[active], frozen[active]
-        step = torch.full((x.shape[0],), model_step(t, K, cfg.max_refinement_steps), dtype=torch.long, device=device)
-        if sp.eos is not None:  # as the runtime: run only up to the last committed EOS (the rest is padding)
-            first_e = _first_eos(x, sp.eos)
-            cut = min(cut, int(first_e.max()) + 1)
+        # run the model (only up to the last committed EOS of the active rows: the rest is padding)
+        first = rules.first_eos(x, sp.eos) if sp.eos is not None else None
+        if first is not None:
+            cut = min(cut, int(first.max()) + 1)
+        step = torch.full((x.shape[0],), rules.model_step(t, K, cfg.max_refinement_steps), dtype=torch.long,
+                          device=device)
         if timings is not None:
             sync()
-            run_started = time.perf_counter()
+        run_started = time.perf_counter()
         with amp:
             logits, gate, cond_next = (o.float() for o in model(x[:, :cut], step, cond[:, :cut])[:3])
         if timings is not None:
             sync()
-            run_seconds = time.perf_counter() - run_started
+        run_seconds = time.perf_counter() - run_started
         if cut < L:
             logits = torch.nn.functional.pad(logits, (0, 0, 0, L - cut))
             gate = torch.nn.functional.pad(gate, (0, L - cut))
-        logits[..., banned] = float("-inf")
-        if sp.eos is not None:  # as the runtime: no EOS before a committed one
-            ban = (pos[None] < first_e[:, None]) & (first_e < L)[:, None]
-            logits[..., sp.eos] = torch.where(ban, float("-inf"), logits[..., sp.eos])
-        if temp <= 1e-6:
-            proposals = logits.argmax(-1)
-        else:
-            if noise == "torch":
-                u = torch.rand(logits.shape, generator=device_rng, device=device)
-            else:
-                u = torch.from_numpy(rng.random(tuple(logits.shape), dtype=np.float32)).to(device)
-            noise = torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-            proposals = (logits / temp - noise).argmax(-1)
-        is_mask = x == sp.mask
-        if selector == "gate":
-            update = gate > thr
-        else:
-            logp = torch.log_softmax(logits.float(), -1)
-            entropy = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1)
-            update = is_mask | (entropy > thr)
-        update &= ~fz
-        if t == K - 1:
-            update |= is_mask & ~fz
-        new = torch.where(update, proposals, x)
-        new_fz = fz.clone()
+        proposals = _sample(logits, first, banned, sp.eos, knobs.temperature, uniforms)
+        new = _select_and_apply(x, fz, proposals, logits, gate, knobs, sp.mask, last=t == K - 1)
+        new_fz = fz
         if sp.eos is not None:
-            first = _first_eos(new, sp.eos)
-            after = pos[None] > first[:, None]
-            new = torch.where(after, torch.full_like(new, sp.pad), new)
-            new_fz |= after | (pos[None] == first[:, None])
-        changed = ((new != x) & ~fz).sum(-1)
-        ratio = changed.float() / (~fz).sum(-1).clamp(min=1).float()
+            new, new_fz = rules.freeze_after_eos(new, fz.clone(), sp.eos, sp.pad)
+        # stop
+        changed, ratio = rules.change_ratio(new, x, fz)
+        masks_left = ((new == sp.mask) & ~new_fz).any(-1)
+        done = rules.finished(t, ratio, knobs.stop_threshold, masks_left, new_fz.all(-1))
         tokens[active], frozen[active] = new, new_fz
         steps_used[active] = t + 1
-        masks_left = ((new == sp.mask) & ~new_fz).any(-1)
-        done = new_fz.all(-1) | ((t > 0) & (ratio < stop) & ~masks_left)
         edits[active, t] = changed
         if t < K - 1:
             early[active[done]] = True
+        # compact
         keep = ~done
         rows_run = active.numel()
         active = active[keep]
@@ -135,9 +174,3 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     if not return_stats:
         return out
     return out, {"steps": steps_used.cpu().numpy(), "edits": edits.cpu().numpy(), "early": early.cpu().numpy()}
-
-
-def _first_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
-    """Position of the first EOS of each row (the row length when there is none), as the runtime's."""
-    is_eos = tokens == eos
-    return torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(tokens[:, 0], tokens.shape[1]))

@@ -11,10 +11,11 @@ from imadarem.runtime.selector import (
     Decision,
     Selector,
     StepState,
+    check_noise,
     check_schedule,
-    gumbel,
     keep_top,
-    mask_schedule,
+    masks_after_step,
+    with_annealed_noise,
 )
 
 
@@ -25,21 +26,13 @@ class CriticSelector(Selector):
 
     def __init__(self, *, schedule: str = "cosine", noise: float = 1.0):
         self.schedule = check_schedule(schedule)
-        if float(noise) < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
-        self.noise = float(noise)
+        self.noise = check_noise(noise)
 
     def select(self, state: StepState) -> Decision:
-        editable = state.editable
-        masked = state.is_mask & editable
-        committed = editable & ~state.is_mask
-        ratio = (state.t + 1) / state.num_steps
-        target = np.floor(editable.sum(-1) * mask_schedule(self.schedule, ratio)).astype(np.int64)
-        n_remask = np.minimum(target, committed.sum(-1))
+        masked = state.is_mask & state.editable
+        committed = state.editable & ~state.is_mask
+        n_remask = np.minimum(masks_after_step(state, self.schedule), committed.sum(-1))
         p = np.clip(state.critic.astype(np.float64), 1e-6, 1 - 1e-6)
-        score = np.log(p) - np.log1p(-p)
-        scale = self.noise * (1.0 - ratio)
-        if scale > 0:
-            score = score + scale * gumbel(state.rng, score.shape)
+        score = with_annealed_noise(np.log(p) - np.log1p(-p), self.noise, state)
         remask = keep_top(score, committed, n_remask)
         return Decision(update=masked, remask=remask)

@@ -4,6 +4,7 @@ Uncertainty is the entropy (nats) of the exported model's prediction; the export
 EMA teacher's, which is the "measured with an EMA teacher" of the Imadarem V description.
 """
 
+from imadarem.runtime import rules
 from imadarem.runtime.selector import Decision, Selector, StepState
 
 
@@ -23,4 +24,4 @@ class EntropySelector(Selector):
             self.threshold = float(config.get("min_refine_uncertainty", 0.1))
 
     def select(self, state: StepState) -> Decision:
-        return Decision(update=(state.is_mask | (state.entropy > self.threshold)) & state.editable)
+        return Decision(update=rules.entropy_update(state.is_mask, state.entropy, self.threshold) & state.editable)

@@ -1,5 +1,6 @@
 """``gate``: the Imadarem V default. A position takes its proposal iff the learned refine gate says so."""
 
+from imadarem.runtime import rules
 from imadarem.runtime.selector import Decision, Selector, StepState, check_fraction
 
 
@@ -14,4 +15,4 @@ class GateSelector(Selector):
         self.threshold = check_fraction("threshold", threshold)
 
     def select(self, state: StepState) -> Decision:
-        return Decision(update=(state.gate > self.threshold) & state.editable)
+        return Decision(update=rules.gate_update(state.gate, self.threshold) & state.editable)

@@ -12,10 +12,11 @@ from imadarem.runtime.selector import (
     Decision,
     Selector,
     StepState,
+    check_noise,
     check_schedule,
-    gumbel,
     keep_top,
-    mask_schedule,
+    masks_after_step,
+    with_annealed_noise,
 )
 
 
@@ -26,9 +27,7 @@ class MaskGITSelector(Selector):
     def __init__(self, *, schedule: str = "cosine", noise: float = 4.5, anneal_temperature: bool = True,
                  can_remask_prev: bool = False):
         self.schedule = check_schedule(schedule)
-        if float(noise) < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
-        self.noise = float(noise)
+        self.noise = check_noise(noise)
         self.anneal_temperature = bool(anneal_temperature)
         self.can_remask_prev = bool(can_remask_prev)
 
@@ -36,22 +35,16 @@ class MaskGITSelector(Selector):
         return base * (1.0 - t / num_steps) if self.anneal_temperature else base
 
     def select(self, state: StepState) -> Decision:
-        editable = state.editable
-        masked = state.is_mask & editable
-        ratio = (state.t + 1) / state.num_steps
-        n_editable = editable.sum(-1)
-        still_masked = np.floor(n_editable * mask_schedule(self.schedule, ratio)).astype(np.int64)
+        masked = state.is_mask & state.editable
+        still_masked = masks_after_step(state, self.schedule)
         if self.can_remask_prev:
-            candidates = editable
+            candidates = state.editable
             conf = np.where(masked, state.proposal_prob, state.current_prob)
         else:
             candidates = masked
             conf = state.proposal_prob
             # never ask for more masks than there are now
             still_masked = np.minimum(still_masked, masked.sum(-1))
-        score = np.log(np.maximum(conf, 1e-30))
-        scale = self.noise * (1.0 - ratio)
-        if scale > 0:
-            score = score + scale * gumbel(state.rng, score.shape)
+        score = with_annealed_noise(np.log(np.maximum(conf, 1e-30)), self.noise, state)
         keep = keep_top(score, candidates, candidates.sum(-1) - still_masked)
         return Decision(update=keep & masked, remask=candidates & ~keep)

@@ -1,0 +1,104 @@
+"""The loop's rules exist once (imadarem.runtime.rules) and give the same answers on numpy arrays and on
+torch tensors, which is what lets the numpy loop, the PyTorch loop, the objective and the exported
+sampling head agree."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from imadarem.runtime import rules
+
+torch = pytest.importorskip("torch")
+
+EOS, PAD, MASK = 2, 0, 1
+
+
+def _both(array):
+    return array, torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _same(a, b):
+    b = b.numpy() if hasattr(b, "numpy") else b
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-5, atol=1e-5)
+
+
+token_rows = st.integers(1, 6).flatmap(
+    lambda b: st.integers(1, 12).flatmap(
+        lambda n: st.lists(st.lists(st.integers(0, 6), min_size=n, max_size=n), min_size=b, max_size=b)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(token_rows)
+def test_eos_rules_agree_on_numpy_and_torch(rows):
+    x_np, x_t = _both(np.array(rows, dtype=np.int64))
+    first_np, first_t = rules.first_eos(x_np, EOS), rules.first_eos(x_t, EOS)
+    _same(first_np, first_t)
+    for row, first in zip(rows, first_np):
+        assert first == (row.index(EOS) if EOS in row else len(row))
+    _same(rules.pad_after_eos(x_np, EOS, PAD), rules.pad_after_eos(x_t, EOS, PAD))
+    _same(rules.eos_banned(first_np, x_np.shape[1]), rules.eos_banned(first_t, x_t.shape[1]))
+    frozen_np, frozen_t = _both(np.zeros(x_np.shape, dtype=bool))
+    (a_tok, a_fz), (b_tok, b_fz) = (rules.freeze_after_eos(x_np, frozen_np, EOS, PAD),
+                                    rules.freeze_after_eos(x_t, frozen_t, EOS, PAD))
+    _same(a_tok, b_tok)
+    _same(a_fz, b_fz)
+    # the rule itself: the first EOS and everything after it is frozen, the tail is padding
+    for i, first in enumerate(first_np):
+        assert (a_fz[i, first:]).all() and not a_fz[i, :first].any()
+        assert (a_tok[i, first + 1:] == PAD).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(2, 9), st.floats(0.05, 3.0), st.integers(0, 2**31))
+def test_sampling_rules_agree_on_numpy_and_torch(b, n, v, temperature, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(b, n, v)).astype(np.float32) * 3
+    logits[..., 0] = -np.inf  # a banned id
+    u = rng.random((b, n, v), dtype=np.float32)
+    l_np, l_t = _both(logits)
+    u_np, u_t = _both(u)
+    _same(rules.gumbel(u_np), rules.gumbel(u_t))
+    np.testing.assert_array_equal(rules.gumbel_max(l_np, np.float32(temperature), u_np),
+                                  rules.gumbel_max(l_t, temperature, u_t).numpy())
+    ent_np, ent_t = rules.entropy(l_np), rules.entropy(l_t)
+    _same(ent_np, ent_t)
+    assert np.isfinite(ent_np).all() and (ent_np >= -1e-6).all() and (ent_np <= np.log(v) + 1e-5).all()
+    gate_np, gate_t = _both(rng.random((b, n), dtype=np.float32))
+    _same(rules.gate_update(gate_np, 0.5), rules.gate_update(gate_t, 0.5))
+    is_mask_np, is_mask_t = _both(rng.random((b, n)) < 0.5)
+    _same(rules.entropy_update(is_mask_np, ent_np, 0.7), rules.entropy_update(is_mask_t, ent_t, 0.7))
+
+
+@pytest.mark.parametrize("kind", rules.SCHEDULES)
+def test_schedule_agrees_and_runs_from_one_to_zero(kind):
+    ratio = np.linspace(0, 1, 13)
+    a, b = rules.mask_schedule(kind, ratio), rules.mask_schedule(kind, torch.from_numpy(ratio))
+    _same(a, b)
+    assert a[0] == pytest.approx(1.0) and a[-1] == pytest.approx(0.0, abs=1e-12) and (np.diff(a) <= 0).all()
+    with pytest.raises(ValueError, match="schedule"):
+        rules.mask_schedule("square", ratio)
+
+
+@settings(max_examples=40, deadline=None)
+@given(token_rows, st.integers(0, 2**31), st.floats(0, 1), st.integers(0, 3))
+def test_stop_rules_agree_on_numpy_and_torch(rows, seed, threshold, t):
+    rng = np.random.default_rng(seed)
+    old = np.array(rows, dtype=np.int64)
+    new = np.where(rng.random(old.shape) < 0.3, rng.integers(0, 7, old.shape), old)
+    frozen = rng.random(old.shape) < 0.3
+    (c_np, r_np), (c_t, r_t) = (rules.change_ratio(new, old, frozen),
+                                rules.change_ratio(*(torch.from_numpy(a) for a in (new, old, frozen))))
+    _same(c_np, c_t)
+    _same(r_np, r_t)
+    masks_left = (new == MASK).any(-1)
+    all_frozen = frozen.all(-1)
+    _same(rules.finished(t, r_np, threshold, masks_left, all_frozen),
+          rules.finished(t, r_t, threshold, torch.from_numpy(masks_left), torch.from_numpy(all_frozen)))
+    if t == 0:  # never stop on a quiet first step, only when nothing is left to change
+        np.testing.assert_array_equal(rules.finished(0, r_np, threshold, masks_left, all_frozen), all_frozen)
+
+
+def test_model_step_stretches_the_schedule():
+    assert [rules.model_step(t, 12, 12) for t in range(12)] == list(range(12))
+    assert [rules.model_step(t, 24, 12) for t in range(24)] == [t // 2 for t in range(24)]
+    assert max(rules.model_step(t, 5, 12) for t in range(5)) <= 11
