@@ -1,10 +1,16 @@
-"""``imadarem export``: checkpoint -> model file, checked against PyTorch before it is reported done."""
+"""``imadarem export`` (checkpoint -> model file, checked against PyTorch before it is reported done) and
+``imadarem bench``. They join the ``imadarem`` group through the ``imadarem_commands`` hook and import
+torch and onnx only inside their bodies."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
+from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.hookspecs import hookimpl
+from imadarem.training.cli import require_torch
 
 
 @click.command("export")
@@ -24,9 +30,9 @@ import click
               help="Compare the file with the PyTorch model on random batches.")
 def export_command(checkpoint, output, weights, quantize, fp16, device_state, sampling, check):
     """Export CHECKPOINT (a run folder or one of its checkpoints) as one single-step ONNX model file."""
+    require_torch("imadarem export")
     from imadarem.export.onnx_export import export_checkpoint
     from imadarem.export.parity import parity_report
-    from imadarem.runtime.errors import ImadaremError
 
     if quantize and fp16:
         raise ImadaremError("choose --quantize int8 or --fp16, not both")
@@ -37,3 +43,58 @@ def export_command(checkpoint, output, weights, quantize, fp16, device_state, sa
     if check:
         summary.update(parity_report(checkpoint, path, weights=weights))
     click.echo(json.dumps(summary))
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _name_list(ctx, param, value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@click.command("bench")
+@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: the bundled model].")
+@click.option("--checkpoint", type=click.Path(), help="Benchmark a training run / checkpoint instead of a model file.")
+@click.option("--batch-sizes", default="1,16,64,256", show_default=True, callback=_int_list)
+@click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
+@click.option("--engines", default="all", show_default=True, callback=_name_list,
+              help="Comma-separated: ort-fp32, ort-int8, ort-fp16, ort-fp32-head, ort-fp16-head (files with the "
+                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv.")
+@click.option("--steps", type=click.IntRange(min=1), help="Refinement steps [default: the model's K].")
+@click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime and torch [default: all].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--agreement-n", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Sequences decoded greedily to compare int8/fp16 tokens with fp32.")
+@click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
+def bench_command(model, checkpoint, batch_sizes, providers, engines, steps, selector, repeats, threads, seed,
+                  agreement_n, out_dir):
+    """Time the runtime loop against PyTorch eager, x-transformers and a KV-cache AR decoder.
+
+    Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the table, with ratios against the PyTorch loop).
+    """
+    require_torch("imadarem bench")
+    from imadarem.export.bench.runner import ENGINES, Bench, BenchArgs
+
+    engines = ENGINES if engines == ("all",) else engines
+    if model and checkpoint:
+        raise ImadaremError("give --model or --checkpoint, not both")
+    args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
+                     engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
+                     agreement_n=agreement_n, out_dir=out_dir)
+    bench = Bench(args)
+    bench.run(progress=lambda msg: click.echo(f"bench: {msg}", err=True))
+    click.echo((Path(out_dir) / "bench.md").read_text())
+
+
+@hookimpl
+def imadarem_commands():
+    return [export_command, bench_command]

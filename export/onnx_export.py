@@ -1,6 +1,6 @@
 """Checkpoint -> one self-describing ONNX file holding exactly one refinement step.
 
-The graph has DESIGN.md's signature (tokens, step, cond -> logits, gate, cond_next[, critic]) with
+The graph has the step signature of docs/ARCHITECTURE.md (tokens, step, cond -> logits, gate, cond_next[, critic]) with
 dynamic batch and length (length <= max_seq_len), and ``metadata_props`` carrying the config, the
 tokenizer spec, the special ids, the format version and provenance. Variants: ``fp16`` (float16 weights
 and compute, float32 inputs/outputs, for GPUs) and ``int8`` (onnxruntime dynamic quantisation of the
@@ -20,7 +20,7 @@ from typing import Any
 
 from imadarem.runtime import modelfile as mf
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.tokenizer import tokenizer_to_json
+from imadarem.runtime.registry import tokenizer_to_json
 
 INPUT_NAMES = ["tokens", "step", "cond"]
 OPSET = 18
@@ -38,6 +38,9 @@ def _versions() -> dict[str, str]:
 
 def build_metadata(model, provenance: dict[str, Any]) -> dict[str, str]:
     """The model file's metadata_props for an ImplicitRefinementModel."""
+    if model.tokenizer is None:
+        raise ImadaremError("the model has no tokenizer: build it as ImplicitRefinementModel(config, tokenizer) "
+                            "to export it")
     cfg = model.config.to_dict()
     return {
         mf.KEY_FORMAT: mf.FORMAT_VERSION,

@@ -77,7 +77,7 @@ def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: floa
     """
     import onnx
     import torch
-    from imadarem.runtime.tokenizer import tokenizer_from_json
+    from imadarem.runtime.registry import tokenizer_from_json
     from imadarem.training.config import ImplicitRefinementConfig
     from imadarem.training.model import ImplicitRefinementModel
 

@@ -1,8 +1,8 @@
-"""Imadarem's deployment side: numpy + onnxruntime only (never torch or onnx).
+"""Imadarem's deployment side: numpy + onnxruntime only (never torch, onnx or RDKit).
 
-``Generator`` runs the refinement loop over a model file; the registry finds selector and tokenizer
-plugins through the ``imadarem`` entry points. onnxruntime itself is imported only when a Generator is
-built, so plugin listing and ``--help`` stay instant.
+``Generator`` runs the refinement loop over a model file; the registry finds selector, tokenizer and
+command plugins through the ``imadarem`` entry points. onnxruntime itself is imported only when a
+Generator is built, so plugin listing and ``--help`` stay instant. docs/ARCHITECTURE.md has the contract.
 """
 
 from imadarem.runtime.errors import (
@@ -17,35 +17,32 @@ from imadarem.runtime.errors import (
     UnknownPluginError,
 )
 from imadarem.runtime.hookspecs import hookimpl, hookspec
+from imadarem.runtime.lazy import lazy_getattr
 from imadarem.runtime.registry import (
     create_selector,
     get_selector_class,
     get_tokenizer_class,
     list_plugins,
     plugin_problems,
-)
-from imadarem.runtime.selector import Decision, Selector, StepState
-from imadarem.runtime.tokenizer import (
-    SpecialIds,
-    TokenizerAdapter,
-    VocabularyTokenizer,
-    resolve_special_ids,
     tokenizer_from_json,
     tokenizer_to_json,
 )
+from imadarem.runtime.selector import Decision, Selector, StepState
+from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter, VocabularyTokenizer, resolve_special_ids
+
+#: importing these loads the loop (and with it onnxruntime's Python side only on first use)
+_LAZY = {"Generator": "generator", "Sample": "generator", "TrajectoryStep": "generator",
+         "LoopTimings": "generator", "ModelConfig": "modelfile", "ModelFile": "modelfile",
+         "load_model_file": "modelfile"}
 
 __all__ = [
-    "CheckpointError", "DataError", "Decision", "GenerationResult", "Generator", "ImadaremError",
-    "ModelFileError", "PluginError", "PromptError", "Selector", "SelectorError", "SpecialIds", "StepState",
-    "TokenizerAdapter", "TokenizerError", "UnknownPluginError", "VocabularyTokenizer", "create_selector",
-    "get_selector_class", "get_tokenizer_class", "hookimpl", "hookspec", "list_plugins", "plugin_problems",
-    "resolve_special_ids", "tokenizer_from_json", "tokenizer_to_json",
+    "CheckpointError", "DataError", "Decision", "Generator", "ImadaremError", "LoopTimings", "ModelConfig",
+    "ModelFile", "ModelFileError", "PluginError", "PromptError", "Sample", "Selector", "SelectorError",
+    "SpecialIds", "StepState", "TokenizerAdapter", "TokenizerError", "TrajectoryStep", "UnknownPluginError",
+    "VocabularyTokenizer", "create_selector", "get_selector_class", "get_tokenizer_class", "hookimpl",
+    "hookspec", "list_plugins", "load_model_file", "plugin_problems", "resolve_special_ids",
+    "tokenizer_from_json", "tokenizer_to_json",
 ]
 
 
-def __getattr__(name):
-    if name in ("Generator", "GenerationResult"):
-        from imadarem.runtime import generator
-
-        return getattr(generator, name)
-    raise AttributeError(f"module 'imadarem.runtime' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {name: f"imadarem.runtime.{module}" for name, module in _LAZY.items()})

@@ -22,7 +22,8 @@ def _fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def _invoke(command: click.Command, prog: str, args: list[str] | None = None) -> None:
+def invoke(command: click.Command, prog: str, args: list[str] | None = None) -> None:
+    """Run a click command the Imadarem way: bad input is one line on stderr and exit status 2."""
     try:
         result = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
@@ -44,7 +45,8 @@ def _invoke(command: click.Command, prog: str, args: list[str] | None = None) ->
     sys.exit(result if isinstance(result, int) else 0)
 
 
-def _parse_option(_ctx, _param, values: tuple[str, ...]) -> dict[str, Any]:
+def parse_options(_ctx, _param, values: tuple[str, ...]) -> dict[str, Any]:
+    """click callback for repeatable KEY=VALUE options (values read as JSON when they parse)."""
     options: dict[str, Any] = {}
     for item in values:
         key, sep, raw = item.partition("=")
@@ -85,7 +87,7 @@ def _render_trajectory(sample, tokenizer, mask_id: int, pad_id: int) -> list[str
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option("--prompt", help="Template like '[C][C](=O)<mask:12>' or a plain prefix to continue.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per model call [default: all].")
-@click.option("-o", "--option", "options", multiple=True, callback=_parse_option, metavar="KEY=VALUE",
+@click.option("-o", "--option", "options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
               help="Selector option, repeatable (e.g. -o schedule=linear).")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
 @click.option("--trajectory", is_flag=True, help="Show each step: refined positions, change ratio, early stop.")
@@ -114,7 +116,7 @@ def run_command(model, n, selector, steps, temperature, stop_threshold, seed, pr
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins_command(as_json):
-    """List the installed selector and tokenizer plugins (and any that failed to load)."""
+    """List the installed plugins: selectors, tokenizers and commands (and any that failed to load)."""
     from imadarem.runtime.registry import list_plugins, plugin_problems
 
     plugins, problems = list_plugins(), plugin_problems()
@@ -154,35 +156,24 @@ def inspect_command(model, as_json):
         click.echo(f"provenance   {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
-class LazyGroup(click.Group):
-    """A group whose subcommands live in other modules and are imported only when used."""
+class PluginGroup(click.Group):
+    """The ``imadarem`` group: its own commands plus those plugins add through ``imadarem_commands``
+    (the development side's ``train``, ``export``, ``bench``, ``eval`` and ``data`` among them), looked up
+    only when the group is listed or a name is not its own."""
 
-    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lazy = lazy or {}
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        from imadarem.runtime.registry import commands
+
+        return {c.name: c for c in commands() if c.name not in self.commands}
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+        return sorted(set(self.commands) | set(self._plugin_commands()))
 
     def get_command(self, ctx, name):
-        if name in self.lazy:
-            module_name, attr = self.lazy[name].split(":")
-            import importlib
-
-            return getattr(importlib.import_module(module_name), attr)
-        return super().get_command(ctx, name)
+        return self.commands.get(name) or self._plugin_commands().get(name)
 
 
-# subcommands filled in by their own modules; none of those modules imports torch at import time
-LAZY_COMMANDS: dict[str, str] = {
-    "train": "imadarem.training.cli:train_command",
-    "data": "imadarem.training.cli:data_group",
-    "export": "imadarem.export.cli:export_command",
-    "bench": "imadarem.training.cli:bench_command",
-}
-
-
-@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="imadarem")
 def cli():
     """Imadarem: train, export and run iterative-refinement sequence generators."""
@@ -194,60 +185,11 @@ cli.add_command(inspect_command)
 
 
 def main(args: list[str] | None = None) -> None:
-    _invoke(cli, "imadarem", args)
+    invoke(cli, "imadarem", args)
 
 
 def run_main(args: list[str] | None = None) -> None:
-    _invoke(run_command, "imadarem-run", args)
-
-
-
-@click.group("eval")
-def eval_group():
-    """Measure generation quality."""
-
-
-@eval_group.command("molecules")
-@click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: the bundled model].")
-@click.option("-n", "--num", "n", default=30000, show_default=True, type=click.IntRange(min=10))
-@click.option("--selector", "selectors", multiple=True, default=["gate"], show_default=True, help="Repeatable.")
-@click.option("--steps", "steps_list", multiple=True, type=click.IntRange(min=1), help="Repeatable [default: the model's K].")
-@click.option("--temperature", type=click.FloatRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", type=click.IntRange(min=1))
-@click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES.")
-@click.option("--intdiv-sample", default=5000, show_default=True, type=click.IntRange(min=2))
-@click.option("--fcd/--no-fcd", "with_fcd", default=None,
-              help="FCD/Test with the fcd package's ChemNet [default: when the fcd extra is installed].")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
-def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
-                           intdiv_sample, with_fcd, json_path, plot_path):
-    """Validity, Unique@1k/10k, Novelty, IntDiv, Filters and FCD/Test of generated molecules (RDKit,
-    MOSES splits)."""
-    from imadarem.runtime import eval_molecules as em
-
-    cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
-            "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
-    shown = []
-
-    def show(row):
-        if not shown:  # the header with the first row: a setup error (data, FCD) prints nothing else
-            click.echo("| " + " | ".join(cols) + " |")
-            click.echo("|" + "---|" * len(cols))
-        shown.append(row)
-        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
-        click.echo("| " + " | ".join(cells) + " |")
-
-    rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
-                       moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd)
-    em.write(rows, json_path)
-    if plot_path:
-        em.plot(rows, plot_path)
-
-
-cli.add_command(eval_group)
+    invoke(run_command, "imadarem-run", args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""The two plugin hooks of Imadarem (pluggy project and entry-point group: ``imadarem``).
+"""The plugin hooks of Imadarem (pluggy project and entry-point group: ``imadarem``).
 
 A plugin is any importable object (usually a module) with functions marked ``@hookimpl``. It is found
 through an entry point in the ``imadarem`` group, the same way for the built-ins and for third parties::
@@ -30,4 +30,16 @@ def imadarem_tokenizers():
 
     An adapter turns text into ids and back, names its special ids, and round-trips through a JSON spec
     stored inside the model file. Each class has a unique ``name``.
+    """
+
+
+@hookspec
+def imadarem_commands():
+    """Return a list of click commands to add to the ``imadarem`` command group.
+
+    This is how the development side (``imadarem train``, ``export``, ``bench``, ``eval``, ``data``)
+    joins the command line without the runtime importing it: ``imadarem.training`` and
+    ``imadarem.export`` register their commands through this package's entry points, as a third party
+    would. A command module must import nothing heavy at import time (the registry loads it for every
+    command, ``imadarem-run`` included); its command bodies import what they need.
     """

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from imadarem.runtime.errors import ImadaremError, ModelFileError
+from imadarem.runtime.registry import tokenizer_from_json
 from imadarem.runtime.tokenizer import (
     SpecialIds,
     TokenizerAdapter,
     check_special_ids,
     resolve_special_ids,
-    tokenizer_from_json,
 )
 
 FORMAT_VERSION = "1"

@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as metadata
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import click
 import pluggy
 from imadarem.runtime import hookspecs
-from imadarem.runtime.errors import UnknownPluginError
+from imadarem.runtime.errors import TokenizerError, UnknownPluginError
 from imadarem.runtime.selector import Selector
 from imadarem.runtime.tokenizer import TokenizerAdapter
 
 GROUP = hookspecs.PROJECT
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
-# kind -> (hook name, base class)
+# kind -> (hook name, base class); a command is a click.Command instance, the others are classes
 KINDS = {
     "selector": ("imadarem_selectors", Selector),
     "tokenizer": ("imadarem_tokenizers", TokenizerAdapter),
+    "command": ("imadarem_commands", click.Command),
 }
 
 
@@ -144,13 +147,22 @@ class Registry:
             self._problem(dist, version, ep_name, f"{hook_name}() must return a list of classes, got {type(result).__name__}")
             return
         for cls in result:
-            if not (isinstance(cls, type) and issubclass(cls, base)):
-                self._problem(dist, version, ep_name,
-                              f"{hook_name}() returned {cls!r}, which is not a subclass of {base.__name__}")
-                continue
-            name = getattr(cls, "name", None)
+            if kind == "command":
+                if not isinstance(cls, click.Command):
+                    self._problem(dist, version, ep_name, f"{hook_name}() returned {cls!r}, which is not a click command")
+                    continue
+                name = cls.name
+                summary = cls.get_short_help_str(limit=80)
+            else:
+                if not (isinstance(cls, type) and issubclass(cls, base)):
+                    self._problem(dist, version, ep_name,
+                                  f"{hook_name}() returned {cls!r}, which is not a subclass of {base.__name__}")
+                    continue
+                name = getattr(cls, "name", None)
+                summary = getattr(cls, "summary", "") or (cls.__doc__ or "").strip().split("\n")[0]
             if not isinstance(name, str) or not _NAME_RE.match(name):
-                self._problem(dist, version, ep_name, f"{kind} class {cls.__name__} has no valid 'name' ({name!r})")
+                what = f"command {cls!r}" if kind == "command" else f"{kind} class {cls.__name__}"
+                self._problem(dist, version, ep_name, f"{what} has no valid 'name' ({name!r})")
                 continue
             if getattr(cls, "__abstractmethods__", None):
                 missing = ", ".join(sorted(cls.__abstractmethods__))
@@ -162,7 +174,6 @@ class Registry:
                               f"{kind} name {name!r} is already provided by distribution "
                               f"{existing.distribution} {existing.version}; this one is ignored")
                 continue
-            summary = getattr(cls, "summary", "") or (cls.__doc__ or "").strip().split("\n")[0]
             self._plugins[kind][name] = PluginInfo(kind, name, dist, version, module, summary, cls)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -197,6 +208,26 @@ def get_tokenizer_class(name: str) -> type[TokenizerAdapter]:
 def create_selector(name: str, **options: Any) -> Selector:
     """Look a selector up by name and build it with ``options`` (clear errors for both)."""
     return get_selector_class(name).create(**options)
+
+
+def tokenizer_to_json(tokenizer: TokenizerAdapter) -> str:
+    """The model file's ``imadarem.tokenizer`` value: adapter name plus its spec."""
+    return json.dumps({"adapter": tokenizer.name, "spec": tokenizer.to_spec()}, sort_keys=True)
+
+
+def tokenizer_from_json(text: str) -> TokenizerAdapter:
+    """Rebuild an adapter from ``tokenizer_to_json`` output, finding its class among the plugins."""
+    try:
+        data = json.loads(text)
+        adapter, spec = data["adapter"], data["spec"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TokenizerError(f"tokenizer spec is not valid JSON with 'adapter' and 'spec': {exc}") from None
+    return get_tokenizer_class(adapter).from_spec(spec)
+
+
+def commands() -> list[click.Command]:
+    """The click commands plugins add to ``imadarem`` (the development side's among them)."""
+    return [info.cls for info in default_registry().plugins() if info.kind == "command"]
 
 
 def list_plugins() -> list[PluginInfo]:

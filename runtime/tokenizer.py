@@ -7,7 +7,6 @@ name and its JSON spec, so the runtime can rebuild the exact tokenizer a model w
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -77,7 +76,7 @@ class SpecialIds:
 
 
 def resolve_special_ids(tokenizer: TokenizerAdapter) -> SpecialIds:
-    """Apply DESIGN.md's fallbacks, then check range and collisions.
+    """Apply the fallbacks of docs/ARCHITECTURE.md ("Plugin hooks"), then check range and collisions.
 
     mask is required; pad falls back to 0; eos falls back to sep, else None.
     """
@@ -108,23 +107,6 @@ def check_special_ids(ids: dict[str, int | None], vocab_size: int, owner: str) -
         if value in seen:
             raise TokenizerError(f"tokenizer {owner!r}: {seen[value]} and {key} share id {value}")
         seen[value] = key
-
-
-def tokenizer_to_json(tokenizer: TokenizerAdapter) -> str:
-    """The model file's ``imadarem.tokenizer`` value: adapter name plus its spec."""
-    return json.dumps({"adapter": tokenizer.name, "spec": tokenizer.to_spec()}, sort_keys=True)
-
-
-def tokenizer_from_json(text: str) -> TokenizerAdapter:
-    """Rebuild an adapter from ``tokenizer_to_json`` output, finding its class through the registry."""
-    from imadarem.runtime.registry import get_tokenizer_class
-
-    try:
-        data = json.loads(text)
-        adapter, spec = data["adapter"], data["spec"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise TokenizerError(f"tokenizer spec is not valid JSON with 'adapter' and 'spec': {exc}") from None
-    return get_tokenizer_class(adapter).from_spec(spec)
 
 
 class VocabularyTokenizer(TokenizerAdapter):
@@ -162,6 +144,22 @@ class VocabularyTokenizer(TokenizerAdapter):
     @property
     def unk_token_id(self) -> int:
         return 3
+
+    @classmethod
+    def split_symbols(cls, text: str) -> Iterable[str]:
+        """The symbols of one corpus text; subclasses say how their notation splits."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to split text into symbols")
+
+    @classmethod
+    def from_corpus(cls, texts: Iterable[str]) -> VocabularyTokenizer:
+        """A tokenizer whose vocabulary is every symbol in ``texts`` (``imadarem train`` builds the
+        data's tokenizer this way)."""
+        symbols: set[str] = set()
+        for text in texts:
+            symbols.update(cls.split_symbols(text))
+        if not symbols:
+            raise TokenizerError(f"cannot build a {getattr(cls, 'name', cls.__name__)!r} vocabulary from an empty corpus")
+        return cls(sorted(symbols))
 
     @property
     def symbols(self) -> list[str]:

@@ -48,7 +48,7 @@ def test_rebuilding_a_foreign_graph_is_refused(tiny_onnx, tmp_path):
 
 def test_bench_runs_every_cpu_engine(tiny_run, tmp_path):
     pytest.importorskip("x_transformers")
-    from imadarem.training.bench import Bench, BenchArgs
+    from imadarem.export.bench.runner import Bench, BenchArgs
 
     args = BenchArgs(checkpoint=str(tiny_run), batch_sizes=(1, 3), repeats=2, agreement_n=8, out_dir=str(tmp_path))
     result = Bench(args).run()

@@ -1,11 +1,12 @@
-"""Deployment needs numpy, onnxruntime, pluggy and click only: the runtime never imports torch or onnx."""
+"""Deployment needs numpy, onnxruntime, pluggy and click only: the runtime never imports torch, onnx or
+RDKit, on any command path (docs/ARCHITECTURE.md, "The parts and the one-way flow")."""
 
 import subprocess
 import sys
 
 import pytest
 
-HEAVY = ("torch", "onnx", "onnxscript")
+HEAVY = ("torch", "onnx", "onnxscript", "rdkit", "fcd", "x_transformers")
 
 
 def _imported_after(code: str) -> set[str]:
@@ -19,9 +20,13 @@ def test_runtime_import_leaves_torch_and_onnx_out():
     assert not mods & set(HEAVY)
 
 
-@pytest.mark.parametrize("args", [["plugins"], ["plugins", "--json"], ["--help"], ["run", "--help"]])
+@pytest.mark.parametrize("args", [["plugins"], ["plugins", "--json"], ["--help"], ["run", "--help"],
+                                  ["inspect", "BUNDLED"], ["run", "-n", "2", "--seed", "0"],
+                                  ["run", "-n", "2", "--selector", "maskgit", "--format", "jsonl"]])
 def test_cli_paths_do_not_import_torch(args):
-    code = (f"from imadarem.runtime.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass")
+    code = ("from imadarem.runtime.cli import main\nfrom imadarem.runtime.modelfile import default_model_path\n"
+            f"args = [str(default_model_path()) if a == 'BUNDLED' else a for a in {args!r}]\n"
+            "try:\n    main(args)\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code")
     assert not _imported_after(code) & set(HEAVY)
 
 

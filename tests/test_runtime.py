@@ -213,7 +213,7 @@ def test_cli_cuda_without_cuda_is_clear(tiny_onnx):
 
 def test_molecule_metrics_on_known_smiles():
     pytest.importorskip("rdkit")
-    from imadarem.runtime.eval_molecules import molecule_metrics
+    from imadarem.training.evaluation.molecules import molecule_metrics
 
     smiles = ["CCO", "CCO", "c1ccccc1", "not-a-molecule", "", "CC(=O)O"] * 200  # 1200, 800 valid
     m = molecule_metrics(smiles, train={"CCO"}, patterns=[], intdiv_sample=50)
@@ -243,7 +243,8 @@ def test_fcd_against_a_reference_set(tmp_path):
     are cached as plain arrays and reused."""
     pytest.importorskip("fcd")
     from conftest import MOSES_SAMPLE
-    from imadarem.runtime.eval_molecules import FrechetChemNet, read_smiles
+    from imadarem.training.data import read_smiles
+    from imadarem.training.evaluation.molecules import FrechetChemNet
 
     ref = tmp_path / "ref.csv"
     ref.write_text("\n".join(MOSES_SAMPLE.read_text().splitlines()[:301]) + "\n")

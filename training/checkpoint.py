@@ -145,7 +145,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 
 def build_model(ckpt: LoadedCheckpoint, weights: str = "raw"):
     """An ImplicitRefinementModel with the checkpoint's config, tokenizer and chosen weights."""
-    from imadarem.runtime.tokenizer import tokenizer_from_json
+    from imadarem.runtime.registry import tokenizer_from_json
     from imadarem.training.config import ImplicitRefinementConfig
     from imadarem.training.model import ImplicitRefinementModel
 

@@ -1,88 +1,115 @@
-"""``imadarem train``, ``imadarem data`` and ``imadarem bench``: click commands that import torch only when they run."""
+"""``imadarem train``, ``imadarem data`` and ``imadarem eval``: the training side's commands.
+
+They join the ``imadarem`` group through the ``imadarem_commands`` hook (this module is an entry point
+of the ``imadarem`` group, as a third-party plugin would be), and import torch, RDKit or the evaluation
+code only inside their bodies, so listing them costs nothing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import click
-from imadarem.runtime.cli import _parse_option
+from click.core import ParameterSource
+from imadarem.runtime.cli import parse_options
+from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.hookspecs import hookimpl
+from imadarem.training.args import TrainArgs
+
+
+def require_torch(command: str) -> None:
+    """A one-line error, not a ModuleNotFoundError traceback, when the ``train`` extra is missing."""
+    if importlib.util.find_spec("torch") is None:
+        raise ImadaremError(f"{command} needs PyTorch: pip install 'imadarem[train]'")
+
+
+def _click_type(f: dataclasses.Field, default: Any):
+    meta = f.metadata
+    if meta.get("choices"):
+        return click.Choice(meta["choices"])
+    if meta.get("path"):
+        return click.Path(dir_okay=meta["path"] == "dir", file_okay=meta["path"] == "file")
+    kind = meta.get("kind") or type(default)
+    if kind is int:
+        return click.IntRange(min=meta.get("low"), max=meta.get("high"))
+    if kind is float:
+        high = meta.get("high")
+        return click.FloatRange(min=meta.get("low"), max=high, min_open=meta.get("open_low", False),
+                                max_open=high is not None and high < 1)
+    return str
+
+
+def train_args_options(func):
+    """One click option per TrainArgs field, its default and help taken from the field."""
+    for f in reversed([f for f in dataclasses.fields(TrainArgs) if f.name != "model"]):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            func = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
+                                help=f.metadata["help"])(func)
+            continue
+        func = click.option(flag, f.name, default=f.default, type=_click_type(f, f.default),
+                            help=f.metadata["help"])(func)
+    return func
+
+
+#: ImplicitRefinementConfig fields with their own flags (their defaults live in the config class)
+MODEL_OPTIONS = (
+    ("--hidden-size", "hidden_size", click.IntRange(min=8), None),
+    ("--layers", "num_layers", click.IntRange(min=1), None),
+    ("--heads", "num_heads", click.IntRange(min=1), None),
+    ("--dropout", "dropout", click.FloatRange(0, 1, max_open=True), None),
+    ("--max-seq-len", "max_seq_len", click.IntRange(min=2), None),
+    ("--refine-steps", "max_refinement_steps", click.IntRange(min=1), "K, the model's step count."),
+    ("--schedule", "corruption_schedule", click.Choice(["linear", "cosine"]), None),
+)
+
+
+def model_options(func):
+    for flag, name, kind, help_text in reversed(MODEL_OPTIONS):
+        func = click.option(flag, name, type=kind, help=help_text or f"Model config {name} [default: the config's].")(func)
+    func = click.option("--critic/--no-critic", "use_critic", default=None, help="Train a token-critic head.")(func)
+    func = click.option("--gate/--no-gate", "use_refine_gate", default=None, help="Train the refinement gate.")(func)
+    return click.option("--set", "config_set", multiple=True, callback=parse_options, metavar="KEY=VALUE",
+                        help="Any other ImplicitRefinementConfig field, e.g. --set ema_decay=0.9995.")(func)
 
 
 @click.command("train", context_settings={"show_default": True})
-@click.option("--data", type=click.Path(dir_okay=False), help="Training file: text lines, SMILES .csv(.gz)/.smi, .selfies.")
-@click.option("--out-dir", default="runs/imadarem", type=click.Path(file_okay=False), help="Run folder (checkpoints, logs).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint.")
-@click.option("--data-format", type=click.Choice(["auto", "text", "smiles", "selfies"]), default="auto")
-@click.option("--tokenizer", default="auto", help="Tokenizer plugin: auto (selfies for molecules, else char), char, selfies, hf.")
-@click.option("--tokenizer-file", type=click.Path(dir_okay=False), help="tokenizer.json for --tokenizer hf.")
-@click.option("--val-data", type=click.Path(dir_okay=False), help="Validation file [default: a split of --data].")
-@click.option("--val-fraction", default=0.01, type=click.FloatRange(0, 0.5))
-@click.option("--steps", type=click.IntRange(min=1), help="Total optimiser steps [default: 10000].")
 @click.option("--max-new-steps", type=click.IntRange(min=1), help="Stop after this many steps in this call (chunked training).")
-@click.option("--batch-size", default=128, type=click.IntRange(min=1), help="Global batch size.")
-@click.option("--lr", default=3e-4, type=click.FloatRange(min=0, min_open=True))
-@click.option("--warmup-steps", default=500, type=click.IntRange(min=0))
-@click.option("--weight-decay", default=0.01, type=click.FloatRange(min=0))
-@click.option("--grad-clip", default=1.0, type=click.FloatRange(min=0, min_open=True))
-@click.option("--optimizer", type=click.Choice(["adamw", "ranger21"]), default="adamw")
-@click.option("--seed", default=0, type=int)
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="auto = bf16 autocast on CUDA.")
-@click.option("--eval-interval", default=500, type=click.IntRange(min=1))
-@click.option("--checkpoint-interval", default=500, type=click.IntRange(min=1))
-@click.option("--log-interval", default=50, type=click.IntRange(min=1))
-@click.option("--workers", type=click.IntRange(min=1), help="Processes for SMILES -> SELFIES conversion.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Encoded-data cache [default: ~/.cache/imadarem].")
-@click.option("--hidden-size", type=click.IntRange(min=8))
-@click.option("--layers", "num_layers", type=click.IntRange(min=1))
-@click.option("--heads", "num_heads", type=click.IntRange(min=1))
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
-@click.option("--max-seq-len", type=click.IntRange(min=2))
-@click.option("--refine-steps", "max_refinement_steps", type=click.IntRange(min=1), help="K, the model's step count.")
-@click.option("--schedule", "corruption_schedule", type=click.Choice(["linear", "cosine"]))
-@click.option("--critic/--no-critic", "use_critic", default=None, help="Train a token-critic head.")
-@click.option("--gate/--no-gate", "use_refine_gate", default=None, help="Train the refinement gate.")
-@click.option("--set", "config_set", multiple=True, callback=_parse_option, metavar="KEY=VALUE",
-              help="Any other ImplicitRefinementConfig field, e.g. --set ema_decay=0.9995.")
-@click.option("--time-limit", type=click.FloatRange(min=1), help="Seconds of wall time, then checkpoint and stop cleanly.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(data, out_dir, resume, data_format, tokenizer, tokenizer_file, val_data, val_fraction, steps,
-                  max_new_steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, optimizer, seed, device,
-                  precision, eval_interval, checkpoint_interval, log_interval, workers, cache_dir, config_set,
-                  time_limit, no_progress, **model_fields):
+@train_args_options
+@model_options
+@click.pass_context
+def train_command(ctx, resume, max_new_steps, config_set, **values):
     """Train an Imadarem V model; checkpoints go to OUT_DIR and --resume continues a stopped run.
 
     Runs under `torchrun --nproc_per_node N` with DDP (NCCL on GPUs, gloo on CPU).
     """
-    from imadarem.runtime.errors import ImadaremError
-    from imadarem.training.trainer import TrainArgs, train
+    require_torch("imadarem train")
+    from imadarem.training.trainer import train
 
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    given = {k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     if resume:
-        overrides = {"steps": steps, "device": device, "progress": not no_progress, "workers": workers,
-                     "cache_dir": cache_dir, "data": data, "time_limit": time_limit}
-        result = train(TrainArgs(out_dir=out_dir), resume=True, max_new_steps=max_new_steps, overrides=overrides)
+        overrides = {k: values[k] for k in given if k in fields and k != "out_dir"}
+        result = train(TrainArgs(out_dir=values["out_dir"]), resume=True, max_new_steps=max_new_steps,
+                       overrides=overrides)
     else:
-        if not data:
+        if not values["data"]:
             raise ImadaremError("--data is required (or --resume to continue a run)")
-        model = {k: v for k, v in model_fields.items() if v is not None}
+        model = {k: v for k, v in values.items() if k not in fields and v is not None}
         model.update(config_set)
-        args = TrainArgs(data=data, out_dir=out_dir, data_format=data_format, tokenizer=tokenizer,
-                         tokenizer_file=tokenizer_file, val_data=val_data, val_fraction=val_fraction,
-                         steps=steps or 10000, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=weight_decay, grad_clip=grad_clip, optimizer=optimizer, seed=seed,
-                         device=device, precision=precision, eval_interval=eval_interval,
-                         checkpoint_interval=checkpoint_interval, log_interval=log_interval, workers=workers,
-                         cache_dir=cache_dir, progress=not no_progress, time_limit=time_limit, model=model)
-        from pathlib import Path
-
-        if (Path(out_dir) / "latest").exists():
-            raise ImadaremError(f"{out_dir} already holds a run: use --resume to continue it or another --out-dir")
+        args = TrainArgs(**{k: v for k, v in values.items() if k in fields}, model=model)
+        if (Path(args.out_dir) / "latest").exists():
+            raise ImadaremError(f"{args.out_dir} already holds a run: use --resume to continue it or another --out-dir")
         result = train(args, max_new_steps=max_new_steps)
     click.echo(json.dumps({k: result[k] for k in ("step", "checkpoint", "interrupted")}))
     if result["interrupted"]:
         click.echo(f"interrupted at step {result['step']}; checkpoint saved. Continue with: "
-                   f"imadarem train --resume --out-dir {out_dir}", err=True)
+                   f"imadarem train --resume --out-dir {values['out_dir']}", err=True)
         return 130
     return 0
 
@@ -103,51 +130,53 @@ def moses_command(cache_dir, wheel):
         click.echo(f"{name}\t{path}")
 
 
-def _int_list(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return out
 
 
-def _name_list(ctx, param, value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+@click.group("eval")
+def eval_group():
+    """Measure generation quality."""
 
 
-@click.command("bench")
+@eval_group.command("molecules")
 @click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: the bundled model].")
-@click.option("--checkpoint", type=click.Path(), help="Benchmark a training run / checkpoint instead of a model file.")
-@click.option("--batch-sizes", default="1,16,64,256", show_default=True, callback=_int_list)
-@click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
-@click.option("--engines", default="all", show_default=True, callback=_name_list,
-              help="Comma-separated: ort-fp32, ort-int8, ort-fp16, ort-fp32-head, ort-fp16-head (files with the "
-                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv.")
-@click.option("--steps", type=click.IntRange(min=1), help="Refinement steps [default: the model's K].")
-@click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime and torch [default: all].")
+@click.option("-n", "--num", "n", default=30000, show_default=True, type=click.IntRange(min=10))
+@click.option("--selector", "selectors", multiple=True, default=["gate"], show_default=True, help="Repeatable.")
+@click.option("--steps", "steps_list", multiple=True, type=click.IntRange(min=1), help="Repeatable [default: the model's K].")
+@click.option("--temperature", type=click.FloatRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--agreement-n", default=256, show_default=True, type=click.IntRange(min=0),
-              help="Sequences decoded greedily to compare int8/fp16 tokens with fp32.")
-@click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
-def bench_command(model, checkpoint, batch_sizes, providers, engines, steps, selector, repeats, threads, seed,
-                  agreement_n, out_dir):
-    """Time the runtime loop against PyTorch eager, x-transformers and a KV-cache AR decoder.
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES.")
+@click.option("--intdiv-sample", default=5000, show_default=True, type=click.IntRange(min=2))
+@click.option("--fcd/--no-fcd", "with_fcd", default=None,
+              help="FCD/Test with the fcd package's ChemNet [default: when the fcd extra is installed].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
+def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
+                           intdiv_sample, with_fcd, json_path, plot_path):
+    """Validity, Unique@1k/10k, Novelty, IntDiv, Filters and FCD/Test of generated molecules (RDKit,
+    MOSES splits)."""
+    from imadarem.training.evaluation import molecules as em
 
-    Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the table, with ratios against the PyTorch loop).
-    """
-    from imadarem.runtime.errors import ImadaremError
-    from imadarem.training.bench import ENGINES, Bench, BenchArgs
+    cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
+            "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
+    shown = []
 
-    engines = ENGINES if engines == ("all",) else engines
-    if model and checkpoint:
-        raise ImadaremError("give --model or --checkpoint, not both")
-    args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
-                     engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
-                     agreement_n=agreement_n, out_dir=out_dir)
-    bench = Bench(args)
-    bench.run(progress=lambda msg: click.echo(f"bench: {msg}", err=True))
-    click.echo((Path(out_dir) / "bench.md").read_text())
+    def show(row):
+        if not shown:  # the header with the first row: a setup error (data, FCD) prints nothing else
+            click.echo("| " + " | ".join(cols) + " |")
+            click.echo("|" + "---|" * len(cols))
+        shown.append(row)
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
+        click.echo("| " + " | ".join(cells) + " |")
+
+    rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
+                       moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd)
+    em.write(rows, json_path)
+    if plot_path:
+        em.plot(rows, plot_path)
+
+
+@hookimpl
+def imadarem_commands():
+    return [train_command, data_group, eval_group]

@@ -21,12 +21,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from imadarem.runtime.errors import DataError, ImadaremError
+from imadarem.runtime.errors import DataError, ImadaremError, TokenizerError
+from imadarem.runtime.registry import tokenizer_from_json, tokenizer_to_json
 from imadarem.runtime.tokenizer import (
     TokenizerAdapter,
     resolve_special_ids,
-    tokenizer_from_json,
-    tokenizer_to_json,
 )
 
 MOSES_WHEEL = "molsets-0.3.1-py3-none-any.whl"
@@ -139,18 +138,20 @@ def read_smiles(path: str | os.PathLike) -> list[str]:
 
 
 def _to_selfies(smiles: list[str]) -> list[str | None]:
-    import selfies as sf
+    """SELFIES of each SMILES (None where it cannot be converted: skipped and counted by the caller)."""
+    from imadarem.plugins.tokenizers.selfies import smiles_to_selfies as convert
 
     out: list[str | None] = []
     for smi in smiles:
         try:
-            out.append(sf.encoder(smi, strict=True))
-        except Exception:  # noqa: BLE001 - an unreadable SMILES is skipped and counted
+            out.append(convert(smi))
+        except TokenizerError:
             out.append(None)
     return out
 
 
-def smiles_to_selfies(smiles: list[str], workers: int | None = None) -> list[str | None]:
+def smiles_to_selfies_batch(smiles: list[str], workers: int | None = None) -> list[str | None]:
+    """The SELFIES tokenizer's conversion over many SMILES, in ``workers`` processes."""
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or len(smiles) < 5000:
         return _to_selfies(smiles)
@@ -192,7 +193,10 @@ def build_tokenizer(kind: str, texts: list[str], tokenizer_file: str | None) -> 
             raise DataError("the 'hf' tokenizer needs --tokenizer-file tokenizer.json")
         return cls.from_file(tokenizer_file)
     if hasattr(cls, "from_corpus"):
-        return cls.from_corpus(texts)
+        try:
+            return cls.from_corpus(texts)
+        except NotImplementedError as exc:
+            raise DataError(f"tokenizer {kind!r} cannot be built from a corpus: {exc}") from None
     raise DataError(f"tokenizer {kind!r} cannot be built from a corpus; pass a model's tokenizer instead")
 
 
@@ -233,7 +237,7 @@ def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: s
     elif fmt == "selfies":
         texts = read_lines(path)
     else:
-        converted = smiles_to_selfies(read_smiles(path), workers)
+        converted = smiles_to_selfies_batch(read_smiles(path), workers)
         texts = [s for s in converted if s]
     skipped_conv = 0 if fmt != "smiles" else len(converted) - len(texts)
     if not texts:

@@ -18,7 +18,13 @@ import math
 import torch
 import torch.nn.functional as F
 from imadarem.runtime.errors import TokenizerError
-from imadarem.runtime.tokenizer import TokenizerAdapter, resolve_special_ids
+from imadarem.runtime.tokenizer import (
+    SpecialIds,
+    TokenizerAdapter,
+    VocabularyTokenizer,
+    check_special_ids,
+    resolve_special_ids,
+)
 from imadarem.training.config import ImplicitRefinementConfig
 from torch import nn
 
@@ -94,12 +100,21 @@ class Block(nn.Module):
 
 
 class ImplicitRefinementModel(nn.Module):
-    def __init__(self, config: ImplicitRefinementConfig, tokenizer: TokenizerAdapter):
+    def __init__(self, config: ImplicitRefinementConfig, tokenizer: TokenizerAdapter | None = None):
+        """``tokenizer`` None: ids only, with VocabularyTokenizer's special ids ([PAD]=0, [MASK]=1,
+        [EOS]=2); a model must have a tokenizer to be saved by the trainer or exported."""
         super().__init__()
-        if tokenizer.vocab_size != config.vocab_size:
-            raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size is "
-                                 f"{config.vocab_size}")
-        self.special = resolve_special_ids(tokenizer)  # the contract check: range and collisions
+        if tokenizer is None:
+            special = {"mask": VocabularyTokenizer.SPECIALS.index("[MASK]"),
+                       "pad": VocabularyTokenizer.SPECIALS.index("[PAD]"),
+                       "eos": VocabularyTokenizer.SPECIALS.index("[EOS]")}
+            check_special_ids(special, config.vocab_size, "ImplicitRefinementModel")
+            self.special = SpecialIds(**special)
+        else:
+            if tokenizer.vocab_size != config.vocab_size:
+                raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens but config.vocab_size is "
+                                     f"{config.vocab_size}")
+            self.special = resolve_special_ids(tokenizer)  # the contract check: range and collisions
         self.config = config
         self.tokenizer = tokenizer
         h = config.hidden_size

@@ -7,60 +7,25 @@ never stopped, and ``torchrun --nproc_per_node N`` gives the loss of one process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from imadarem.runtime.errors import CheckpointError, DataError, ImadaremError
-from imadarem.runtime.tokenizer import resolve_special_ids, tokenizer_to_json
+from imadarem.runtime.registry import tokenizer_to_json
+from imadarem.runtime.tokenizer import resolve_special_ids
 from imadarem.training import checkpoint as ckpt_io
+from imadarem.training.args import TrainArgs
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.data import encode_file, iter_batches, split_validation
 from imadarem.training.model import ImplicitRefinementModel
 from imadarem.training.objective import corrupt, draw_noise, refinement_loss
-
-
-@dataclass
-class TrainArgs:
-    data: str = ""
-    out_dir: str = "runs/imadarem"
-    data_format: str = "auto"
-    tokenizer: str = "auto"
-    tokenizer_file: str | None = None
-    val_data: str | None = None
-    val_fraction: float = 0.01
-    steps: int = 10000
-    batch_size: int = 128  # global batch (split over DDP ranks)
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 500
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"
-    seed: int = 0
-    eval_interval: int = 500
-    eval_batches: int = 4
-    checkpoint_interval: int = 500
-    log_interval: int = 50
-    keep_checkpoints: int = 2
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    workers: int | None = None
-    cache_dir: str | None = None
-    progress: bool = True
-    time_limit: float | None = None  # seconds: stop cleanly (checkpoint saved) before this much wall time
-    model: dict[str, Any] = field(default_factory=dict)  # ImplicitRefinementConfig overrides
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:

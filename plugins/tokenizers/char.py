@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from imadarem.runtime.errors import TokenizerError
 from imadarem.runtime.tokenizer import VocabularyTokenizer
 
 
@@ -15,13 +14,8 @@ class CharTokenizer(VocabularyTokenizer):
     summary = "one token per character, vocabulary built from the corpus"
 
     @classmethod
-    def from_corpus(cls, lines: Iterable[str]) -> CharTokenizer:
-        chars: set[str] = set()
-        for line in lines:
-            chars.update(line)
-        if not chars:
-            raise TokenizerError("cannot build a 'char' vocabulary from an empty corpus")
-        return cls(sorted(chars))
+    def split_symbols(cls, text: str) -> Iterable[str]:
+        return text
 
     def encode(self, text: str) -> list[int]:
         return self.symbols_to_ids(text, text)

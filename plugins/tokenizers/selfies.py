@@ -30,13 +30,8 @@ class SelfiesTokenizer(VocabularyTokenizer):
     summary = "SELFIES symbols (alphabet from the data); decodes to SMILES"
 
     @classmethod
-    def from_corpus(cls, selfies_strings: Iterable[str]) -> SelfiesTokenizer:
-        symbols: set[str] = set()
-        for s in selfies_strings:
-            symbols.update(sf.split_selfies(s))
-        if not symbols:
-            raise TokenizerError("cannot build a 'selfies' alphabet from an empty corpus")
-        return cls(sorted(symbols))
+    def split_symbols(cls, text: str) -> Iterable[str]:
+        return sf.split_selfies(text)
 
     @staticmethod
     def is_selfies(text: str) -> bool:

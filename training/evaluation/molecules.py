@@ -12,7 +12,6 @@ MOSES files, as plain arrays). FCD needs the ``fcd`` extra (it brings PyTorch).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from imadarem.runtime.errors import ImadaremError
+from imadarem.training.data import read_smiles
 
 ALLOWED_ATOMS = {"C", "N", "S", "O", "F", "Cl", "Br", "H"}
 
@@ -130,14 +130,6 @@ class FrechetChemNet:
         return float(self.fcd.calculate_frechet_distance(mu1=mu, sigma1=sigma, mu2=self.mu, sigma2=self.sigma))
 
 
-def read_smiles(path: Path) -> list[str]:
-    """The SMILES column of a MOSES split (csv or csv.gz with a header)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as fh:
-        next(fh)
-        return [line.split(",")[0].strip() for line in fh if line.strip()]
-
-
 def read_train_set(path: Path) -> set[str]:
     return set(read_smiles(path))
 
@@ -148,7 +140,7 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
     """One row per selector and step count. ``with_fcd``: True needs the fcd package, None uses it
     when installed, False skips FCD."""
     from imadarem.runtime.generator import Generator
-    from imadarem.training.data import fetch_moses
+    from imadarem.training.data import fetch_moses  # noqa: I001
 
     files = fetch_moses(moses_cache)
     train = read_train_set(files["train"])

@@ -195,7 +195,7 @@ class Bench:
                 edits = [[int(e) for e in row if e >= 0] for row in stats["edits"]]
                 return {"steps": stats["steps"], "edits": edits, "early": stats["early"], "tokens": tokens}
             return run
-        from imadarem.training.baselines import AutoregressiveBaseline, NonAutoregressiveBaseline
+        from imadarem.export.bench.baselines import AutoregressiveBaseline, NonAutoregressiveBaseline
 
         sp = self.model.special
         base = (NonAutoregressiveBaseline(self.config, sp.mask, self.steps, device) if engine == "xt-nar"
