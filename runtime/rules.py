@@ -152,7 +152,8 @@ def change_ratio(new: Any, old: Any, frozen: Any) -> tuple[Any, Any]:
     changed = ((new != old) & ~frozen).sum(-1)
     editable = (~frozen).sum(-1)
     if is_tensor(changed):
-        return changed, changed.float() / editable.clamp(min=1).float()
+        # float64 as numpy's: a float32 ratio compared with a tiny threshold would round it to 0
+        return changed, changed.double() / editable.clamp(min=1).double()
     return changed, changed / np.maximum(editable, 1)
 
 
