@@ -87,8 +87,11 @@ def gumbel(uniform: Any) -> Any:
     if is_tensor(uniform):
         u = uniform.clamp(U_MIN, U_MAX)
         return -(-u.log()).log()
-    u = np.clip(uniform, U_MIN, U_MAX)
-    return -np.log(-np.log(u))
+    g = np.clip(uniform, U_MIN, U_MAX)  # the one new array: the loop calls this on [B, L, V] every step
+    np.log(g, out=g)
+    np.negative(g, out=g)
+    np.log(g, out=g)
+    return np.negative(g, out=g)
 
 
 def gumbel_max(logits: Any, temperature: float, uniform: Any) -> Any:
