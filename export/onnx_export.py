@@ -9,6 +9,7 @@ MatMul weights, for edge CPUs).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 
 from imadarem.runtime import modelfile as mf
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.registry import tokenizer_to_json
+from imadarem.runtime.registry import tokenizer_origin, tokenizer_to_json
 
 INPUT_NAMES = ["tokens", "step", "cond"]
 OPSET = 18
@@ -42,13 +43,17 @@ def build_metadata(model, provenance: dict[str, Any]) -> dict[str, str]:
         raise ImadaremError("the model has no tokenizer: build it as ImplicitRefinementModel(config, tokenizer) "
                             "to export it")
     cfg = model.config.to_dict()
-    return {
+    meta = {
         mf.KEY_FORMAT: mf.FORMAT_VERSION,
         mf.KEY_CONFIG: json.dumps(cfg, sort_keys=True),
         mf.KEY_TOKENIZER: tokenizer_to_json(model.tokenizer),
         mf.KEY_SPECIAL_IDS: json.dumps(model.special.as_dict()),
         mf.KEY_PROVENANCE: json.dumps(provenance, sort_keys=True),
     }
+    origin = tokenizer_origin(model.tokenizer)
+    if origin is not None:
+        meta[mf.KEY_TOKENIZER_ORIGIN] = json.dumps(origin, sort_keys=True)
+    return meta
 
 
 def _device_state_step(model):
@@ -192,6 +197,33 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
+def check_writable(out_path: str | os.PathLike) -> None:
+    """Refuse an output path that cannot be written before minutes of export, not after."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ImadaremError(f"{out_path} is a directory; give the model file's path")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".imadarem-write-test-"):
+            pass
+    except OSError as exc:
+        raise ImadaremError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """The exporters' chatter is not the user's business: torch.onnx warns once per missing torchvision
+    op, onnxruntime's symbolic shape inference (imported under several module names by its transformer
+    tools) once per unresolved dynamic dimension. Logging up to WARNING is off while exporting; errors
+    still show."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike, weights: str = "ema",
                       variant: str = "fp32", device_state: bool | None = None, sampling: bool | None = None) -> Path:
     """``imadarem export``: checkpoint -> model file (``variant``: fp32, fp16 or int8).
@@ -203,6 +235,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike
 
     if variant not in ("fp32", "fp16", "int8"):
         raise ImadaremError(f"unknown variant {variant!r} (fp32, fp16, int8)")
+    check_writable(out_path)
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, weights)
     provenance = {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.file_hash(), "training_step": ckpt.step,
@@ -214,7 +247,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike
     if sampling is None:
         sampling = variant == "fp16"
     provenance["device_state"], provenance["sampling_head"] = device_state, sampling
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_exporters():
         step_path = Path(tmp) / "step.onnx" if sampling else out_path  # the step, before the head
         if variant == "fp32":
             export_model(model, step_path, provenance, device_state)

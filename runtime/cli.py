@@ -7,11 +7,14 @@ Every command imports its heavy modules inside its body, so ``--help``, ``imadar
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from typing import Any
 
 import click
 from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS
 
 EXIT_BAD_INPUT = 2
 
@@ -22,8 +25,21 @@ def _fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def _one_line_warnings(prog: str) -> None:
+    """Warnings reach a command-line user as one ``prog: warning: ...`` line each (no source lines)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        click.echo(f"{prog}: warning: {text}", err=True)
+
+    warnings.showwarning = show
+
+
 def invoke(command: click.Command, prog: str, args: list[str] | None = None) -> None:
     """Run a click command the Imadarem way: bad input is one line on stderr and exit status 2."""
+    _one_line_warnings(prog)
+    previous = _interrupt_as(_Interrupted)
     try:
         result = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
@@ -35,14 +51,36 @@ def invoke(command: click.Command, prog: str, args: list[str] | None = None) -> 
         _fail(prog, str(exc))
     except click.Abort:
         _fail(prog, "aborted", 130)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         _fail(prog, "interrupted", 130)
-    except BrokenPipeError:
-        sys.stderr.close()
+    except (BrokenPipeError, _ReaderGone):
+        # what is still buffered for stdout can never be written: point it at /dev/null for the exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as exc:
         _fail(prog, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C, raised past click (which would print a bare newline for a KeyboardInterrupt) and past
+    ``except Exception`` blocks (which would report it as a plugin's fault)."""
+
+
+def _interrupt_as(exc_type):
+    """Let SIGINT raise ``exc_type``; the previous handler, or None off the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(_signum, _frame):
+        raise exc_type()
+
+    return signal.signal(signal.SIGINT, handler)
 
 
 def parse_options(_ctx, _param, values: tuple[str, ...]) -> dict[str, Any]:
@@ -75,55 +113,99 @@ def _render_trajectory(sample, tokenizer, mask_id: int, pad_id: int) -> list[str
     return lines
 
 
-@click.command("run")
+HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command("run", context_settings=HELP)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-n", "--num", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Sequences to generate.")
 @click.option("--selector", default="gate", show_default=True, help="Selector plugin (see `imadarem plugins`).")
-@click.option("--steps", type=click.IntRange(min=1), help="Refinement steps K [default: the model's].")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Refinement steps K [default: the model's].")
 @click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature [default: the model's].")
 @click.option("--stop-threshold", type=click.FloatRange(0, 1), help="Early-stop change ratio [default: the model's].")
-@click.option("--seed", type=int, help="Random seed (same seed, same output).")
+@click.option("--seed", type=click.IntRange(min=0),
+              help="Random seed: same seed, same samples, whatever -n and --batch-size.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-@click.option("--prompt", help="Template like '[C][C](=O)<mask:12>' or a plain prefix to continue.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per model call [default: all].")
+@click.option("--prompt", help="Template like 'CC(=O)<mask:12>' or '[C][C][=Branch1][C][=O]<mask:12>' (SMILES "
+              "fragment or SELFIES, then blanks), or a plain prefix to continue.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Sequences per model call; memory grows with it, never with -n.")
 @click.option("-o", "--option", "options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
               help="Selector option, repeatable (e.g. -o schedule=linear).")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
 @click.option("--trajectory", is_flag=True, help="Show each step: refined positions, change ratio, early stop.")
 def run_command(model, n, selector, steps, temperature, stop_threshold, seed, provider, threads, prompt,
                 batch_size, options, fmt, trajectory):
-    """Generate sequences with MODEL (an Imadarem .onnx file; default: the bundled model)."""
+    """Generate sequences with MODEL (an Imadarem .onnx file; default: the bundled model).
+
+    Samples are printed as each batch finishes; a progress bar shows on stderr when it is a terminal.
+    On Ctrl-C what was printed stays, and the exit status is 130.
+    """
     from imadarem.runtime.generator import Generator
 
     gen = Generator(model, provider=provider, threads=threads)
-    samples = gen.generate(n, selector=selector, steps=steps, temperature=temperature,
-                           stop_threshold=stop_threshold, seed=seed, prompt=prompt, batch_size=batch_size,
-                           trajectory=trajectory, **options)
-    for i, sample in enumerate(samples):
-        if fmt == "jsonl":
-            click.echo(json.dumps(sample.as_dict()))
-            continue
-        if trajectory:
-            stop = "early stop" if sample.early_stop else "all steps"
-            click.echo(f"#{i} {sample.text}    ({sample.steps} steps, {stop})")
-            for line in _render_trajectory(sample, gen.tokenizer, gen.special.mask, gen.special.pad):
-                click.echo(line)
-        else:
-            click.echo(sample.text)
+    samples = gen.iter_generate(n, selector=selector, steps=steps, temperature=temperature,
+                                stop_threshold=stop_threshold, seed=seed, prompt=prompt, batch_size=batch_size,
+                                trajectory=trajectory, **options)
+    with _progress(n) as progress:
+        for i, sample in enumerate(samples):
+            try:
+                _print_sample(i, sample, fmt, trajectory, gen)
+            except BrokenPipeError:  # the reader has enough (`| head`): stop quietly, as Unix tools do
+                raise _ReaderGone() from None
+            progress.update(1)
+
+
+class _ReaderGone(Exception):
+    """stdout's reader closed the pipe (not an OSError, so that click does not turn it into exit 1)."""
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, _count: int) -> None:
+        pass
+
+
+def _progress(n: int):
+    """click's progress bar on stderr, only when stderr is a terminal (never in pipes or logs)."""
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    return click.progressbar(length=n, label="generating", file=sys.stderr, show_pos=True)
+
+
+def _print_sample(i: int, sample, fmt: str, trajectory: bool, gen) -> None:
+    if fmt == "jsonl":
+        click.echo(json.dumps(sample.as_dict()))
+        return
+    if trajectory:
+        stop = "early stop" if sample.early_stop else "all steps"
+        click.echo(f"#{i} {sample.text}    ({sample.steps} steps, {stop})")
+        for line in _render_trajectory(sample, gen.tokenizer, gen.special.mask, gen.special.pad):
+            click.echo(line)
+    else:
+        click.echo(sample.text)
 
 
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins_command(as_json):
-    """List the installed plugins: selectors, tokenizers and commands (and any that failed to load)."""
+    """List the installed plugins: selectors, tokenizers and commands (and any that failed to load).
+
+    Exits with status 1 when a plugin failed to load, so scripts and CI notice a broken install.
+    """
     from imadarem.runtime.registry import list_plugins, plugin_problems
 
     plugins, problems = list_plugins(), plugin_problems()
     if as_json:
         click.echo(json.dumps({"plugins": [p.as_dict() for p in plugins],
                                "problems": [p.as_dict() for p in problems]}, indent=2))
-        return
+        return 1 if problems else 0
     rows = [("KIND", "NAME", "DISTRIBUTION", "VERSION", "SUMMARY")]
     rows += [(p.kind, p.name, p.distribution, p.version, p.summary) for p in plugins]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -131,14 +213,21 @@ def plugins_command(as_json):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
+    return 1 if problems else 0
 
 
 @click.command("inspect")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_command(model, as_json):
-    """Show a model file's metadata, inputs/outputs and parameter count."""
-    from imadarem.runtime.modelfile import describe_model_file
+    """Show MODEL's metadata, inputs/outputs and parameter count (default: the bundled model)."""
+    from imadarem.runtime.errors import ModelFileError
+    from imadarem.runtime.modelfile import default_model_path, describe_model_file
+
+    if model is None:
+        model = default_model_path()
+        if model is None:
+            raise ModelFileError("no MODEL given and this installation has no bundled default model")
 
     info = describe_model_file(model)
     if as_json:

@@ -11,16 +11,19 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from imadarem.runtime import rules
-from imadarem.runtime.errors import ImadaremError, ModelFileError, SelectorError
+from imadarem.runtime.errors import ImadaremError, ModelFileError, PluginError, SelectorError
+from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS
 from imadarem.runtime.modelfile import SAMPLING_INPUTS, ModelFile, default_model_path, load_model_file
 from imadarem.runtime.prompt import Layout, blank_layout, parse_prompt
-from imadarem.runtime.registry import create_selector
-from imadarem.runtime.selector import Decision, Selector, StepState
+from imadarem.runtime.randomness import SampleStreams
+from imadarem.runtime.registry import create_selector, selector_call, selector_label
+from imadarem.runtime.selector import Decision, Selector, StepState, decision_problem
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Sample:
     text: str | None  # None when generate(decode=False) was asked for ids only
     ids: list[int]  # up to and including EOS, without padding
     steps: int
-    edits: list[int]  # positions changed at each step
+    edits: list[int]  # tokens edited at each step (changed and not turned into padding: rules.edits)
     early_stop: bool
     trajectory: list[TrajectoryStep] | None = None
 
@@ -70,10 +73,26 @@ class LoopTimings:
         return 1.0 - sum(self.run_seconds) / self.total_seconds if self.total_seconds > 0 else float("nan")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ImadaremError(f"{name} must be a positive integer, got {value!r}")
+def _positive_int(name: str, value: Any, most: int | None = None) -> int:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    if not ok or (most is not None and value > most):
+        bound = f" (at most {most:,})" if most is not None else ""
+        raise ImadaremError(f"{name} must be a positive integer{bound}, got {value!r}")
     return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+        raise ImadaremError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ImadaremError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 @dataclass
@@ -100,7 +119,7 @@ class _Batch:
         self.active = np.arange(n)
         self.steps_used = np.zeros(n, dtype=np.int64)
         self.early = np.zeros(n, dtype=bool)
-        self.edits = np.full((n, num_steps), -1, dtype=np.int64)  # changed tokens per step; -1 once a row left
+        self.edits: list[np.ndarray] = []  # per step run: [n] tokens edited, -1 for rows that had left
         self.trajectories: list[list[TrajectoryStep]] | None = [[] for _ in range(n)] if trajectory else None
         self.cut = length  # positions the model runs on
 
@@ -129,7 +148,9 @@ class _Batch:
         rows = self.active
         self.tokens[rows], self.frozen[rows] = new, new_frozen
         self.steps_used[rows] = t + 1
-        self.edits[rows, t] = changed
+        step_edits = np.full(self.tokens.shape[0], -1, dtype=np.int64)
+        step_edits[rows] = changed
+        self.edits.append(step_edits)
         if t < self.num_steps - 1:
             self.early[rows[done]] = True
         if self.trajectories is None:
@@ -140,6 +161,9 @@ class _Batch:
                 t, new[j].tolist(), np.flatnonzero(refined[j]).tolist(),
                 np.flatnonzero(remask[j] & (x[j] != special.mask)).tolist(), float(ratio[j]),
                 bool(done[j]) and t < self.num_steps - 1))
+
+    def row_edits(self, i: int) -> list[int]:
+        return [int(step[i]) for step in self.edits[: self.steps_used[i]]]
 
     def compact(self, done: np.ndarray) -> np.ndarray:
         """Drop the finished rows from the active batch; returns the kept-row mask (for the state)."""
@@ -187,30 +211,51 @@ class Generator:
                  seed: int | None = None, prompt: str | None = None, batch_size: int | None = None,
                  trajectory: bool = False, timings: LoopTimings | None = None, decode: bool = True,
                  **selector_options: Any) -> list[Sample]:
-        """Generate ``n`` sequences; every knob left None defaults from the model's config.
+        """Generate ``n`` sequences (a list of :meth:`iter_generate`'s samples); every knob left None
+        defaults from the model's config.
 
         ``timings``, when given, is filled with per-step wall and ``session.run`` times. ``decode=False``
         leaves ``Sample.text`` None (ids only; decoding SELFIES to SMILES costs more than a GPU step).
         """
-        started = time.perf_counter()
+        return list(self.iter_generate(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
+                                       trajectory, timings, decode, **selector_options))
+
+    def iter_generate(self, n: int = 1, selector: str | Selector = "gate", steps: int | None = None,
+                      temperature: float | None = None, stop_threshold: float | None = None,
+                      seed: int | None = None, prompt: str | None = None, batch_size: int | None = None,
+                      trajectory: bool = False, timings: LoopTimings | None = None, decode: bool = True,
+                      **selector_options: Any) -> Iterator[Sample]:
+        """The samples of :meth:`generate`, yielded batch by batch as each batch finishes.
+
+        Memory is bounded by ``batch_size`` (default ``DEFAULT_BATCH_SIZE``) whatever ``n``. Sample ``i``
+        draws only from its own random stream, seeded by ``(seed, i)``: the same seed gives the same
+        samples for any ``n`` (a smaller ``n`` gives a prefix) and any ``batch_size``. The arguments are
+        checked here, before the first batch runs.
+        """
         n = _positive_int("n", n)
         run = self._resolve(selector, steps, temperature, stop_threshold, prompt, trajectory, selector_options,
                             decode)
-        batch = n if batch_size is None else _positive_int("batch_size", batch_size)
-        seq = np.random.SeedSequence(seed)
-        samples: list[Sample] = []
-        for chunk, child in zip(range(0, n, batch), seq.spawn(math.ceil(n / batch))):
-            size = min(batch, n - chunk)
-            if chunk > 0:  # a fresh selector per chunk: selectors may keep per-run state
+        batch = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
+        root = np.random.SeedSequence(_check_seed(seed))
+        return self._batches(n, batch, run, root, selector, selector_options, timings)
+
+    def _batches(self, n: int, batch: int, run: _Run, root: np.random.SeedSequence, selector, selector_options,
+                 timings: LoopTimings | None) -> Iterator[Sample]:
+        for first in range(0, n, batch):
+            started = time.perf_counter()
+            size = min(batch, n - first)
+            if first > 0:  # a fresh selector per batch: selectors may keep per-run state
                 run.selector = self._make_selector(selector, selector_options)
-            samples += self._refine(size, run, np.random.default_rng(child), timings)
-        if timings is not None:
-            timings.total_seconds += time.perf_counter() - started
-        return samples
+            samples = self._refine(size, run, SampleStreams(root, first, size), timings)
+            if timings is not None:
+                timings.total_seconds += time.perf_counter() - started
+            yield from samples
 
     # -- setup ---------------------------------------------------------------------------------
     def _make_selector(self, selector: str | Selector, options: dict[str, Any]) -> Selector:
         sel = create_selector(selector, **options) if isinstance(selector, str) else selector
+        if not isinstance(sel, Selector):
+            raise SelectorError(f"a selector must be a Selector instance or a plugin name, got {type(sel).__name__}")
         missing = sorted(set(sel.requires) - set(self.model.outputs))
         if missing:
             raise SelectorError(f"selector {sel.name!r} needs the model output {', '.join(missing)}, which "
@@ -219,12 +264,12 @@ class Generator:
 
     def _resolve(self, selector, steps, temperature, stop_threshold, prompt, trajectory, options,
                  decode: bool = True) -> _Run:
-        cfg = self.model_config
-        num_steps = _positive_int("steps", cfg.max_refinement_steps if steps is None else steps)
-        temp = float(cfg.sampling_temperature if temperature is None else temperature)
-        if not math.isfinite(temp) or temp < 0:
+        cfg = self.model_config  # checked when the file was opened: only the caller's values can be bad here
+        num_steps = cfg.max_refinement_steps if steps is None else _positive_int("steps", steps, MAX_STEPS)
+        temp = cfg.sampling_temperature if temperature is None else _number("temperature", temperature)
+        if not temp >= 0:
             raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
-        stop = float(cfg.stop_threshold if stop_threshold is None else stop_threshold)
+        stop = cfg.stop_threshold if stop_threshold is None else _number("stop_threshold", stop_threshold)
         if not 0.0 <= stop <= 1.0:
             raise ImadaremError(f"stop_threshold must be in [0, 1], got {stop_threshold!r}")
         max_len = self.model.max_seq_len
@@ -239,7 +284,7 @@ class Generator:
             return _DeviceCond(self.model, n, length)
         return _HostCond(self.model, n, length)
 
-    def _refine(self, n: int, run: _Run, rng: np.random.Generator,
+    def _refine(self, n: int, run: _Run, streams: SampleStreams,
                 timings: LoopTimings | None = None) -> list[Sample]:
         """The loop of docs/ARCHITECTURE.md: per step run the model, sample, select, apply, freeze EOS,
         stop, compact."""
@@ -248,22 +293,27 @@ class Generator:
         bias = logit_bias(run.layout, self.model.vocab_size, self._banned, self.special.eos)
         in_graph = self.graph_sampling and self.model.graph_sampling
         cond = self._state(n, run.layout.length)  # the self-conditioning state, on the host or on the GPU
-        run.selector.begin(batch_size=n, length=run.layout.length, num_steps=K, config=run.config)
+        sel = run.selector
+        selector_call(sel, "begin", batch_size=n, length=run.layout.length, num_steps=K, config=run.config)
         for t in range(K):
             if batch.active.size == 0:
                 break
             step_started = time.perf_counter()
             x, fz = batch.current()
             first = batch.trim(x, self.special.eos, self.trim_padding)
-            temp = run.selector.step_temperature(t, K, run.temperature)
-            out, run_seconds = self._run_step(cond, batch, x, t, K, temp, bias, rng, in_graph)
-            proposals, logits, measures = self._sample(out, x.shape[1], temp, bias, first, rng, in_graph)
+            temp = _checked_temperature(sel, selector_call(sel, "step_temperature", t, K, run.temperature))
+            out, run_seconds = self._run_step(cond, batch, x, t, K, temp, bias, streams, in_graph)
+            proposals, logits, measures = self._sample(out, batch, temp, bias, first, streams, in_graph)
             state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=logits,
                               gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
-                              rows=_ro(batch.active), rng=rng, temperature=temp, mask_id=self.special.mask,
+                              rows=_ro(batch.active), rng=streams.for_rows(batch.active), temperature=temp,
+                              mask_id=self.special.mask,
                               pad_id=self.special.pad, eos_id=self.special.eos, config=run.config,
                               measures=measures)
-            decision = run.selector.select(state)
+            decision = selector_call(sel, "select", state)
+            problem = decision_problem(decision, x.shape)
+            if problem is not None:
+                raise PluginError(f"{selector_label(sel)}: select() {problem}")
             new, update, remask = self._apply(decision, x, fz, proposals, last=t == K - 1)
             new, new_fz = self._freeze_eos(new, fz)
             done, changed, ratio = self._stop(t, new, x, fz, new_fz, decision, run.stop_threshold)
@@ -276,29 +326,32 @@ class Generator:
                 timings.run_lengths.append(batch.cut)
                 timings.run_seconds.append(run_seconds)
                 timings.step_seconds.append(time.perf_counter() - step_started)
-        return [self._finish(batch.tokens[i], int(batch.steps_used[i]), batch.edits[i, : batch.steps_used[i]].tolist(),
+        return [self._finish(batch.tokens[i], int(batch.steps_used[i]), batch.row_edits(i),
                              bool(batch.early[i]), batch.trajectories[i] if batch.trajectories else None, run.decode)
                 for i in range(n)]
 
     # -- the phases of one step ----------------------------------------------------------------------
-    def _run_step(self, cond, batch: _Batch, x, t: int, K: int, temp: float, bias, rng, in_graph: bool):
+    def _run_step(self, cond, batch: _Batch, x, t: int, K: int, temp: float, bias, streams: SampleStreams,
+                  in_graph: bool):
         """Run the model once on the active rows, up to ``batch.cut``; the outputs widened back to the
-        full length for the selector, and the seconds spent inside onnxruntime."""
+        full length for the selector, and the seconds spent inside onnxruntime. (Each row draws its
+        uniforms for the full length, so what it samples does not depend on where the others end.)"""
         length = x.shape[1]
         feed_x = x if batch.cut == length else np.ascontiguousarray(x[:, : batch.cut])
         step = np.full(x.shape[0], rules.model_step(t, K, self.model_config.max_refinement_steps), dtype=np.int64)
         sampling = None
         if in_graph:
-            sampling = (rng.random(feed_x.shape, dtype=np.float32), np.full(x.shape[0], temp, np.float32),
+            uniform = streams.uniforms(batch.active, (length,))
+            sampling = (np.ascontiguousarray(uniform[:, : batch.cut]), np.full(x.shape[0], temp, np.float32),
                         bias[: batch.cut])
         started = time.perf_counter()
         out = cond.run(feed_x, step, sampling)
         seconds = time.perf_counter() - started
         return (_widen(out, length) if batch.cut < length else out), seconds
 
-    def _sample(self, out, length: int, temp: float, bias, first, rng, in_graph: bool):
+    def _sample(self, out, batch: _Batch, temp: float, bias, first, streams: SampleStreams, in_graph: bool):
         """Proposals, the (banned) logits for the selector and, from the sampling head, the measures."""
-        eos = self.special.eos
+        eos, length = self.special.eos, batch.tokens.shape[1]
         if in_graph:
             measures = {"entropy": out["entropy"], "top2": (out["top1"], out["top2"]),
                         "proposal_prob": out["proposal_prob"], "current_prob": out["current_prob"]}
@@ -306,7 +359,8 @@ class Generator:
         logits = out["logits"]
         ban_logits(logits, bias, first, eos)
         logits = _ro(logits)
-        return sample_proposals(logits, temp, rng), logits, None
+        uniforms = None if temp <= rules.GREEDY_TEMPERATURE else streams.uniforms(batch.active, logits.shape[1:])
+        return sample_proposals(logits, temp, uniforms), logits, None
 
     def _apply(self, decision: Decision, x, fz, proposals, last: bool):
         """Take the selector's updates and re-masks (never on frozen positions; at the last step every
@@ -330,7 +384,8 @@ class Generator:
     def _stop(self, t: int, new, x, fz, new_fz, decision: Decision, stop_threshold: float):
         """Which rows are done: all frozen, or quiet (change ratio under the threshold, or the selector
         says so) with no mask left; also the changed counts and ratios of the step."""
-        changed, ratio = rules.change_ratio(new, x, fz)
+        _, ratio = rules.change_ratio(new, x, fz)
+        changed = rules.edits(new, x, fz, self.special.pad)
         masks_left = ((new == self.special.mask) & ~new_fz).any(-1)
         quiet_ratio = ratio if decision.stop is None else np.where(np.asarray(decision.stop, dtype=bool), -1.0, ratio)
         done = rules.finished(t, quiet_ratio, stop_threshold, masks_left, new_fz.all(-1))
@@ -461,15 +516,22 @@ class _LazyLogits:
         return _ro(logits)
 
 
-def sample_proposals(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+def sample_proposals(logits: np.ndarray, temperature: float, uniforms: np.ndarray | None) -> np.ndarray:
     """Gumbel-max sampling from softmax(logits / temperature); argmax when temperature is 0.
 
-    One uniform draw per logit, of shape logits.shape, whatever the temperature > 0: the PyTorch
-    reference loop draws the same numbers and so samples the same tokens for the same seed.
+    ``uniforms``: one draw per logit, of shape logits.shape (ignored, and may be None, at temperature 0);
+    the PyTorch reference loop draws the same numbers and so samples the same tokens for the same seed.
     """
     if temperature <= rules.GREEDY_TEMPERATURE:
         return logits.argmax(-1)
-    return rules.gumbel_max(logits, np.float32(temperature), rng.random(logits.shape, dtype=np.float32))
+    return rules.gumbel_max(logits, np.float32(temperature), uniforms)
+
+
+def _checked_temperature(selector: Selector, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value < 0:
+        raise SelectorError(f"{selector_label(selector)}: step_temperature() must return a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _ro(array: np.ndarray | None) -> np.ndarray | None:

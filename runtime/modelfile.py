@@ -10,13 +10,14 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from imadarem.runtime.errors import ImadaremError, ModelFileError
-from imadarem.runtime.registry import tokenizer_from_json
+from imadarem.runtime.registry import tokenizer_from_json, tokenizer_origin
 from imadarem.runtime.tokenizer import (
     SpecialIds,
     TokenizerAdapter,
@@ -31,12 +32,17 @@ KEY_CONFIG = "imadarem.config"
 KEY_TOKENIZER = "imadarem.tokenizer"
 KEY_SPECIAL_IDS = "imadarem.special_ids"
 KEY_PROVENANCE = "imadarem.provenance"
+KEY_TOKENIZER_ORIGIN = "imadarem.tokenizer_origin"  # {"name", "version"} of the adapter's distribution
 REQUIRED_INPUTS = ("tokens", "step", "cond")
 REQUIRED_OUTPUTS = ("logits", "gate", "cond_next")
 #: the optional sampling head (imadarem.export.sampling_head): all of these, or none
 SAMPLING_INPUTS = ("uniform", "temperature", "logit_bias")
 SAMPLING_OUTPUTS = ("proposals", "proposal_prob", "entropy", "top1", "top2", "current_prob")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class TokenizerOriginWarning(UserWarning):
+    """A model file's tokenizer is rebuilt by another distribution or version than it was exported with."""
 
 
 def import_onnxruntime():
@@ -52,7 +58,7 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failed run is reported by its exception, as one line
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
@@ -228,13 +234,32 @@ def check_metadata(meta: dict[str, str], path: str) -> tuple[dict, TokenizerAdap
     if not isinstance(stored, dict):
         raise ModelFileError(f"{path}: metadata {KEY_SPECIAL_IDS!r} must be a JSON object")
     try:
-        check_special_ids(stored, int(config["vocab_size"]), path)
+        check_special_ids(stored, int(config["vocab_size"]), tokenizer.name)
     except ImadaremError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     if stored != special.as_dict():
         raise ModelFileError(f"{path}: stored special ids {stored} contradict the tokenizer's {special.as_dict()}")
-    provenance = json.loads(meta[KEY_PROVENANCE]) if KEY_PROVENANCE in meta else {}
+    provenance = _json_field(meta, KEY_PROVENANCE, path) if KEY_PROVENANCE in meta else {}
+    if not isinstance(provenance, dict):
+        raise ModelFileError(f"{path}: metadata {KEY_PROVENANCE!r} must be a JSON object")
+    check_tokenizer_origin(meta, tokenizer, path)
     return config, tokenizer, special, provenance
+
+
+def check_tokenizer_origin(meta: dict[str, str], tokenizer: TokenizerAdapter, path: str) -> None:
+    """Warn when the adapter that rebuilt the tokenizer comes from another distribution or version than
+    the one the model was exported with (another plugin may use the same name and decode differently)."""
+    if KEY_TOKENIZER_ORIGIN not in meta:
+        return  # files written before the origin was recorded
+    recorded = _json_field(meta, KEY_TOKENIZER_ORIGIN, path)
+    if not isinstance(recorded, dict):
+        raise ModelFileError(f"{path}: metadata {KEY_TOKENIZER_ORIGIN!r} must be a JSON object")
+    here = tokenizer_origin(tokenizer)
+    if here != recorded:
+        now = f"{here['name']} {here['version']}" if here else "a class from no installed distribution"
+        warnings.warn(f"{path}: its tokenizer {tokenizer.name!r} was exported with {recorded.get('name')} "
+                      f"{recorded.get('version')} but is read here by {now}; the ids may decode differently",
+                      TokenizerOriginWarning, stacklevel=3)
 
 
 def _last_dim(node) -> int | None:
@@ -269,6 +294,26 @@ def check_graph(session, config: dict[str, Any], path: str) -> list[str]:
     return list(outputs)
 
 
+def probe(session, model: ModelFile) -> None:
+    """Run the step once on one all-mask row of ``max_seq_len`` positions: a graph that contradicts its
+    metadata (a position table shorter than ``max_seq_len``, a wrong vocabulary) fails here, when the file
+    is opened, rather than in the middle of a run."""
+    import numpy as np
+
+    length, vocab = model.max_seq_len, model.vocab_size
+    tokens = np.full((1, length), model.special.mask, dtype=np.int64)
+    feed = model.feed(tokens, np.zeros(1, np.int64), np.zeros((1, length, model.hidden_size), np.float32))
+    try:
+        logits = session.run(["logits"], feed)[0]
+    except Exception as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelFileError(f"{model.path}: the graph cannot run one step at the config's max_seq_len {length} "
+                             f"(onnxruntime: ...{detail[-120:]})") from None
+    if logits.shape != (1, length, vocab):
+        raise ModelFileError(f"{model.path}: one step at max_seq_len {length} gave logits of shape "
+                             f"{list(logits.shape)}; the config says [1, {length}, {vocab}]")
+
+
 def load_model_file(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> ModelFile:
     """Open ``path`` with onnxruntime and check metadata and graph against each other."""
     path = str(path)
@@ -284,7 +329,9 @@ def load_model_file(path: str | os.PathLike, provider: str = "cpu", threads: int
     meta = dict(session.get_modelmeta().custom_metadata_map)
     config, tokenizer, special, provenance = check_metadata(meta, path)
     outputs = check_graph(session, config, path)
-    return ModelFile(path, session, config, tokenizer, special, outputs, provenance, meta)
+    model = ModelFile(path, session, config, tokenizer, special, outputs, provenance, meta)
+    probe(session, model)
+    return model
 
 
 def default_model_path() -> Path | None:

@@ -1,10 +1,13 @@
 """Prompts: fixed tokens the loop must keep, and masks it must fill.
 
 Two forms:
-- a template with mask markers, e.g. ``[C][C](=O)<mask:12>`` or ``The <mask:5> sat``: the literal parts
-  are encoded with the model's tokenizer and frozen, ``<mask:N>`` (or ``<mask>`` = 1) are blanks. Blanks
+- a template with mask markers, e.g. ``CC(=O)<mask:12>`` or ``The <mask:5> sat``: the literal parts
+  are encoded with the model's tokenizer (``encode_fragment``: a piece followed by blanks is a fragment
+  to continue, not a whole text) and frozen, ``<mask:N>`` (or ``<mask>`` = 1) are blanks. Blanks
   after the last literal may end early with EOS; blanks between literals are filled exactly (no EOS).
 - a plain prefix (no markers): the prefix is frozen and the rest, up to max_seq_len, is generated.
+
+Anything that looks like a marker but is not one (``<mask:-1>``, ``<mask:x>``) is refused, never read as text.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from imadarem.runtime.errors import ImadaremError, PromptError
+from imadarem.runtime.errors import ImadaremError, PluginError, PromptError
 from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter
 
 MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
+MARKER_LIKE = re.compile(r"<\s*mask[^>]*>?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,12 @@ def blank_layout(length: int, special: SpecialIds) -> Layout:
 
 
 def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, max_len: int) -> Layout:
+    if not isinstance(prompt, str) or not prompt:
+        raise PromptError("prompt must be a non-empty string")
+    for match in MARKER_LIKE.finditer(MASK_MARKER.sub("", prompt)):
+        raise PromptError(f"prompt marker {match.group(0)!r} is not <mask> or <mask:N> with N >= 1")
     if not MASK_MARKER.search(prompt):
-        ids = _encode(tokenizer, prompt)
+        ids = _encode(tokenizer, prompt, first=True, open_end=True)
         if len(ids) >= max_len:
             raise PromptError(f"prompt has {len(ids)} tokens; the model allows at most {max_len - 1} "
                               f"before the end token (max_seq_len {max_len})")
@@ -58,6 +66,9 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         count = int(match.group(1)) if match.group(1) is not None else 1
         if count < 1:
             raise PromptError(f"prompt marker {match.group(0)!r} asks for no blanks")
+        if count > max_len:
+            raise PromptError(f"prompt marker {match.group(0)!r} asks for more blanks than the model allows "
+                              f"(at most {max_len} positions)")
         pieces.append(("mask", count))
         pos = match.end()
     if pos < len(prompt):
@@ -65,14 +76,16 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
 
     ids: list[int] = []
     fixed: list[bool] = []
-    for kind, value in pieces:
+    for i, (kind, value) in enumerate(pieces):
         if kind == "text":
-            enc = _encode(tokenizer, value)  # type: ignore[arg-type]
+            enc = _encode(tokenizer, value, first=i == 0, open_end=i + 1 < len(pieces))  # type: ignore[arg-type]
             ids += enc
             fixed += [True] * len(enc)
         else:
             ids += [special.mask] * int(value)  # type: ignore[arg-type]
             fixed += [False] * int(value)  # type: ignore[arg-type]
+        if len(ids) > max_len:
+            break  # too long already: reported below, without building more
     total = len(ids) + (1 if special.eos is not None else 0)
     if total > max_len:
         raise PromptError(f"prompt template needs {total} positions (end token included); "
@@ -91,8 +104,13 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
                   np.array(eos_only, bool))
 
 
-def _encode(tokenizer: TokenizerAdapter, text: str) -> list[int]:
+def _encode(tokenizer: TokenizerAdapter, text: str, *, first: bool, open_end: bool) -> list[int]:
     try:
-        return tokenizer.encode(text)
+        return list(tokenizer.encode_fragment(text, first=first, open_end=open_end))
     except ImadaremError as exc:
         raise PromptError(f"prompt: {exc}") from None
+    except Exception as exc:  # the adapter itself broke: name it and its distribution
+        from imadarem.runtime.registry import plugin_label
+
+        raise PluginError(f"{plugin_label('tokenizer', tokenizer)} failed to encode the prompt {text!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc

@@ -18,7 +18,7 @@ from typing import Any
 import click
 import pluggy
 from imadarem.runtime import hookspecs
-from imadarem.runtime.errors import TokenizerError, UnknownPluginError
+from imadarem.runtime.errors import ImadaremError, PluginError, TokenizerError, UnknownPluginError
 from imadarem.runtime.selector import Selector
 from imadarem.runtime.tokenizer import TokenizerAdapter
 
@@ -184,7 +184,9 @@ class Registry:
         info = self._plugins[kind].get(name)
         if info is None:
             available = ", ".join(self.names(kind)) or "none installed"
-            raise UnknownPluginError(f"unknown {kind} {name!r} (available: {available})")
+            broken = "; ".join(str(p) for p in self.problems)
+            hint = f"; note that {broken}" if broken else ""
+            raise UnknownPluginError(f"unknown {kind} {name!r} (available: {available}){hint}")
         return info
 
     def plugins(self) -> list[PluginInfo]:
@@ -207,12 +209,58 @@ def get_tokenizer_class(name: str) -> type[TokenizerAdapter]:
 
 def create_selector(name: str, **options: Any) -> Selector:
     """Look a selector up by name and build it with ``options`` (clear errors for both)."""
-    return get_selector_class(name).create(**options)
+    cls = get_selector_class(name)
+    try:
+        return cls.create(**options)
+    except ImadaremError:
+        raise
+    except Exception as exc:  # the plugin's own constructor broke: blame it, not the caller
+        raise PluginError(f"{selector_label(cls)} failed to start: {_short(exc)}") from exc
+
+
+def plugin_of(obj: Any) -> PluginInfo | None:
+    """The registered plugin whose class ``obj`` is (or is an instance of), if any."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    for info in default_registry().plugins():
+        if info.cls is cls:
+            return info
+    return None
+
+
+def plugin_label(kind: str, obj: Any) -> str:
+    """How errors name a plugin object or class: its kind, name and the distribution that ships it."""
+    info = plugin_of(obj)
+    name = getattr(obj, "name", type(obj).__name__)
+    if info is None:
+        module = (obj if isinstance(obj, type) else type(obj)).__module__
+        return f"{kind} {name!r} (class from module {module}, not an installed plugin)"
+    return f"{kind} {name!r} from distribution {info.distribution} {info.version}"
+
+
+def selector_label(selector: Any) -> str:
+    return plugin_label("selector", selector)
+
+
+def selector_call(selector: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Call a selector's hook; an exception inside the plugin becomes a one-line PluginError naming the
+    selector and its distribution (a fault in a plugin is not reported as Imadarem's)."""
+    try:
+        return getattr(selector, method)(*args, **kwargs)
+    except ImadaremError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{selector_label(selector)} failed in {method}(): {_short(exc)}") from exc
 
 
 def tokenizer_to_json(tokenizer: TokenizerAdapter) -> str:
     """The model file's ``imadarem.tokenizer`` value: adapter name plus its spec."""
     return json.dumps({"adapter": tokenizer.name, "spec": tokenizer.to_spec()}, sort_keys=True)
+
+
+def tokenizer_origin(tokenizer: TokenizerAdapter) -> dict[str, str] | None:
+    """The distribution (name, version) whose plugin provides ``tokenizer``'s adapter, if installed."""
+    info = plugin_of(tokenizer)
+    return None if info is None else {"name": info.distribution, "version": info.version}
 
 
 def tokenizer_from_json(text: str) -> TokenizerAdapter:
@@ -222,7 +270,14 @@ def tokenizer_from_json(text: str) -> TokenizerAdapter:
         adapter, spec = data["adapter"], data["spec"]
     except (ValueError, TypeError, KeyError) as exc:
         raise TokenizerError(f"tokenizer spec is not valid JSON with 'adapter' and 'spec': {exc}") from None
-    return get_tokenizer_class(adapter).from_spec(spec)
+    cls = get_tokenizer_class(adapter)
+    try:
+        return cls.from_spec(spec)
+    except ImadaremError:
+        raise
+    except Exception as exc:  # the adapter broke on its own spec: blame it
+        raise PluginError(f"{plugin_label('tokenizer', cls)} cannot rebuild the tokenizer from its spec: "
+                          f"{_short(exc)}") from exc
 
 
 def commands() -> list[click.Command]:

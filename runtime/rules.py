@@ -160,6 +160,13 @@ def change_ratio(new: Any, old: Any, frozen: Any) -> tuple[Any, Any]:
     return changed, changed / np.maximum(editable, 1)
 
 
+def edits(new: Any, old: Any, frozen: Any, pad: int) -> Any:
+    """Tokens a step edited, per row: positions that changed and now hold a token. A position turned into
+    padding (the tail behind a committed EOS) is not an edit, so ``Sample.edits`` counts what a reader
+    sees change; the stop rule keeps its :func:`change_ratio`."""
+    return ((new != old) & ~frozen & (new != pad)).sum(-1)
+
+
 def finished(t: int, ratio: Any, stop_threshold: float, masks_left: Any, all_frozen: Any) -> Any:
     """A row is done when nothing is left to change, or (after step 0) when its change ratio fell under
     ``stop_threshold`` and no mask is left."""

@@ -18,7 +18,7 @@ from imadarem.runtime import rules
 from imadarem.runtime.errors import SelectorError
 from imadarem.runtime.rules import check_schedule, mask_schedule
 
-__all__ = ["Decision", "Selector", "StepState", "check_fraction", "check_noise", "check_schedule", "gumbel",
+__all__ = ["Decision", "Selector", "StepState", "check_fraction", "decision_problem", "check_noise", "check_schedule", "gumbel",
            "keep_top", "mask_schedule", "masks_after_step", "softmax", "with_annealed_noise"]
 
 
@@ -36,6 +36,9 @@ class StepState:
     with PAD and MASK already excluded (-inf); ``gate``/``critic``: [B, L] model outputs or None;
     ``frozen``: [B, L] positions that never change; ``rows``: index of each active sequence in the
     whole request (for selectors that keep per-sequence memory); ``t`` 0-based, ``num_steps`` = K.
+    ``rng``: a :class:`~imadarem.runtime.randomness.RowRandom`; draw with a size that starts with B
+    (e.g. ``state.rng.random(state.tokens.shape)``) and each row's numbers come from its own sample's
+    stream, so the result does not depend on the batch size.
 
     When the model file samples in the graph (its sampling head), the loop hands over ``logits`` as a
     zero-argument function and the uncertainty measures (``entropy``, ``top2``, ``proposal_prob``,
@@ -45,7 +48,7 @@ class StepState:
 
     def __init__(self, *, t: int, num_steps: int, tokens: np.ndarray, proposals: np.ndarray,
                  logits: np.ndarray | Callable[[], np.ndarray], gate: np.ndarray | None,
-                 critic: np.ndarray | None, frozen: np.ndarray, rows: np.ndarray, rng: np.random.Generator,
+                 critic: np.ndarray | None, frozen: np.ndarray, rows: np.ndarray, rng: Any,
                  temperature: float, mask_id: int, pad_id: int, eos_id: int | None,
                  config: dict[str, Any] | None = None, measures: dict[str, Any] | None = None):
         self.t, self.num_steps = t, num_steps
@@ -129,6 +132,25 @@ class Decision:
     update: np.ndarray
     remask: np.ndarray | None = None
     stop: np.ndarray | None = None
+
+
+def decision_problem(decision: Any, shape: tuple[int, int]) -> str | None:
+    """What is wrong with a selector's answer for a [B, L] step, or None: ``update`` (and ``remask``, if
+    given) must be bool arrays of shape [B, L], ``stop`` a bool array of shape [B]. Checked at every step,
+    so a selector's bug is reported as its own instead of surfacing as a broken loop."""
+    if not isinstance(decision, Decision):
+        return f"must return a Decision, got {type(decision).__name__}"
+    for name, want in (("update", shape), ("remask", shape), ("stop", shape[:1])):
+        value = getattr(decision, name)
+        if value is None and name != "update":
+            continue
+        if not isinstance(value, np.ndarray):
+            return f"returned Decision.{name} of type {type(value).__name__}; expected a bool array of shape {list(want)}"
+        if value.dtype != np.bool_:
+            return f"returned Decision.{name} of dtype {value.dtype}; expected bool"
+        if value.shape != tuple(want):
+            return f"returned Decision.{name} of shape {list(value.shape)}; expected {list(want)}"
+    return None
 
 
 class Selector(abc.ABC):

@@ -48,6 +48,16 @@ class TokenizerAdapter(abc.ABC):
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without special tokens; raise TokenizerError on text the vocabulary cannot hold."""
 
+    def encode_fragment(self, text: str, *, first: bool, open_end: bool) -> list[int]:
+        """Ids of one literal piece of a prompt (optional hook; default: ``encode(text)``).
+
+        ``first``: the piece starts the sequence; ``open_end``: blanks follow it, so it is a fragment to
+        be continued rather than a whole text. Adapters whose encoding depends on the whole text (SELFIES
+        read from SMILES) override this to encode a fragment as a prefix, or raise TokenizerError with
+        the reason it cannot be one.
+        """
+        return self.encode(text)
+
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` up to the first EOS, special tokens left out."""

@@ -58,3 +58,18 @@ def tiny_onnx(tiny_run):
     from imadarem.export.onnx_export import export_checkpoint
 
     return export_checkpoint(tiny_run, tiny_run.parent / "tiny.onnx")
+
+
+def rewrite_metadata(src, dst, change):
+    """Copy the model file ``src`` to ``dst`` with ``change(meta)`` applied to its metadata_props."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    change(meta)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(dst))
+    return dst

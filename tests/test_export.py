@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import rewrite_metadata
 from imadarem.runtime import Generator, ModelFileError
 from imadarem.runtime import modelfile as mf
 from imadarem.training.checkpoint import build_model, load_checkpoint
@@ -88,20 +89,6 @@ def test_variants_load_and_stay_close(tiny_run, tmp_path, variant):
     assert json.loads(Generator(path).model.metadata[mf.KEY_PROVENANCE])["variant"] == variant
 
 
-def _rewrite(src, dst, change):
-    import onnx
-
-    proto = onnx.load(str(src))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    change(meta)
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        e = proto.metadata_props.add()
-        e.key, e.value = k, v
-    onnx.save(proto, str(dst))
-    return dst
-
-
 @pytest.mark.parametrize("change,message", [
     (lambda m: m.pop(mf.KEY_FORMAT), "not an Imadarem model file"),
     (lambda m: m.pop(mf.KEY_TOKENIZER), "not an Imadarem model file"),
@@ -114,7 +101,7 @@ def _rewrite(src, dst, change):
     (lambda m: m.__setitem__(mf.KEY_CONFIG, "{not json"), "not valid JSON"),
 ])
 def test_runtime_refuses_bad_metadata(tiny_onnx, tmp_path, change, message):
-    bad = _rewrite(tiny_onnx, tmp_path / "bad.onnx", change)
+    bad = rewrite_metadata(tiny_onnx, tmp_path / "bad.onnx", change)
     with pytest.raises(ModelFileError, match=message):
         Generator(bad)
 

@@ -56,6 +56,14 @@ def test_plugin_can_be_looked_up_and_used(plugin_venv):
     assert out.split() == ["imadarem_example_plugin", "dog", "cat"]
 
 
+def test_a_faulty_plugin_selector_is_named_with_its_distribution(plugin_venv, tiny_onnx):
+    r = subprocess.run([plugin_venv, "-c", "from imadarem.runtime.cli import run_main; run_main()", str(tiny_onnx),
+                        "-n", "2", "--selector", "row-shaped"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "selector 'row-shaped' from distribution imadarem-example-plugin 0.3.0" in r.stderr
+    assert "Decision.update of shape" in r.stderr
+
+
 def test_plugin_not_visible_outside_its_venv():
     from imadarem.runtime.registry import Registry
 

@@ -123,7 +123,7 @@ def test_bundled_model_gate_flags_wrong_tokens_on_held_out_molecules():
     step = np.full(len(clean), 6, np.int64)
     logits, gate, cond = gen.model.session.run(["logits", "gate", "cond_next"], {"tokens": inp, "step": step, "cond": zeros})
     logits[..., [sp.mask, sp.pad, tok.unk_token_id]] = -np.inf
-    samples = sample_proposals(logits, 1.0, rng)
+    samples = sample_proposals(logits, 1.0, rng.random(logits.shape, dtype=np.float32))
     filled = np.where(masked, samples, clean)
     filled = np.where(real, filled, sp.pad)
     _, gate, _ = gen.model.session.run(["logits", "gate", "cond_next"], {"tokens": filled, "step": step, "cond": cond})

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from imadarem.runtime import rules
 from imadarem.runtime.generator import LoopTimings, banned_ids
+from imadarem.runtime.randomness import SampleStreams
 
 SELECTORS = ("gate", "entropy")
 NOISE_SOURCES = ("numpy", "torch")
@@ -46,24 +47,25 @@ def _resolve(cfg, steps, temperature, stop_threshold, selector, threshold, noise
 
 
 class _Uniforms:
-    """The uniforms behind Gumbel sampling: from the runtime's numpy generator (same seed, same tokens as
-    the onnxruntime loop) or from a torch generator on the model's device (no host-to-device copy)."""
+    """The uniforms behind Gumbel sampling: from the runtime's per-sample streams (same seed, same tokens
+    as the onnxruntime loop) or from a torch generator on the model's device (no host-to-device copy)."""
 
-    def __init__(self, seed: int | None, source: str, device: torch.device):
+    def __init__(self, seed: int | None, n: int, source: str, device: torch.device):
         self.device = device
-        self.numpy = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+        self.streams = SampleStreams.for_request(seed, 0, n)
         self.torch = None
         if source == "torch":
             state = int(np.random.SeedSequence(seed).generate_state(1)[0])
             self.torch = torch.Generator(device=device).manual_seed(state)
 
-    def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """[len(rows), *shape] uniforms for the active ``rows``."""
         if self.torch is not None:
-            return torch.rand(shape, generator=self.torch, device=self.device)
-        return torch.from_numpy(self.numpy.random(shape, dtype=np.float32)).to(self.device)
+            return torch.rand((rows.numel(), *shape), generator=self.torch, device=self.device)
+        return torch.from_numpy(self.streams.uniforms(rows.cpu().numpy(), shape)).to(self.device)
 
 
-def _sample(logits, first, banned: list[int], eos: int | None, temperature: float, uniforms: _Uniforms):
+def _sample(logits, first, banned: list[int], eos: int | None, temperature: float, uniforms: _Uniforms, rows):
     """Proposals from the logits with the runtime's bans (in place): banned ids, and no EOS before a
     row's committed EOS."""
     logits[..., banned] = float("-inf")
@@ -71,7 +73,7 @@ def _sample(logits, first, banned: list[int], eos: int | None, temperature: floa
         logits[..., eos] = logits[..., eos].masked_fill(rules.eos_banned(first, logits.shape[1]), float("-inf"))
     if temperature <= rules.GREEDY_TEMPERATURE:
         return logits.argmax(-1)
-    return rules.gumbel_max(logits, temperature, uniforms(tuple(logits.shape)))
+    return rules.gumbel_max(logits, temperature, uniforms(rows, tuple(logits.shape[1:])))
 
 
 def _select_and_apply(x, fz, proposals, logits, gate, knobs: _Knobs, mask_id: int, last: bool):
@@ -106,7 +108,7 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     device = next(model.parameters()).device
     knobs = _resolve(cfg, steps, temperature, stop_threshold, selector, threshold, noise)
     K, L = knobs.num_steps, cfg.max_seq_len
-    uniforms = _Uniforms(seed, knobs.noise, device)
+    uniforms = _Uniforms(seed, n, knobs.noise, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
            else torch.autocast(device.type, enabled=False))
@@ -143,13 +145,14 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
         if cut < L:
             logits = torch.nn.functional.pad(logits, (0, 0, 0, L - cut))
             gate = torch.nn.functional.pad(gate, (0, L - cut))
-        proposals = _sample(logits, first, banned, sp.eos, knobs.temperature, uniforms)
+        proposals = _sample(logits, first, banned, sp.eos, knobs.temperature, uniforms, active)
         new = _select_and_apply(x, fz, proposals, logits, gate, knobs, sp.mask, last=t == K - 1)
         new_fz = fz
         if sp.eos is not None:
             new, new_fz = rules.freeze_after_eos(new, fz.clone(), sp.eos, sp.pad)
         # stop
-        changed, ratio = rules.change_ratio(new, x, fz)
+        _, ratio = rules.change_ratio(new, x, fz)
+        changed = rules.edits(new, x, fz, sp.pad)
         masks_left = ((new == sp.mask) & ~new_fz).any(-1)
         done = rules.finished(t, ratio, knobs.stop_threshold, masks_left, new_fz.all(-1))
         tokens[active], frozen[active] = new, new_fz

@@ -286,6 +286,8 @@ class Trainer:
         a = self.args
         if self.resume:
             self._trim_log()
+        elif self.is_main:  # a fresh run owns the log (a run killed before its first checkpoint left one)
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
         end = a.steps if self.max_new_steps is None else min(a.steps, self.step + self.max_new_steps)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if _main_thread() else {}

@@ -1,0 +1,8 @@
+"""The bounds a generate call works within (no imports, so the command line can show them in ``--help``
+without loading numpy or onnxruntime)."""
+
+#: sequences per batch when the caller names none: memory is bounded by the batch, never by ``n`` (64: the
+#: bundled model peaks at ~340 MB and runs fastest per molecule on CPU there; on a GPU pass a larger one)
+DEFAULT_BATCH_SIZE = 64
+#: the most refinement steps a call may ask for (models are trained for a handful; each step costs a call)
+MAX_STEPS = 10_000

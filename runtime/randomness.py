@@ -1,0 +1,83 @@
+"""Randomness per sample: sample ``i`` of a request seeded ``s`` draws only from its own stream.
+
+A request's samples are generated in batches, and rows leave a batch as they finish, so one generator
+shared by the batch would hand each sample different numbers whenever ``batch_size``, ``n`` or another
+row's early stop changed. Here every sample index owns a generator seeded with
+``SeedSequence(s, spawn_key=(i,))`` (numpy's own way of deriving independent child streams), and every
+per-position draw is made row by row from those generators. So ``-n 4`` is the prefix of ``-n 8`` and
+``--batch-size`` changes nothing but speed and memory. The numpy loop and the PyTorch reference loop
+draw through this one module, which is why they sample the same tokens for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RowRandom", "SampleStreams"]
+
+
+class SampleStreams:
+    """The generators of samples ``first .. first + count - 1`` of a request seeded ``root``."""
+
+    def __init__(self, root: np.random.SeedSequence, first: int, count: int):
+        self.generators = [np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, i)))
+                           for i in range(first, first + count)]
+        # for selectors that call a Generator method RowRandom does not list (per batch, not per sample);
+        # its two-entry key is never a sample's one-entry key
+        self.shared = np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, first, count)))
+
+    @classmethod
+    def for_request(cls, seed: int | None, first: int, count: int) -> SampleStreams:
+        return cls(np.random.SeedSequence(seed), first, count)
+
+    def uniforms(self, rows: Sequence[int] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """[len(rows), *shape] float32 uniforms in [0, 1), row j from the generator of sample rows[j]."""
+        out = np.empty((len(rows), *shape), dtype=np.float32)
+        for j, row in enumerate(rows):
+            self.generators[int(row)].random(shape, dtype=np.float32, out=out[j])
+        return out
+
+    def for_rows(self, rows: Sequence[int] | np.ndarray) -> RowRandom:
+        return RowRandom(self, np.asarray(rows))
+
+
+class RowRandom:
+    """``StepState.rng``: a numpy-Generator-like object whose draws of shape ``(B, ...)`` come row by row
+    from each active sample's own stream, so a selector's randomness, like the sampler's, does not depend
+    on the batch it runs in. Methods beyond those listed here fall through to one request-level generator:
+    they work, but their numbers then depend on the batch."""
+
+    def __init__(self, streams: SampleStreams, rows: np.ndarray):
+        self._streams, self._rows = streams, rows
+
+    def _per_row(self, size, draw) -> np.ndarray:
+        size = (size,) if isinstance(size, (int, np.integer)) else tuple(size or ())
+        if not size or size[0] != len(self._rows):
+            raise ValueError(f"StepState.rng draws per sequence: size must start with the batch size "
+                             f"{len(self._rows)}, got {size or None}")
+        rows = [draw(self._streams.generators[int(r)], size[1:]) for r in self._rows]
+        return np.stack(rows) if rows else np.empty(size)
+
+    def random(self, size=None, dtype=np.float64) -> np.ndarray:
+        return self._per_row(size, lambda g, s: g.random(s, dtype=dtype))
+
+    def uniform(self, low=0.0, high=1.0, size=None) -> np.ndarray:
+        return self._per_row(size, lambda g, s: g.uniform(low, high, s))
+
+    def standard_normal(self, size=None, dtype=np.float64) -> np.ndarray:
+        return self._per_row(size, lambda g, s: g.standard_normal(s, dtype=dtype))
+
+    def normal(self, loc=0.0, scale=1.0, size=None) -> np.ndarray:
+        return self._per_row(size, lambda g, s: g.normal(loc, scale, s))
+
+    def gumbel(self, loc=0.0, scale=1.0, size=None) -> np.ndarray:
+        return self._per_row(size, lambda g, s: g.gumbel(loc, scale, s))
+
+    def integers(self, low, high=None, size=None, dtype=np.int64, endpoint=False) -> np.ndarray:
+        return self._per_row(size, lambda g, s: g.integers(low, high, s, dtype=dtype, endpoint=endpoint))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._streams.shared, name)
