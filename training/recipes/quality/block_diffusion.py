@@ -53,11 +53,14 @@ class Net(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, tokens, pos, mask):
+    def trunk(self, tokens, pos, mask):
         x = self.tok(tokens) + self.pos(pos)
         for blk in self.blocks:
             x = blk(x, mask)
-        hid = self.ln(x)
+        return self.ln(x)
+
+    def forward(self, tokens, pos, mask):
+        hid = self.trunk(tokens, pos, mask)
         logits = hid @ self.tok.weight.t()
         g = self.gate(hid).squeeze(-1) if self.gate is not None else None
         return logits, g
@@ -73,6 +76,28 @@ def bd_train_mask(L, B, device):
     top = torch.cat([nn_, nc], 1)
     bot = torch.cat([torch.zeros_like(nn_), cc], 1)
     return torch.cat([top, bot], 0)
+
+
+def set_lr(opt, args, step, elapsed, est_total):
+    """Warmup 300 steps, then cosine to 0.1x over the steps the time budget allows (estimated after 50)."""
+    if step == 50:
+        est_total = int(args.train_seconds / (elapsed / 50))
+    total = est_total or 10**9
+    lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+    for pg in opt.param_groups:
+        pg["lr"] = lr
+    return est_total
+
+
+def update(model, opt, loss, step, started, log, name):
+    """One optimiser step (clipped at 1.0); every 500 steps a log row (step, seconds, loss)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if step % 500 == 0:
+        log.append((step, round(time.time() - started, 1), float(loss)))
+        print(name, step, round(time.time() - started), float(loss), flush=True)
 
 
 def train(args, data, vocab, device):
@@ -98,13 +123,7 @@ def train(args, data, vocab, device):
         el = time.time() - started
         if el > args.train_seconds:
             break
-        # lr: warmup 300 then cosine over the estimated number of steps (estimated after 50 steps)
-        if step == 50:
-            est_total = int(args.train_seconds / (el / 50))
-        total = est_total or 10**9
-        lr = args.lr * min(1.0, (step + 1) / 300) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
-        for pg in opt.param_groups:
-            pg["lr"] = lr
+        est_total = set_lr(opt, args, step, el, est_total)
         idx = torch.randint(0, len(data_t), (args.batch,), generator=g)
         x0 = data_t[idx].to(device, non_blocking=True)
         with torch.autocast(device if isinstance(device,str) else device.type, dtype=torch.bfloat16):
@@ -144,13 +163,7 @@ def train(args, data, vocab, device):
                         right = (samp == x0).float()
                     bce = F.binary_cross_entropy_with_logits(gate[:, :L].float(), right, reduction="none")
                     loss = loss + 0.5 * (bce * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 500 == 0:
-            log.append((step, round(time.time() - started, 1), float(loss)))
-            print(args.name, step, round(time.time() - started), float(loss), flush=True)
+        update(model, opt, loss, step, started, log, args.name)
         step += 1
     return model, {"params": nparam, "train_steps": step, "train_seconds": round(time.time() - started, 1),
                    "tokens_per_step": args.batch * (L if args.mode == "ar" else 2 * L), "log": log}
@@ -315,6 +328,19 @@ class Evaluator:
                 "heavy": float(np.mean([m.GetNumAtoms() for m in valid]))}
 
 
+def add_common_args(ap):
+    """The model, optimiser and sampling knobs every script of this folder shares."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--train-seconds", type=float, default=300)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--L", type=int, default=56)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True)
@@ -325,16 +351,8 @@ def main():
     ap.add_argument("--weighting", default="none")
     ap.add_argument("--gate", action="store_true")
     ap.add_argument("--mask-style", default="random")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--train-seconds", type=float, default=300)
-    ap.add_argument("--n", type=int, default=10000)
+    add_common_args(ap)
     ap.add_argument("--decoders", default="")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--L", type=int, default=56)
     ap.add_argument("--data", default=".exp/data/train_selfies.npz")
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", default="")
