@@ -57,6 +57,8 @@ def valid_upto_eos(x0):
 def train(args, data, vocab, device):
     L = data.shape[1]
     model = DraftNet(vocab, L, args.hidden, args.layers, args.heads, args.drafts).to(device)
+    if args.init:  # continue from saved weights (the optimiser starts afresh, with its warmup)
+        model.load_state_dict({k: v.float() for k, v in torch.load(args.init, map_location=device).items()})
     nparam = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -191,6 +193,7 @@ def main():
     ap.add_argument("--samples", required=True)
     ap.add_argument("--save", default="")
     ap.add_argument("--load", default="")
+    ap.add_argument("--init", default="", help="start training from these weights")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed)
