@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -148,3 +149,16 @@ def test_export_and_inspect_cli(tiny_run, tmp_path):
     assert [o["name"] for o in info["outputs"]] == ["logits", "gate", "cond_next", "critic"]
     r = _cli("inspect", str(out))
     assert "parameters" in r.stdout and "cond_next" in r.stdout
+
+
+def test_export_refuses_an_unwritable_output_first_and_is_quiet(tiny_run, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    started = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "export", str(tiny_run), "-o",
+                        str(blocker / "m.onnx")], capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot write" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert time.perf_counter() - started < 20  # refused before exporting
+    r = subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "export", str(tiny_run), "-o",
+                        str(tmp_path / "m.onnx"), "--fp16", "--no-check"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # no exporter chatter (torchvision, shape inference)

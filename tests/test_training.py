@@ -227,3 +227,27 @@ def test_ranger21_option_trains_and_resumes(tmp_path):
     result = train(tiny_args(tmp_path / "r", steps=6), resume=True)
     assert result["step"] == 6
     assert all(np.isfinite(r["loss"]) for r in _log(tmp_path / "r"))
+
+
+def test_a_fresh_run_restarts_the_log_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    from conftest import tiny_args
+    from imadarem.training.trainer import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 999, "loss": 1.0}\n')  # what the killed run had logged
+    train(tiny_args(run, steps=3))
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines() if '"step"' in line]
+    assert 999 not in steps and steps
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "x", "--out-dir", "y"], ["export", "run", "-o", "m.onnx"],
+                                     ["bench"]])
+def test_development_commands_without_torch_name_the_extra(command):
+    code = ("import sys; sys.modules['torch'] = None\n"  # as on a quickstart install: `import torch` fails
+            "import importlib.util; real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda name, *a: None if name == 'torch' else real(name, *a)\n"
+            "from imadarem.runtime.cli import main; main(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "pip install 'imadarem[train]'" in r.stderr
