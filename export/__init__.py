@@ -10,6 +10,8 @@ imported on first use (torch and onnx come with them). docs/ARCHITECTURE.md has 
 from imadarem.runtime.lazy import lazy_getattr
 
 _LAZY = {
+    "export_causal": "imadarem.export.causal_export",
+    "causal_parity": "imadarem.export.causal_export",
     "export_checkpoint": "imadarem.export.onnx_export",
     "export_model": "imadarem.export.onnx_export",
     "quantize_int8": "imadarem.export.onnx_export",

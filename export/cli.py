@@ -66,7 +66,10 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
 @click.option("--engines", default="all", show_default=True, callback=_name_list,
               help="Comma-separated: ort-fp32, ort-int8, ort-fp16, ort-fp32-head, ort-fp16-head (files with the "
-                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv.")
+                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv, and with --causal-model ort-causal-l2r, "
+                   "ort-causal-verify.")
+@click.option("--causal-model", type=click.Path(dir_okay=False),
+              help="A causal model file (format 2, `imadarem export-causal`) for the ort-causal-* rows.")
 @click.option("--steps", type=click.IntRange(min=1), help="Refinement steps [default: the model's K].")
 @click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
@@ -75,8 +78,8 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--agreement-n", default=256, show_default=True, type=click.IntRange(min=0),
               help="Sequences decoded greedily to compare int8/fp16 tokens with fp32.")
 @click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
-def bench_command(model, checkpoint, batch_sizes, providers, engines, steps, selector, repeats, threads, seed,
-                  agreement_n, out_dir):
+def bench_command(model, checkpoint, batch_sizes, providers, engines, causal_model, steps, selector, repeats, threads,
+                  seed, agreement_n, out_dir):
     """Time the runtime loop against PyTorch eager, x-transformers and a KV-cache AR decoder.
 
     Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the table, with ratios against the PyTorch loop).
@@ -89,12 +92,48 @@ def bench_command(model, checkpoint, batch_sizes, providers, engines, steps, sel
         raise ImadaremError("give --model or --checkpoint, not both")
     args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
                      engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
-                     agreement_n=agreement_n, out_dir=out_dir)
+                     agreement_n=agreement_n, out_dir=out_dir, causal_model=causal_model)
     bench = Bench(args)
     bench.run(progress=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo((Path(out_dir) / "bench.md").read_text())
 
 
+@click.command("export-causal")
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--vocab", required=True, type=click.Path(dir_okay=False),
+              help="The token list (JSON) the weights were trained with.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.onnx).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation (CPUs; 4x smaller).")
+@click.option("--max-seq-len", default=56, show_default=True, type=click.IntRange(min=1))
+@click.option("--hidden-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--layers", default=6, show_default=True, type=click.IntRange(min=1))
+@click.option("--heads", default=8, show_default=True, type=click.IntRange(min=1))
+def export_causal_command(weights, vocab, output, quantize, max_seq_len, hidden_size, layers, heads):
+    """Export a causal model (a left-to-right transformer, with draft heads or without) trained by
+    training/recipes/quality (its --save WEIGHTS) as a format-2 model file: one step with a KV cache,
+    decoded by `imadarem-run` with draft-and-verify (verify) or one token per call (l2r)."""
+    require_torch("imadarem export-causal")
+    import tempfile
+    from pathlib import Path
+
+    from imadarem.export.causal_export import causal_parity, export_causal
+    from imadarem.export.onnx_export import _quiet_exporters, check_writable, quantize_int8
+    from imadarem.training.causal import load_research_checkpoint
+
+    check_writable(output)
+    model = load_research_checkpoint(weights, vocab, max_seq_len, hidden_size, layers, heads)
+    provenance = {"weights": str(weights), "variant": quantize or "fp32"}
+    if quantize:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_exporters():
+            fp32 = export_causal(model, Path(tmp) / "fp32.onnx", provenance)
+            quantize_int8(fp32, Path(output))
+    else:
+        export_causal(model, output, provenance)
+    summary = {"output": str(output), "variant": quantize or "fp32", "drafts": model.config.num_drafts,
+               "bytes": Path(output).stat().st_size, **causal_parity(model, output)}
+    click.echo(json.dumps(summary))
+
+
 @hookimpl
 def imadarem_commands():
-    return [export_command, bench_command]
+    return [export_command, export_causal_command, bench_command]

@@ -37,14 +37,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_metadata(model, provenance: dict[str, Any]) -> dict[str, str]:
-    """The model file's metadata_props for an ImplicitRefinementModel."""
+def build_metadata(model, provenance: dict[str, Any], fmt: str = mf.FORMAT_VERSION) -> dict[str, str]:
+    """The model file's metadata_props for an ImplicitRefinementModel (format 1) or a CausalLM (format 2)."""
     if model.tokenizer is None:
         raise ImadaremError("the model has no tokenizer: build it as ImplicitRefinementModel(config, tokenizer) "
                             "to export it")
     cfg = model.config.to_dict()
     meta = {
-        mf.KEY_FORMAT: mf.FORMAT_VERSION,
+        mf.KEY_FORMAT: fmt,
         mf.KEY_CONFIG: json.dumps(cfg, sort_keys=True),
         mf.KEY_TOKENIZER: tokenizer_to_json(model.tokenizer),
         mf.KEY_SPECIAL_IDS: json.dumps(model.special.as_dict()),

@@ -32,15 +32,15 @@ from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter, VocabularyT
 
 #: importing these loads the loop (and with it onnxruntime's Python side only on first use)
 _LAZY = {"Generator": "generator", "Sample": "generator", "TrajectoryStep": "generator",
-         "LoopTimings": "generator", "ModelConfig": "modelfile", "ModelFile": "modelfile",
-         "load_model_file": "modelfile"}
+         "LoopTimings": "generator", "open_generator": "generator", "ModelConfig": "modelfile",
+         "ModelFile": "modelfile", "load_model_file": "modelfile", "CausalGenerator": "causal"}
 
 __all__ = [
-    "CheckpointError", "DataError", "Decision", "Generator", "ImadaremError", "LoopTimings", "ModelConfig",
+    "CausalGenerator", "CheckpointError", "DataError", "Decision", "Generator", "ImadaremError", "LoopTimings", "ModelConfig",
     "ModelFile", "ModelFileError", "PluginError", "PromptError", "Sample", "Selector", "SelectorError",
     "SpecialIds", "StepState", "TokenizerAdapter", "TokenizerError", "TrajectoryStep", "UnknownPluginError",
     "VocabularyTokenizer", "create_selector", "get_selector_class", "get_tokenizer_class", "hookimpl",
-    "hookspec", "list_plugins", "load_model_file", "plugin_problems", "resolve_special_ids",
+    "hookspec", "list_plugins", "load_model_file", "open_generator", "plugin_problems", "resolve_special_ids",
     "tokenizer_from_json", "tokenizer_to_json",
 ]
 

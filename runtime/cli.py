@@ -119,7 +119,8 @@ HELP = {"help_option_names": ["-h", "--help"]}
 @click.command("run", context_settings=HELP)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-n", "--num", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Sequences to generate.")
-@click.option("--selector", default="gate", show_default=True, help="Selector plugin (see `imadarem plugins`).")
+@click.option("--selector", help="Selector plugin (see `imadarem plugins`) [default: gate; for a causal model file: "
+              "verify, or l2r].")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Refinement steps K [default: the model's].")
 @click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature [default: the model's].")
 @click.option("--stop-threshold", type=click.FloatRange(0, 1), help="Early-stop change ratio [default: the model's].")
@@ -142,10 +143,12 @@ def run_command(model, n, selector, steps, temperature, stop_threshold, seed, pr
     Samples are printed as each batch finishes; a progress bar shows on stderr when it is a terminal.
     On Ctrl-C what was printed stays, and the exit status is 130.
     """
-    from imadarem.runtime.generator import Generator
+    from imadarem.runtime.generator import open_generator
 
-    gen = Generator(model, provider=provider, threads=threads)
-    samples = gen.iter_generate(n, selector=selector, steps=steps, temperature=temperature,
+    gen = open_generator(model, provider=provider, threads=threads)
+    if selector is not None:
+        options["selector"] = selector
+    samples = gen.iter_generate(n, steps=steps, temperature=temperature,
                                 stop_threshold=stop_threshold, seed=seed, prompt=prompt, batch_size=batch_size,
                                 trajectory=trajectory, **options)
     with _progress(n) as progress:

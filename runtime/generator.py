@@ -475,6 +475,23 @@ class _DeviceCond:
         self.rows = self.rows[rows]
 
 
+def open_generator(model_path: str | os.PathLike | None = None, provider: str = "cpu", threads: int | None = None):
+    """A generator for any model file: ``Generator`` for refinement steps (format 1), ``CausalGenerator``
+    for causal steps with a KV cache (format 2). Both have ``generate`` and ``iter_generate``."""
+    from imadarem.runtime.modelfile import load_model_file, open_session
+
+    if model_path is None:
+        model_path = default_model_path()
+        if model_path is None:
+            raise ModelFileError("no MODEL given and this installation has no bundled default model")
+    opened = open_session(model_path, provider, threads)
+    from imadarem.runtime.causal import CausalGenerator, is_causal
+
+    if is_causal(opened[1]):
+        return CausalGenerator(model_path, provider, threads, opened=opened)
+    return Generator.from_model_file(load_model_file(model_path, provider, threads, opened=opened), provider)
+
+
 def banned_ids(special, unk: int | None = None) -> np.ndarray:
     """Ids never proposed: MASK, PAD (padding only ever follows a committed EOS) and UNK if any."""
     ids = {special.mask, special.pad} | ({unk} if unk is not None and unk not in (special.eos,) else set())

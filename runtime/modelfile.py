@@ -26,7 +26,8 @@ from imadarem.runtime.tokenizer import (
 )
 
 FORMAT_VERSION = "1"
-SUPPORTED_FORMATS = {"1"}
+SUPPORTED_FORMATS = {"1"}  # refinement steps; "2" (CAUSAL_FORMAT) is a causal step with a KV cache
+CAUSAL_FORMAT = "2"
 KEY_FORMAT = "imadarem.format"
 KEY_CONFIG = "imadarem.config"
 KEY_TOKENIZER = "imadarem.tokenizer"
@@ -84,6 +85,27 @@ def providers_for(provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def checked_fields(cls, config: dict[str, Any], path: str) -> dict[str, Any]:
+    """The values of a typed config dataclass's fields, each checked: bool, int >= 1 (or the field's
+    ``min`` metadata), or a finite number >= 0; a bad one is a one-line ModelFileError naming it."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        raw = config.get(f.name)
+        if f.type == "bool":
+            ok, value, kind = isinstance(raw, bool), raw, "true or false"
+        elif f.type == "int":
+            low = f.metadata.get("min", 1)
+            ok = isinstance(raw, int) and not isinstance(raw, bool) and raw >= low
+            value, kind = raw, "a positive integer" if low == 1 else f"an integer >= {low}"
+        else:
+            ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw) and raw >= 0
+            value, kind = (float(raw) if ok else raw), "a number >= 0"
+        if not ok:
+            raise ModelFileError(f"{path}: model config {f.name} must be {kind}, got {raw!r}")
+        values[f.name] = value
+    return values
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A typed view of the model config the runtime reads (the ``imadarem.config`` metadata).
@@ -104,22 +126,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], path: str = "model") -> ModelConfig:
         """Check types and ranges; a bad value is a one-line ModelFileError naming the field."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = config.get(f.name)
-            if f.type == "bool":
-                ok = isinstance(raw, bool)
-                value = raw
-            elif f.type == "int":
-                ok = isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1
-                value = raw
-            else:
-                ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw) and raw >= 0
-                value = float(raw) if ok else raw
-            if not ok:
-                kind = {"bool": "true or false", "int": "a positive integer"}.get(f.type, "a number >= 0")
-                raise ModelFileError(f"{path}: model config {f.name} must be {kind}, got {raw!r}")
-            values[f.name] = value
+        values = checked_fields(cls, config, path)
         if values["stop_threshold"] > 1:
             raise ModelFileError(f"{path}: model config stop_threshold must be in [0, 1], got {values['stop_threshold']!r}")
         return cls(**values)
@@ -205,21 +212,30 @@ def _json_field(meta: dict[str, str], key: str, path: str) -> Any:
         raise ModelFileError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
 
 
-def check_metadata(meta: dict[str, str], path: str) -> tuple[dict, TokenizerAdapter, SpecialIds, dict]:
-    """Validate the metadata on its own (format, config keys, tokenizer, special ids)."""
+def model_format(meta: dict[str, str], path: str) -> str:
     fmt = meta.get(KEY_FORMAT)
     if fmt is None:
         raise ModelFileError(f"{path}: not an Imadarem model file (metadata {KEY_FORMAT!r} is missing)")
-    if fmt not in SUPPORTED_FORMATS:
+    if fmt not in SUPPORTED_FORMATS | {CAUSAL_FORMAT}:
         raise ModelFileError(f"{path}: model format {fmt!r} is not supported by this Imadarem "
-                             f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
+                             f"(supported: {', '.join(sorted(SUPPORTED_FORMATS | {CAUSAL_FORMAT}))})")
+    return fmt
+
+
+def check_metadata(meta: dict[str, str], path: str, typed: type = None, fmt: str = FORMAT_VERSION
+                   ) -> tuple[dict, TokenizerAdapter, SpecialIds, dict]:
+    """Validate the metadata on its own (format, config keys, tokenizer, special ids); ``typed`` is the
+    config's typed view (``ModelConfig`` for format 1)."""
+    typed = typed or ModelConfig
+    if model_format(meta, path) != fmt:
+        raise ModelFileError(f"{path}: a format {meta[KEY_FORMAT]} model file where format {fmt} was expected")
     config = _json_field(meta, KEY_CONFIG, path)
     if not isinstance(config, dict):
         raise ModelFileError(f"{path}: metadata {KEY_CONFIG!r} must be a JSON object")
-    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config]
+    missing = [f.name for f in dataclasses.fields(typed) if f.name not in config]
     if missing:
         raise ModelFileError(f"{path}: model config lacks {', '.join(missing)}")
-    ModelConfig.from_dict(config, path)  # types and ranges, before anything reads a value
+    typed.from_dict(config, path)  # types and ranges, before anything reads a value
     if KEY_TOKENIZER not in meta:
         raise ModelFileError(f"{path}: not an Imadarem model file (metadata {KEY_TOKENIZER!r} is missing)")
     try:
@@ -314,8 +330,8 @@ def probe(session, model: ModelFile) -> None:
                              f"{list(logits.shape)}; the config says [1, {length}, {vocab}]")
 
 
-def load_model_file(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None) -> ModelFile:
-    """Open ``path`` with onnxruntime and check metadata and graph against each other."""
+def open_session(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None):
+    """An onnxruntime session on ``path`` and its metadata_props (any format)."""
     path = str(path)
     if not Path(path).is_file():
         raise ModelFileError(f"model file not found: {path}")
@@ -326,7 +342,15 @@ def load_model_file(path: str | os.PathLike, provider: str = "cpu", threads: int
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: not a readable ONNX model ({first[:200]})") from None
-    meta = dict(session.get_modelmeta().custom_metadata_map)
+    return session, dict(session.get_modelmeta().custom_metadata_map)
+
+
+def load_model_file(path: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
+                    opened: tuple | None = None) -> ModelFile:
+    """Open ``path`` with onnxruntime and check metadata and graph against each other (format 1: one
+    refinement step; format 2, a causal step with a KV cache, is ``runtime/causal.py``'s)."""
+    path = str(path)
+    session, meta = opened or open_session(path, provider, threads)
     config, tokenizer, special, provenance = check_metadata(meta, path)
     outputs = check_graph(session, config, path)
     model = ModelFile(path, session, config, tokenizer, special, outputs, provenance, meta)
@@ -347,7 +371,13 @@ def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
     """What ``imadarem inspect`` shows. The parameter count is the PyTorch model's, recorded in the
     provenance at export (the graph's initializers would count differently for int8 and fp16 files, and
     reading them needs the onnx package, which the runtime never imports)."""
-    mfile = load_model_file(path)
+    opened = open_session(path)
+    if opened[1].get(KEY_FORMAT) == CAUSAL_FORMAT:
+        from imadarem.runtime.causal import load_causal_file
+
+        mfile = load_causal_file(str(path), opened=opened)
+    else:
+        mfile = load_model_file(path, opened=opened)
     params = mfile.provenance.get("parameters")
     sess = mfile.session
     return {

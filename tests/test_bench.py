@@ -85,3 +85,18 @@ def test_model_rebuilt_from_a_device_state_file(tiny_run, tmp_path):
     path = export_checkpoint(tiny_run, tmp_path / "ds.onnx", device_state=True)
     _, report = model_from_onnx(path)
     assert report.max_abs_logit_diff <= 1e-4
+
+
+def test_bench_times_a_causal_file_beside_the_refinement_loop(tiny_run, tmp_path):
+    from imadarem.export.bench.runner import Bench, BenchArgs
+    from imadarem.export.causal_export import export_causal
+    from test_causal import tiny_model
+
+    causal = export_causal(tiny_model(), tmp_path / "causal.onnx")
+    args = BenchArgs(checkpoint=str(tiny_run), batch_sizes=(4,), repeats=1, agreement_n=0, out_dir=str(tmp_path),
+                     engines=("ort-fp32", "ort-causal-l2r", "ort-causal-verify"), causal_model=str(causal))
+    rows = {r["engine"]: r for r in Bench(args).run()["rows"]}
+    assert set(rows) == {"ort-fp32", "ort-causal-l2r", "ort-causal-verify"}
+    assert rows["ort-causal-l2r"]["edits_per_step"] == pytest.approx(1.0)  # one token per call
+    assert rows["ort-causal-verify"]["steps_used"] < rows["ort-causal-l2r"]["steps_used"]
+    assert rows["ort-causal-verify"]["seq_per_s"] > 0 and rows["ort-causal-verify"]["model_tflops"] is None

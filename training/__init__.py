@@ -24,6 +24,10 @@ _LAZY = {
     "torch_refine": "imadarem.training.reference",
     "load_checkpoint": "imadarem.training.checkpoint",
     "build_model": "imadarem.training.checkpoint",
+    # the causal family (a left-to-right model with draft heads; exported as model format 2)
+    "CausalConfig": "imadarem.training.causal",
+    "CausalLM": "imadarem.training.causal",
+    "load_research_checkpoint": "imadarem.training.causal",
     # the tokenizer contract, shared with the runtime
     "TokenizerAdapter": "imadarem.runtime.tokenizer",
     "VocabularyTokenizer": "imadarem.runtime.tokenizer",

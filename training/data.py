@@ -36,7 +36,10 @@ MOSES_MEMBERS = {
     "test_scaffolds": "moses/dataset/data/test_scaffolds.csv.gz",
     "mcf": "moses/metrics/mcf.csv",
     "pains": "moses/metrics/wehi_pains.csv",
+    "test_stats": "moses/dataset/data/test_stats.npz",
 }
+#: MOSES's own FCD/Test reference (mu, sigma of ChemNet activations on the test split), as plain arrays
+MOSES_FCD_REFERENCE = "test_fcd_reference.npz"
 
 
 def default_cache_dir() -> Path:
@@ -84,6 +87,25 @@ def fetch_moses(cache_dir: str | os.PathLike | None = None, wheel: str | os.Path
             with zf.open(member) as src, open(tmp, "wb") as dst:
                 dst.write(src.read())
             os.replace(tmp, out[name])
+    return out
+
+
+def moses_fcd_reference(files: dict[str, Path]) -> Path:
+    """MOSES's FCD/Test reference (``test_stats.npz['stats']['FCD']``: mu, sigma) as a plain-array npz.
+
+    The wheel stores it as a pickled dict; it is read here once, from the sha256-checked wheel's copy,
+    and kept as two float arrays, so every later read needs no pickle.
+    """
+    out = files["test_stats"].with_name(MOSES_FCD_REFERENCE)
+    if out.is_file():
+        return out
+    import numpy as np
+
+    with np.load(files["test_stats"], allow_pickle=True) as raw:  # MOSES's own file, sha256-checked above
+        fcd = raw["stats"].item()["FCD"]
+    tmp = out.with_suffix(".part.npz")
+    np.savez(tmp, mu=np.asarray(fcd["mu"], dtype=np.float64), sigma=np.asarray(fcd["sigma"], dtype=np.float64))
+    os.replace(tmp, out)
     return out
 
 

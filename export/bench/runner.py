@@ -36,7 +36,9 @@ from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.generator import Generator, LoopTimings
 
 ENGINES = ("ort-fp32", "ort-int8", "ort-fp16", "ort-fp32-head", "ort-fp16-head", "torch", "torch-bf16", "xt-nar",
-           "xt-ar-kv")
+           "xt-ar-kv", "ort-causal-l2r", "ort-causal-verify")
+#: engines that run the --causal-model file (format 2) through runtime/causal.py
+CAUSAL = {"ort-causal-l2r": "l2r", "ort-causal-verify": "verify"}
 CUDA_ONLY = {"ort-fp16", "ort-fp16-head", "torch-bf16"}
 CPU_ONLY = {"ort-int8"}  # onnxruntime's CUDA provider has no MatMulInteger fast path
 
@@ -55,6 +57,7 @@ class BenchArgs:
     seed: int = 0
     agreement_n: int = 256
     out_dir: str = "bench-results"
+    causal_model: str | None = None  # a format-2 file for the ort-causal-* engines
 
 
 @dataclass
@@ -171,6 +174,16 @@ class Bench:
     def _runner(self, engine: str, provider: str, batch: int) -> Callable[[LoopTimings, int], dict] | None:
         a = self.args
         device = torch.device("cuda" if provider == "cuda" else "cpu")
+        if engine in CAUSAL:
+            gen = self._causal(provider)
+            if CAUSAL[engine] == "verify" and gen.model_config.num_drafts == 0:
+                return None
+
+            def run(tm: LoopTimings, seed: int) -> dict:
+                samples = gen.generate(batch, selector=CAUSAL[engine], seed=seed, batch_size=batch, timings=tm,
+                                       decode=False)
+                return {"steps": np.array([s.steps for s in samples]), "edits": [s.edits for s in samples]}
+            return run
         if engine.startswith("ort-"):
             gen = self._generator(engine[4:], provider)
 
@@ -209,6 +222,14 @@ class Bench:
             return {"steps": np.full(batch, per_run)}
         return run
 
+    def _causal(self, provider: str):
+        from imadarem.runtime.causal import CausalGenerator
+
+        key = ("causal", provider)
+        if key not in self._generators:
+            self._generators[key] = CausalGenerator(self.args.causal_model, provider=provider, threads=self.threads)
+        return self._generators[key]
+
     def _generator(self, variant: str, provider: str) -> Generator:
         key = (variant, provider)
         if key not in self._generators:
@@ -225,7 +246,7 @@ class Bench:
             tm = LoopTimings()
             stats = run(tm, self.args.seed + r)
             runs.append((tm, stats))
-        row = _summarise(engine, provider, batch, runs, self.config)
+        row = _summarise(engine, provider, batch, runs, None if engine in CAUSAL else self.config)
         self._tokens[(engine, provider, batch)] = runs[0][1].get("tokens")
         return row
 
@@ -240,7 +261,9 @@ class Bench:
                     for engine in a.engines:
                         if (engine in CUDA_ONLY and provider != "cuda") or (engine in CPU_ONLY and provider != "cpu"):
                             continue
-                        if engine.startswith("ort-") and engine[4:] not in self.files:
+                        if engine in CAUSAL and not a.causal_model:
+                            continue
+                        if engine.startswith("ort-") and engine not in CAUSAL and engine[4:] not in self.files:
                             continue
                         progress(f"{provider} batch {batch}: {engine}")
                         row = self.measure(engine, provider, batch)

@@ -4,10 +4,11 @@ Metrics follow the MOSES benchmark (Polykovskiy et al. 2020): validity (RDKit sa
 and @10k, Novelty against the MOSES train split, IntDiv1 (1 - mean pairwise Tanimoto of Morgan radius-2,
 1024-bit fingerprints; computed on at most ``intdiv_sample`` molecules, because all pairs of 30k are
 9e8), and Filters (MOSES's medicinal-chemistry filters: the MCF and PAINS SMARTS shipped in the
-molsets wheel, allowed atoms C N S O F Cl Br H, no charges, no ring larger than 8), and FCD/Test
-(Fréchet ChemNet Distance of the valid molecules to the whole MOSES test split, with the ``fcd``
-package's shipped ChemNet weights; the test split's statistics are computed once and cached beside the
-MOSES files, as plain arrays). FCD needs the ``fcd`` extra (it brings PyTorch).
+molsets wheel matched on the molecule with explicit hydrogens, allowed atoms C N S O F Cl Br H, no
+charges, no ring of 8 or more atoms: ``moses.metrics.mol_passes_filters`` exactly), and FCD/Test (Fréchet
+ChemNet Distance of the valid molecules to **MOSES's own reference statistics**, ``test_stats.npz`` of the
+molsets wheel, with the ``fcd`` package's ChemNet; MOSES train scores 0.136 at n = 10,000 with it).
+FCD needs the ``fcd`` extra (it brings PyTorch).
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ def load_filters(moses_files: dict[str, Path]):
 
 
 def passes_filters(mol, patterns) -> bool:
-    ring_info = mol.GetRingInfo()
-    if any(len(r) > 8 for r in ring_info.AtomRings()):
+    """MOSES's ``mol_passes_filters``: no ring of 8 or more atoms, no charge, only the allowed atoms, and
+    no MCF/PAINS match on the molecule with explicit hydrogens (some SMARTS count hydrogens)."""
+    Chem, _, _ = _rdkit()
+    if any(len(r) >= 8 for r in mol.GetRingInfo().AtomRings()):
         return False
     for atom in mol.GetAtoms():
         if atom.GetSymbol() not in ALLOWED_ATOMS or atom.GetFormalCharge() != 0:
             return False
-    h_mol = mol
+    h_mol = Chem.AddHs(mol)
     return not any(h_mol.HasSubstructMatch(p) for p in patterns)
 
 
@@ -98,14 +101,35 @@ def _fcd():
     return fcd
 
 
-class FrechetChemNet:
-    """FCD against one reference set (MOSES: FCD/Test), ChemNet loaded once."""
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The Fréchet distance of two Gaussians, as fcd and MOSES compute it (scipy's ``sqrtm``, with a small
+    diagonal offset when the product is singular); written here because fcd 1.2.2 passes ``sqrtm`` an
+    argument newer scipy removes."""
+    from scipy import linalg
 
-    def __init__(self, reference: Path, cache_dir: Path, device: str | None = None):
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(np.real(covmean)))
+
+
+class FrechetChemNet:
+    """FCD against one reference (MOSES: FCD/Test), ChemNet loaded once.
+
+    ``reference_stats`` (an npz of ``mu`` and ``sigma``, e.g. MOSES's own from ``moses_fcd_reference``)
+    is used as it is; otherwise the reference SMILES' statistics are computed once and cached.
+    """
+
+    def __init__(self, reference: Path, cache_dir: Path, device: str | None = None,
+                 reference_stats: Path | None = None):
         fcd = _fcd()
+        if not hasattr(np, "row_stack"):  # fcd 1.2.2 calls np.row_stack, which numpy 2.5 removed
+            np.row_stack = np.vstack
         self.fcd, self.device = fcd, device
         self.model = fcd.load_ref_model()
-        stats = Path(cache_dir) / f"fcd-{fcd.__version__}-{reference.name.split('.')[0]}-stats.npz"
+        stats = reference_stats or Path(cache_dir) / f"fcd-{fcd.__version__}-{reference.name.split('.')[0]}-stats.npz"
         if stats.is_file():
             with np.load(stats) as saved:  # plain float arrays: no pickle
                 self.mu, self.sigma = saved["mu"], saved["sigma"]
@@ -127,7 +151,7 @@ class FrechetChemNet:
         if len(smiles) < 2:
             return float("nan")
         mu, sigma = self._stats(smiles)
-        return float(self.fcd.calculate_frechet_distance(mu1=mu, sigma1=sigma, mu2=self.mu, sigma2=self.sigma))
+        return frechet_distance(mu, sigma, self.mu, self.sigma)
 
 
 def read_train_set(path: Path) -> set[str]:
@@ -139,8 +163,8 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
              threads: int | None = None, progress=None, with_fcd: bool | None = None) -> list[dict[str, Any]]:
     """One row per selector and step count. ``with_fcd``: True needs the fcd package, None uses it
     when installed, False skips FCD."""
-    from imadarem.runtime.generator import Generator
-    from imadarem.training.data import fetch_moses  # noqa: I001
+    from imadarem.runtime.generator import open_generator
+    from imadarem.training.data import fetch_moses, moses_fcd_reference  # noqa: I001
 
     files = fetch_moses(moses_cache)
     train = read_train_set(files["train"])
@@ -149,8 +173,14 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
         import importlib.util
 
         with_fcd = importlib.util.find_spec("fcd") is not None
-    fcd = FrechetChemNet(files["test"], files["test"].parent) if with_fcd else None
-    gen = Generator(model, threads=threads)
+    fcd = FrechetChemNet(files["test"], files["test"].parent, reference_stats=moses_fcd_reference(files)) \
+        if with_fcd else None
+    from imadarem.runtime.causal import CausalGenerator
+
+    gen = open_generator(model, threads=threads)
+    causal = isinstance(gen, CausalGenerator)
+    if not selectors:
+        selectors = [gen.default_decoder] if causal else ["gate"]
     rows = []
     for selector in selectors:
         for steps in steps_list:
@@ -158,7 +188,8 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
             samples = gen.generate(n, selector=selector, steps=steps, temperature=temperature, seed=seed,
                                    batch_size=batch_size)
             elapsed = time.perf_counter() - t0
-            row: dict[str, Any] = {"selector": selector, "steps": steps or int(gen.config["max_refinement_steps"])}
+            max_steps = gen.config["max_seq_len"] + 1 if causal else gen.config["max_refinement_steps"]
+            row: dict[str, Any] = {"selector": selector, "steps": steps or int(max_steps)}
             row.update(molecule_metrics([s.text for s in samples], train, patterns, intdiv_sample, seed, fcd))
             row["steps_used"] = float(np.mean([s.steps for s in samples]))
             row["edits_per_step"] = float(np.mean([np.mean(s.edits) for s in samples]))
