@@ -162,3 +162,20 @@ def test_export_refuses_an_unwritable_output_first_and_is_quiet(tiny_run, tmp_pa
     r = subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "export", str(tiny_run), "-o",
                         str(tmp_path / "m.onnx"), "--fp16", "--no-check"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr  # no exporter chatter (torchvision, shape inference)
+
+
+def test_torch_noise_is_drawn_on_the_model_device_at_every_step(tiny_run, monkeypatch):
+    """torch_refine(noise="torch") draws every step's uniforms with torch (on a GPU: on the GPU); before
+    the fix its option was overwritten after the first step and later draws came from the host."""
+    from imadarem.runtime.randomness import SampleStreams
+
+    model = _ref_model(tiny_run)
+    host_draws = []
+    original = SampleStreams.uniforms
+    monkeypatch.setattr(SampleStreams, "uniforms", lambda self, *a: host_draws.append(a) or original(self, *a))
+    first, stats = torch_refine(model, 6, seed=3, noise="torch", return_stats=True)
+    assert host_draws == [] and stats["steps"].max() > 1
+    again = torch_refine(model, 6, seed=3, noise="torch")
+    np.testing.assert_array_equal(first, again)  # same seed, same tokens
+    torch_refine(model, 6, seed=3, noise="numpy")
+    assert len(host_draws) > 1  # the numpy path does draw on the host, every step
