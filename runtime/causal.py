@@ -222,7 +222,7 @@ class CausalGenerator:
         past, valid = self.model.empty_cache(n)
         started = time.perf_counter()
         logits, drafts, past = self.model.run(np.full((n, 1), sp.mask, np.int64), np.zeros((n, 1), np.int64), past, valid)
-        self._time(timings, started, n, 1)
+        self._time(timings, started, time.perf_counter() - started, n, 1)
         valid = np.concatenate([valid, np.ones((n, 1), bool)], 1)
         u = streams.uniforms(rows.active, ((1 + D) * V + D,))
         pend = self._draw(self._probs(logits[:, 0], temp), u[:, :V])
@@ -235,7 +235,7 @@ class CausalGenerator:
             positions = np.minimum(count[:, None] + 1 + np.arange(1 + D)[None], L)
             step_started = time.perf_counter()
             logits, drafts_out, present = self.model.run(tokens, positions, past, valid)
-            self._time(timings, step_started, b, 1 + D)
+            run_seconds = time.perf_counter() - step_started
             rows.calls[rows.active] += 1
             u = streams.uniforms(rows.active, ((1 + D) * V + D,))
             u_next, u_drafts, u_accept = u[:, :V], u[:, V: (1 + D) * V].reshape(b, D, V), u[:, (1 + D) * V:]
@@ -286,6 +286,7 @@ class CausalGenerator:
                 pend, d = pend[keep], d[keep]
                 if D:
                     q = q[keep]
+            self._time(timings, step_started, run_seconds, b, 1 + D)
         return [self._finish(rows, i, decode) for i in range(n)]
 
     def _finish(self, rows: _Rows, i: int, decode: bool) -> Sample:
@@ -296,12 +297,13 @@ class CausalGenerator:
         return Sample(text, ids, int(rows.calls[i]), rows.commits[i], False)
 
     @staticmethod
-    def _time(timings: LoopTimings | None, started: float, rows: int, new: int) -> None:
+    def _time(timings: LoopTimings | None, started: float, run_seconds: float, rows: int, new: int) -> None:
+        """One call's entry: its wall time from ``started`` (sampling and verification included), the
+        seconds inside onnxruntime, the rows it ran and the tokens fed per row."""
         if timings is None:
             return
-        seconds = time.perf_counter() - started
-        timings.run_seconds.append(seconds)
-        timings.step_seconds.append(seconds)
+        timings.step_seconds.append(time.perf_counter() - started)
+        timings.run_seconds.append(run_seconds)
         timings.active_rows.append(rows)
         timings.run_lengths.append(new)
 
