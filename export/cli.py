@@ -103,7 +103,8 @@ def bench_command(model, checkpoint, batch_sizes, providers, engines, causal_mod
 @click.option("--vocab", required=True, type=click.Path(dir_okay=False),
               help="The token list (JSON) the weights were trained with.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.onnx).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation (CPUs; 4x smaller).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+              help="int8: dynamic quantisation (CPUs; 4x smaller); int4: weight-only MatMulNBits (5.5x smaller).")
 @click.option("--max-seq-len", default=56, show_default=True, type=click.IntRange(min=1))
 @click.option("--hidden-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--layers", default=6, show_default=True, type=click.IntRange(min=1))
@@ -117,7 +118,7 @@ def export_causal_command(weights, vocab, output, quantize, max_seq_len, hidden_
     from pathlib import Path
 
     from imadarem.export.causal_export import causal_parity, export_causal
-    from imadarem.export.onnx_export import _quiet_exporters, check_writable, quantize_int8
+    from imadarem.export.onnx_export import _quiet_exporters, check_writable, quantize_int4, quantize_int8
     from imadarem.training.causal import load_research_checkpoint
 
     check_writable(output)
@@ -126,7 +127,7 @@ def export_causal_command(weights, vocab, output, quantize, max_seq_len, hidden_
     if quantize:
         with tempfile.TemporaryDirectory() as tmp, _quiet_exporters():
             fp32 = export_causal(model, Path(tmp) / "fp32.onnx", provenance)
-            quantize_int8(fp32, Path(output))
+            (quantize_int8 if quantize == "int8" else quantize_int4)(fp32, Path(output))
     else:
         export_causal(model, output, provenance)
     summary = {"output": str(output), "variant": quantize or "fp32", "drafts": model.config.num_drafts,

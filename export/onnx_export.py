@@ -197,6 +197,24 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
+def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
+    """Weight-only int4 quantisation of the MatMul weights (onnxruntime's MatMulNBits, symmetric blocks of
+    ``block_size``, int8 compute: ``accuracy_level`` 4); activations stay float32."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    proto = onnx.load(str(src))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+    quantizer.process()
+    write_with_metadata(quantizer.model.model, dst, meta)
+    return dst
+
+
 def check_writable(out_path: str | os.PathLike) -> None:
     """Refuse an output path that cannot be written before minutes of export, not after."""
     out_path = Path(out_path)
