@@ -129,7 +129,17 @@ class _Rows:
         self.ids = np.full((n, length), pad, dtype=np.int64)
         self.count = np.zeros(n, dtype=np.int64)  # committed tokens per row
         self.calls = np.ones(n, dtype=np.int64)  # the first call, on BOS
-        self.commits: list[list[int]] = [[] for _ in range(n)]  # tokens committed per call
+        self.commits: list[np.ndarray] = []  # per loop call: [n] tokens committed, 0 for rows that had left
+
+    def record(self, committed: np.ndarray) -> None:
+        """The tokens the active rows committed in one call (and their new counts)."""
+        per_row = np.zeros(self.ids.shape[0], dtype=np.int64)
+        per_row[self.active] = committed
+        self.commits.append(per_row)
+        self.count[self.active] += committed
+
+    def row_commits(self, i: int) -> list[int]:
+        return [int(c[i]) for c in self.commits[: self.calls[i] - 1]]
 
     def keep(self, mask: np.ndarray) -> None:
         self.active = self.active[mask]
@@ -260,12 +270,10 @@ class CausalGenerator:
                 alive = ok & keep & (d[:, m] != eos)
             # commit the exact token and the accepted drafts
             committed = 1 + accepted
-            for j, row in enumerate(rows.active):
-                c, k = int(count[j]), int(committed[j])
-                rows.ids[row, c: c + k] = tokens[j, :k]
-                rows.commits[row].append(k)
-            rows.count[rows.active] = count + committed
             new_valid = np.arange(1 + D)[None] < committed[:, None]
+            at = np.nonzero(new_valid)
+            rows.ids[rows.active[at[0]], count[at[0]] + at[1]] = tokens[at]
+            rows.record(committed)
             valid = np.concatenate([valid, new_valid], 1)
             past = present
             # the next exact token: after a rejection the residual sample, else the main head after the
@@ -294,7 +302,7 @@ class CausalGenerator:
         eos = self.special.eos
         ids = ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids[: int(rows.count[i])]
         text = self.tokenizer.decode(ids) if decode else None
-        return Sample(text, ids, int(rows.calls[i]), rows.commits[i], False)
+        return Sample(text, ids, int(rows.calls[i]), rows.row_commits(i), False)
 
     @staticmethod
     def _time(timings: LoopTimings | None, started: float, run_seconds: float, rows: int, new: int) -> None:
