@@ -177,11 +177,9 @@ class Generator:
 
     def __init__(self, model_path: str | os.PathLike | None = None, provider: str = "cpu",
                  threads: int | None = None):
-        if model_path is None:
-            model_path = default_model_path()
-            if model_path is None:
-                raise ModelFileError("no MODEL given and this installation has no bundled default model")
-        self._attach(load_model_file(model_path, provider=provider, threads=threads), provider)
+        """Open ``model_path`` (default: the bundled model), a refinement step (format 1) or a causal step
+        (format 2, run as draft-and-verify: ``runtime/causal_step.py``)."""
+        self._attach(_open_any(model_path, provider, threads), provider)
 
     @classmethod
     def from_model_file(cls, model: ModelFile, provider: str = "cpu") -> Generator:
@@ -279,7 +277,12 @@ class Generator:
         return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(self.config), decode)
 
     # -- the loop ------------------------------------------------------------------------------
-    def _state(self, n: int, length: int) -> _HostCond | _DeviceCond:
+    def _state(self, n: int, layout: Layout):
+        if getattr(self.model, "causal", False):
+            from imadarem.runtime.causal_step import CausalLoopState
+
+            return CausalLoopState(self.model, n, layout.length, layout.eos_only)
+        length = layout.length
         if self.provider == "cuda":
             return _DeviceCond(self.model, n, length)
         return _HostCond(self.model, n, length)
@@ -292,7 +295,8 @@ class Generator:
         batch = _Batch.start(n, run.layout, K, run.trajectory)
         bias = logit_bias(run.layout, self.model.vocab_size, self._banned, self.special.eos)
         in_graph = self.graph_sampling and self.model.graph_sampling
-        cond = self._state(n, run.layout.length)  # the self-conditioning state, on the host or on the GPU
+        # the self-conditioning state (on the host or on the GPU), or a causal file's KV cache
+        cond = self._state(n, run.layout)
         sel = run.selector
         selector_call(sel, "begin", batch_size=n, length=run.layout.length, num_steps=K, config=run.config)
         for t in range(K):
@@ -300,9 +304,15 @@ class Generator:
                 break
             step_started = time.perf_counter()
             x, fz = batch.current()
-            first = batch.trim(x, self.special.eos, self.trim_padding)
             temp = _checked_temperature(sel, selector_call(sel, "step_temperature", t, K, run.temperature))
-            out, run_seconds = self._run_step(cond, batch, x, t, K, temp, bias, streams, in_graph)
+            if getattr(cond, "causal", False):  # verify the last drafts, commit, present the next window
+                x, fz, out, run_seconds = cond.advance(x, fz, run.temperature, temp, bias,
+                                                       streams.for_rows(batch.active))
+                batch.tokens[batch.active], batch.frozen[batch.active] = x, fz
+                first = batch.trim(x, self.special.eos, False)
+            else:
+                first = batch.trim(x, self.special.eos, self.trim_padding)
+                out, run_seconds = self._run_step(cond, batch, x, t, K, temp, bias, streams, in_graph)
             proposals, logits, measures = self._sample(out, batch, temp, bias, first, streams, in_graph)
             state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=logits,
                               gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
@@ -475,21 +485,24 @@ class _DeviceCond:
         self.rows = self.rows[rows]
 
 
-def open_generator(model_path: str | os.PathLike | None = None, provider: str = "cpu", threads: int | None = None):
-    """A generator for any model file: ``Generator`` for refinement steps (format 1), ``CausalGenerator``
-    for causal steps with a KV cache (format 2). Both have ``generate`` and ``iter_generate``."""
-    from imadarem.runtime.modelfile import load_model_file, open_session
+def _open_any(model_path, provider: str, threads: int | None):
+    """The checked model file at ``model_path`` (default: the bundled one), whatever its format."""
+    from imadarem.runtime.causal import is_causal, load_causal_file
+    from imadarem.runtime.modelfile import open_session
 
     if model_path is None:
         model_path = default_model_path()
         if model_path is None:
             raise ModelFileError("no MODEL given and this installation has no bundled default model")
     opened = open_session(model_path, provider, threads)
-    from imadarem.runtime.causal import CausalGenerator, is_causal
-
     if is_causal(opened[1]):
-        return CausalGenerator(model_path, provider, threads, opened=opened)
-    return Generator.from_model_file(load_model_file(model_path, provider, threads, opened=opened), provider)
+        return load_causal_file(str(model_path), provider, threads, opened=opened)
+    return load_model_file(model_path, provider, threads, opened=opened)
+
+
+def open_generator(model_path: str | os.PathLike | None = None, provider: str = "cpu", threads: int | None = None):
+    """A ``Generator`` for any model file (kept for the callers of 0.x; ``Generator(path)`` does the same)."""
+    return Generator(model_path, provider, threads)
 
 
 def banned_ids(special, unk: int | None = None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Causal model files (format 2): export with a KV cache, draft-and-verify and left-to-right decoding."""
+"""Causal model files (format 2): export with a KV cache; the refinement loop over them (every draft verified,
+so every selector samples the left-to-right distribution) and the plain left-to-right decoder."""
 
 import json
 import subprocess
@@ -12,7 +13,7 @@ from imadarem.export.causal_export import causal_parity, export_causal
 from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
 from imadarem.runtime import ImadaremError, ModelFileError, SelectorError
 from imadarem.runtime.causal import CausalGenerator
-from imadarem.runtime.generator import open_generator
+from imadarem.runtime.generator import Generator, open_generator
 from imadarem.runtime.modelfile import KEY_CONFIG
 from imadarem.training.causal import CausalConfig, CausalLM, load_research_checkpoint
 
@@ -46,47 +47,72 @@ def test_the_file_matches_pytorch_whole_and_through_the_cache(causal_file):
     assert report["max_abs_diff"]["logits"] < 1e-4 and report["max_abs_diff"]["logits_through_cache"] < 1e-4
 
 
-def test_greedy_verify_is_exactly_greedy_left_to_right(causal_file):
-    gen = CausalGenerator(causal_file[1])
-    verify = gen.generate(64, temperature=0.0, seed=1)
-    l2r = gen.generate(64, selector="l2r", temperature=0.0, seed=1)
-    assert ids(verify) == ids(l2r)
-    assert np.mean([s.steps for s in verify]) < np.mean([s.steps for s in l2r])
+def test_greedy_draft_and_verify_is_exactly_greedy_left_to_right(causal_file):
+    loop = Generator(causal_file[1]).generate(64, temperature=0.0, seed=1)  # gate: draft-and-verify
+    l2r = CausalGenerator(causal_file[1]).generate(64, temperature=0.0, seed=1)
+    assert ids(loop) == ids(l2r)
+    assert np.mean([s.steps for s in loop]) < np.mean([s.steps for s in l2r])
 
 
-def test_verify_samples_the_left_to_right_distribution(causal_file):
-    """Speculative sampling is exact: per-position token frequencies of 4,000 samples each agree within
-    sampling noise (total variation), while verify needs fewer calls."""
-    gen = CausalGenerator(causal_file[1])
-    a = gen.generate(4000, seed=2, decode=False)
-    b = gen.generate(4000, selector="l2r", seed=3, decode=False)
+def token_frequencies(samples, j, V):
+    tok = [s.ids[j] if j < len(s.ids) else -1 for s in samples]
+    return np.bincount(np.array(tok) + 1, minlength=V + 1) / len(tok)
+
+
+@pytest.fixture(scope="module")
+def ancestral(causal_file):
+    return CausalGenerator(causal_file[1]).generate(4000, seed=3, decode=False)
+
+
+@pytest.mark.parametrize("selector,options", [("gate", {}), ("maskgit", {}), ("critic", {}), ("uniform", {}),
+                                              ("l2r", {"per_step": 2}), ("entropy", {}),
+                                              ("overwrite", {})])
+def test_every_selector_samples_the_left_to_right_distribution(causal_file, ancestral, selector, options):
+    """On a causal file every draft is verified (speculative sampling), so whatever the selector places,
+    per-position token frequencies of 4,000 molecules agree with ancestral sampling within sampling
+    noise (total variation); the gate needs the fewest calls of the loop's selectors."""
+    gen = Generator(causal_file[1])
+    a = gen.generate(4000, selector=selector, seed=2, decode=False, **options)
     V = gen.model_config.vocab_size
+    for j in range(6):
+        tv = 0.5 * np.abs(token_frequencies(a, j, V) - token_frequencies(ancestral, j, V)).sum()
+        assert tv < 0.05, (j, tv)
+    assert abs(np.mean([len(s.ids) for s in a]) - np.mean([len(s.ids) for s in ancestral])) < 0.3
+    calls = np.mean([s.steps for s in a])
+    assert calls < np.mean([s.steps for s in ancestral]) or selector in ("uniform", "maskgit"), calls
 
-    def freq(samples, j):
-        tok = [s.ids[j] if j < len(s.ids) else -1 for s in samples]
-        return np.bincount(np.array(tok) + 1, minlength=V + 1) / len(tok)
 
-    for j in range(5):
-        assert 0.5 * np.abs(freq(a, j) - freq(b, j)).sum() < 0.05, j
-    assert abs(np.mean([len(s.ids) for s in a]) - np.mean([len(s.ids) for s in b])) < 0.3
-    calls_a, calls_b = np.mean([s.steps for s in a]), np.mean([s.steps for s in b])
-    assert calls_a < calls_b, (calls_a, calls_b)
-    assert all(sum(s.edits) == len(s.ids) for s in a)  # tokens committed per call add up to the molecule
+def test_the_gate_commits_the_most_per_call(causal_file):
+    gen = Generator(causal_file[1])
+    calls = {sel: np.mean([s.steps for s in gen.generate(300, selector=sel, seed=5, decode=False)])
+             for sel in ("gate", "maskgit", "l2r")}
+    assert calls["gate"] < min(calls["maskgit"], calls["l2r"]), calls
 
 
 def test_same_seed_same_molecules_for_any_batch_size(causal_file):
-    gen = CausalGenerator(causal_file[1])
-    whole = ids(gen.generate(9, seed=4, batch_size=9))
-    assert ids(gen.generate(9, seed=4, batch_size=2)) == whole
-    assert ids(gen.generate(5, seed=4)) == whole[:5]
+    for gen in (Generator(causal_file[1]), CausalGenerator(causal_file[1])):
+        whole = ids(gen.generate(9, seed=4, batch_size=9))
+        assert ids(gen.generate(9, seed=4, batch_size=2)) == whole
+        assert ids(gen.generate(5, seed=4)) == whole[:5]
+
+
+def test_a_prompt_prefix_is_kept_and_continued(causal_file):
+    gen = Generator(causal_file[1])
+    samples = gen.generate(20, prompt="[C][=O]<mask:6>", seed=0)
+    assert all(s.ids[:2] == gen.tokenizer.encode("[C][=O]")[:2] for s in samples)
+    assert all(len(s.ids) <= 9 for s in samples)  # two literals, six blanks, the EOS slot
+
+
+def test_a_step_budget_below_what_rows_need_still_ends_every_row(causal_file):
+    samples = Generator(causal_file[1]).generate(16, steps=2, seed=0)
+    assert all(s.steps <= 2 and s.ids for s in samples)
 
 
 def test_bad_requests_are_one_line_errors(causal_file):
     gen = CausalGenerator(causal_file[1])
-    for kwargs, error, message in (({"selector": "gate"}, SelectorError, "decodes with verify or l2r"),
-                                   ({"prompt": "CC<mask:3>"}, ImadaremError, "prompt does not apply"),
-                                   ({"drafts": 5}, ImadaremError, "drafts must be 1..2"),
-                                   ({"seed": -1}, ImadaremError, "seed")):
+    for kwargs, error, message in (({"selector": "gate"}, SelectorError, "left to right only"),
+                                   ({"seed": -1}, ImadaremError, "seed"),
+                                   ({"temperature": -1.0}, ImadaremError, "temperature")):
         with pytest.raises(error, match=message):
             gen.iter_generate(2, **kwargs)
 
@@ -113,8 +139,10 @@ def test_the_command_line_runs_and_inspects_a_causal_file(causal_file):
     r = subprocess.run(run + ["run", path, "-n", "3", "--seed", "0", "--format", "jsonl"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 3 and "ids" in json.loads(r.stdout.splitlines()[0])
-    r = subprocess.run(run + ["run", path, "--selector", "maskgit"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "verify or l2r" in r.stderr
+    r = subprocess.run(run + ["run", path, "--selector", "maskgit", "-n", "2"], capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    r = subprocess.run(run + ["run", path, "--selector", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
     r = subprocess.run(run + ["inspect", path, "--json"], capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert info["format"] == "2" and info["config"]["kind"] == "causal" and info["parameters"] > 0
