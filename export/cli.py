@@ -66,10 +66,11 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
 @click.option("--engines", default="all", show_default=True, callback=_name_list,
               help="Comma-separated: ort-fp32, ort-int8, ort-fp16, ort-fp32-head, ort-fp16-head (files with the "
-                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv, and with --causal-model ort-causal-l2r, "
-                   "ort-causal-verify.")
+                   "sampling head), torch, torch-bf16, xt-nar, xt-ar-kv; for a causal model file ort-causal-loop "
+                   "(the loop with --selector) and ort-causal-l2r (left to right, one token per call).")
 @click.option("--causal-model", type=click.Path(dir_okay=False),
-              help="A causal model file (format 2, `imadarem export-causal`) for the ort-causal-* rows.")
+              help="A causal model file (format 2, `imadarem export-causal`) for the ort-causal-* rows; when --model "
+                   "is itself causal, the left-to-right baseline (ort-causal-l2r-baseline).")
 @click.option("--steps", type=click.IntRange(min=1), help="Refinement steps [default: the model's K].")
 @click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
@@ -112,7 +113,8 @@ def bench_command(model, checkpoint, batch_sizes, providers, engines, causal_mod
 def export_causal_command(weights, vocab, output, quantize, max_seq_len, hidden_size, layers, heads):
     """Export a causal model (a left-to-right transformer, with draft heads or without) trained by
     training/recipes/quality (its --save WEIGHTS) as a format-2 model file: one step with a KV cache,
-    decoded by `imadarem-run` with draft-and-verify (verify) or one token per call (l2r)."""
+    decoded by `imadarem-run` through the refinement loop, where every draft is verified (the gate
+    selector drafts with the draft heads: draft-and-verify)."""
     require_torch("imadarem export-causal")
     import tempfile
     from pathlib import Path
@@ -123,7 +125,11 @@ def export_causal_command(weights, vocab, output, quantize, max_seq_len, hidden_
 
     check_writable(output)
     model = load_research_checkpoint(weights, vocab, max_seq_len, hidden_size, layers, heads)
-    provenance = {"weights": str(weights), "variant": quantize or "fp32"}
+    import hashlib
+
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    provenance = {"weights": Path(weights).name, "weights_sha256": digest, "variant": quantize or "fp32",
+                  "vocab_sha256": hashlib.sha256(Path(vocab).read_bytes()).hexdigest()}
     if quantize:
         with tempfile.TemporaryDirectory() as tmp, _quiet_exporters():
             fp32 = export_causal(model, Path(tmp) / "fp32.onnx", provenance)

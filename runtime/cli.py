@@ -119,8 +119,7 @@ HELP = {"help_option_names": ["-h", "--help"]}
 @click.command("run", context_settings=HELP)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-n", "--num", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Sequences to generate.")
-@click.option("--selector", help="Selector plugin (see `imadarem plugins`) [default: gate; for a causal model file: "
-              "verify, or l2r].")
+@click.option("--selector", help="Selector plugin (see `imadarem plugins`) [default: gate].")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Refinement steps K [default: the model's].")
 @click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature [default: the model's].")
 @click.option("--stop-threshold", type=click.FloatRange(0, 1), help="Early-stop change ratio [default: the model's].")

@@ -94,9 +94,27 @@ def test_bench_times_a_causal_file_beside_the_refinement_loop(tiny_run, tmp_path
 
     causal = export_causal(tiny_model(), tmp_path / "causal.onnx")
     args = BenchArgs(checkpoint=str(tiny_run), batch_sizes=(4,), repeats=1, agreement_n=0, out_dir=str(tmp_path),
-                     engines=("ort-fp32", "ort-causal-l2r", "ort-causal-verify"), causal_model=str(causal))
+                     engines=("ort-fp32", "ort-causal-l2r", "ort-causal-loop"), causal_model=str(causal))
     rows = {r["engine"]: r for r in Bench(args).run()["rows"]}
-    assert set(rows) == {"ort-fp32", "ort-causal-l2r", "ort-causal-verify"}
+    assert set(rows) == {"ort-fp32", "ort-causal-l2r", "ort-causal-loop"}
     assert rows["ort-causal-l2r"]["edits_per_step"] == pytest.approx(1.0)  # one token per call
-    assert rows["ort-causal-verify"]["steps_used"] < rows["ort-causal-l2r"]["steps_used"]
-    assert rows["ort-causal-verify"]["seq_per_s"] > 0 and rows["ort-causal-verify"]["model_tflops"] is None
+    assert rows["ort-causal-loop"]["steps_used"] < rows["ort-causal-l2r"]["steps_used"]  # gate: draft-and-verify
+    assert rows["ort-causal-loop"]["seq_per_s"] > 0 and rows["ort-causal-loop"]["model_tflops"] is None
+
+
+def test_bench_of_a_causal_model_file_has_its_loop_its_decoder_and_a_baseline(tmp_path):
+    from imadarem.export.bench.runner import Bench, BenchArgs
+    from imadarem.export.causal_export import export_causal
+    from test_causal import tiny_model
+
+    ours = export_causal(tiny_model(drafts=2), tmp_path / "ours.onnx")
+    baseline = export_causal(tiny_model(drafts=0, seed=1), tmp_path / "baseline.onnx")
+    args = BenchArgs(model=str(ours), causal_model=str(baseline), batch_sizes=(1, 3), repeats=1, agreement_n=0,
+                     out_dir=str(tmp_path / "out"))
+    result = Bench(args).run()
+    rows = {(r["engine"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(e, b) for e in ("ort-causal-loop", "ort-causal-l2r", "ort-causal-l2r-baseline")
+                         for b in (1, 3)}
+    assert rows[("ort-causal-loop", 3)]["steps_used"] < rows[("ort-causal-l2r", 3)]["steps_used"]
+    assert result["parameters"] == 0 or result["parameters"] > 0
+    assert (tmp_path / "out" / "bench.md").read_text().count("ort-causal-l2r-baseline") == 2

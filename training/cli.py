@@ -141,7 +141,7 @@ def eval_group():
 @click.option("--model", type=click.Path(dir_okay=False), help="Model file [default: the bundled model].")
 @click.option("-n", "--num", "n", default=30000, show_default=True, type=click.IntRange(min=10))
 @click.option("--selector", "selectors", multiple=True,
-              help="Repeatable [default: gate; for a causal model file: verify, or l2r without draft heads].")
+              help="Repeatable [default: gate].")
 @click.option("--steps", "steps_list", multiple=True, type=click.IntRange(min=1), help="Repeatable [default: the model's K].")
 @click.option("--temperature", type=click.FloatRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)

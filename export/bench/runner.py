@@ -36,9 +36,10 @@ from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.generator import Generator, LoopTimings
 
 ENGINES = ("ort-fp32", "ort-int8", "ort-fp16", "ort-fp32-head", "ort-fp16-head", "torch", "torch-bf16", "xt-nar",
-           "xt-ar-kv", "ort-causal-l2r", "ort-causal-verify")
-#: engines that run the --causal-model file (format 2) through runtime/causal.py
-CAUSAL = {"ort-causal-l2r": "l2r", "ort-causal-verify": "verify"}
+           "xt-ar-kv", "ort-causal-l2r", "ort-causal-loop")
+#: engines that run a causal file (format 2): the plain left-to-right decoder (runtime/causal.py) and the
+#: refinement loop with --selector over it (runtime/causal_step.py; gate = draft-and-verify)
+CAUSAL = {"ort-causal-l2r": "l2r", "ort-causal-loop": "loop"}
 CUDA_ONLY = {"ort-fp16", "ort-fp16-head", "torch-bf16"}
 CPU_ONLY = {"ort-int8"}  # onnxruntime's CUDA provider has no MatMulInteger fast path
 
@@ -175,13 +176,11 @@ class Bench:
         a = self.args
         device = torch.device("cuda" if provider == "cuda" else "cpu")
         if engine in CAUSAL:
-            gen = self._causal(provider)
-            if CAUSAL[engine] == "verify" and gen.model_config.num_drafts == 0:
-                return None
+            gen = self._causal(CAUSAL[engine], provider)
+            options = {"selector": a.selector, "steps": a.steps} if CAUSAL[engine] == "loop" else {}
 
             def run(tm: LoopTimings, seed: int) -> dict:
-                samples = gen.generate(batch, selector=CAUSAL[engine], seed=seed, batch_size=batch, timings=tm,
-                                       decode=False)
+                samples = gen.generate(batch, seed=seed, batch_size=batch, timings=tm, decode=False, **options)
                 return {"steps": np.array([s.steps for s in samples]), "edits": [s.edits for s in samples]}
             return run
         if engine.startswith("ort-"):
@@ -222,12 +221,13 @@ class Bench:
             return {"steps": np.full(batch, per_run)}
         return run
 
-    def _causal(self, provider: str):
+    def _causal(self, kind: str, provider: str):
         from imadarem.runtime.causal import CausalGenerator
 
-        key = ("causal", provider)
+        key = (f"causal-{kind}", provider)
         if key not in self._generators:
-            self._generators[key] = CausalGenerator(self.args.causal_model, provider=provider, threads=self.threads)
+            make = Generator if kind == "loop" else CausalGenerator
+            self._generators[key] = make(self.args.causal_model, provider=provider, threads=self.threads)
         return self._generators[key]
 
     def _generator(self, variant: str, provider: str) -> Generator:
@@ -253,6 +253,8 @@ class Bench:
     # -- all of it --------------------------------------------------------------------------------
     def run(self, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         a = self.args
+        if not a.checkpoint and _is_causal_file(a.model):  # e.g. the bundled model: only the causal rows
+            return self._run_causal(progress)
         with tempfile.TemporaryDirectory() as tmp:
             self.prepare(Path(tmp))
             rows: list[Row] = []
@@ -275,6 +277,40 @@ class Bench:
                   "selector": a.selector, "max_seq_len": self.config.max_seq_len,
                   "parameters": self.model.num_parameters(), "repeats": a.repeats, "agreement": agreement,
                   "notes": sorted(set(self.notes)), "rows": [asdict(r) for r in rows]}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+        (self.out_dir / "bench.md").write_text(markdown(result))
+        return result
+
+    def _run_causal(self, progress: Callable[[str], None]) -> dict[str, Any]:
+        """--model is a causal file (format 2): its refinement-loop row against its own left-to-right
+        decoding, same engine and file, plus the --causal-model file's left-to-right row if one is given."""
+        from imadarem.runtime.modelfile import default_model_path
+
+        a = self.args
+        path = str(a.model or default_model_path())
+        baseline, a.causal_model = a.causal_model, path
+        rows: list[Row] = []
+        for provider in a.providers:
+            for batch in a.batch_sizes:
+                for engine in [e for e in a.engines if e in CAUSAL]:
+                    progress(f"{provider} batch {batch}: {engine}")
+                    rows.append(self.measure(engine, provider, batch))
+                if baseline and "ort-causal-l2r" in a.engines:
+                    a.causal_model = baseline
+                    self._generators.pop(("causal-l2r", provider), None)
+                    progress(f"{provider} batch {batch}: ort-causal-l2r ({baseline})")
+                    row = self.measure("ort-causal-l2r", provider, batch)
+                    row.engine, a.causal_model = "ort-causal-l2r-baseline", path
+                    self._generators.pop(("causal-l2r", provider), None)
+                    rows.append(row)
+                self._ratios(rows, provider, batch)
+        gen = self._causal("loop", a.providers[0])
+        result = {"machine": _machine(self.threads), "source": f"model file {path}"
+                  + (f"; baseline {baseline}" if baseline else ""), "steps": gen.model_config.max_refinement_steps,
+                  "selector": a.selector, "max_seq_len": gen.model_config.max_seq_len,
+                  "parameters": int(gen.model.provenance.get("parameters", 0) or 0), "repeats": a.repeats,
+                  "agreement": {}, "notes": sorted(set(self.notes)), "rows": [asdict(r) for r in rows]}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
         (self.out_dir / "bench.md").write_text(markdown(result))
@@ -338,6 +374,14 @@ def _machine(threads: int) -> dict[str, Any]:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
+
+
+def _is_causal_file(model: str | None) -> bool:
+    from imadarem.runtime.causal import is_causal
+    from imadarem.runtime.modelfile import default_model_path, open_session
+
+    path = model or default_model_path()
+    return path is not None and Path(path).is_file() and is_causal(open_session(path)[1])
 
 
 def markdown(result: dict[str, Any]) -> str:

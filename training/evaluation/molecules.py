@@ -175,12 +175,9 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
         with_fcd = importlib.util.find_spec("fcd") is not None
     fcd = FrechetChemNet(files["test"], files["test"].parent, reference_stats=moses_fcd_reference(files)) \
         if with_fcd else None
-    from imadarem.runtime.causal import CausalGenerator
-
     gen = open_generator(model, threads=threads)
-    causal = isinstance(gen, CausalGenerator)
     if not selectors:
-        selectors = [gen.default_decoder] if causal else ["gate"]
+        selectors = ["gate"]
     rows = []
     for selector in selectors:
         for steps in steps_list:
@@ -188,8 +185,7 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
             samples = gen.generate(n, selector=selector, steps=steps, temperature=temperature, seed=seed,
                                    batch_size=batch_size)
             elapsed = time.perf_counter() - t0
-            max_steps = gen.config["max_seq_len"] + 1 if causal else gen.config["max_refinement_steps"]
-            row: dict[str, Any] = {"selector": selector, "steps": steps or int(max_steps)}
+            row: dict[str, Any] = {"selector": selector, "steps": steps or gen.model_config.max_refinement_steps}
             row.update(molecule_metrics([s.text for s in samples], train, patterns, intdiv_sample, seed, fcd))
             row["steps_used"] = float(np.mean([s.steps for s in samples]))
             row["edits_per_step"] = float(np.mean([np.mean(s.edits) for s in samples]))
