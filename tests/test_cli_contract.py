@@ -160,7 +160,7 @@ def test_smiles_fragment_prompts_are_continued_not_closed():
     ("CC=<mask:4>", "ends with a bond"),
     ("[C]<mask:2>O", "can only start a prompt"),
     ("<mask:-1>", "is not <mask> or <mask:N>"),
-    ("<mask:99999999999999999999>", "at most 64"),
+    ("<mask:99999999999999999999>", "at most 56"),
     ("[C][C](=O)<mask:12>", "unknown token"),
 ])
 def test_prompts_that_cannot_be_fragments_are_refused_with_the_reason(prompt, reason):
