@@ -14,6 +14,8 @@ module presented (and remembers). Each loop step is one model call:
    every draft was kept. So each call commits at least one exact token, and the molecules are
    distributed exactly as left-to-right ancestral sampling at temperature T, whatever the selector.
 4. The verified prefix and the resolved token become frozen; every position after it goes back to mask.
+   A call verifies at most D drafts (the draft heads' reach, at least 1): drafts a selector placed
+   further on go back to mask unverified, so every selector's call costs what the gate's does.
 5. **Present** the step to the selector: ``logits`` are the draft heads' predictions for the D positions
    after the resolved token and uniform beyond; ``gate`` is 1 where a draft head predicts (so the gate
    selector drafts exactly there: draft-and-verify), ``critic`` is 1 where nothing is verified. EOS is
@@ -75,6 +77,7 @@ class CausalLoopState:
         self.window = np.zeros(n, dtype=np.int64)
         self.base_q: np.ndarray | None = None
         self.eos_only = eos_only
+        self.fed = 0  # tokens per row the last call fed (for timings)
 
     def keep(self, rows: np.ndarray) -> None:
         if rows.all():
@@ -99,7 +102,8 @@ class CausalLoopState:
         b, L = x.shape
         V, D = cfg.vocab_size, cfg.num_drafts
         rows = np.arange(b)
-        feed, n_feed, first_pos, end = self._feed(x, sp)
+        feed, n_feed, first_pos, end = self._feed(x, frozen, sp, max(D, 1))
+        self.fed = feed[0].shape[1]
         started = time.perf_counter()
         logits, drafts, present = self.model.run(*feed, self.past, self.valid)
         seconds = time.perf_counter() - started
@@ -192,14 +196,19 @@ class CausalLoopState:
         q[inside] = self.window_q[rows[inside], m[inside]]
         return q
 
-    def _feed(self, x: np.ndarray, sp) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    def _feed(self, x: np.ndarray, frozen: np.ndarray, sp, window: int
+              ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
         """The call's inputs: per row BOS (first call only), then the tokens from the first uncached
-        position up to the first mask (or just after an EOS). Also how many each row feeds, the sequence
-        position of fed index 0 (-1 for BOS) and where the run ends."""
+        position up to the first mask, just after an EOS, or before the draft beyond the first ``window``
+        (the draft heads' reach: a call verifies at most that many drafts, so a selector that fills every
+        mask costs what the gate does; the drafts beyond go back to mask). Also how many each row feeds, the
+        sequence position of fed index 0 (-1 for BOS) and where the run ends."""
         b, L = x.shape
         pos = np.arange(L)[None, :]
         after = pos >= self.cached[:, None]
         stop = after & (x == sp.mask)
+        drafts = after & ~frozen & (x != sp.mask)
+        stop |= drafts & (np.cumsum(drafts, 1) > window)
         if sp.eos is not None:
             stop |= (pos > self.cached[:, None]) & (np.roll(x, 1, axis=1) == sp.eos)
         end = np.where(stop.any(1), stop.argmax(1), L)

@@ -333,7 +333,7 @@ class Generator:
             cond.keep(keep)
             if timings is not None:
                 timings.active_rows.append(int(rows_run))
-                timings.run_lengths.append(batch.cut)
+                timings.run_lengths.append(cond.fed if getattr(cond, "causal", False) else batch.cut)
                 timings.run_seconds.append(run_seconds)
                 timings.step_seconds.append(time.perf_counter() - step_started)
         return [self._finish(batch.tokens[i], int(batch.steps_used[i]), batch.row_edits(i),

@@ -13,7 +13,7 @@ from imadarem.export.causal_export import causal_parity, export_causal
 from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
 from imadarem.runtime import ImadaremError, ModelFileError, SelectorError
 from imadarem.runtime.causal import CausalGenerator
-from imadarem.runtime.generator import Generator, open_generator
+from imadarem.runtime.generator import Generator, LoopTimings, open_generator
 from imadarem.runtime.modelfile import KEY_CONFIG
 from imadarem.training.causal import CausalConfig, CausalLM, load_research_checkpoint
 
@@ -87,6 +87,15 @@ def test_the_gate_commits_the_most_per_call(causal_file):
     calls = {sel: np.mean([s.steps for s in gen.generate(300, selector=sel, seed=5, decode=False)])
              for sel in ("gate", "maskgit", "l2r")}
     assert calls["gate"] < min(calls["maskgit"], calls["l2r"]), calls
+
+
+def test_a_call_verifies_at_most_the_draft_window_whatever_the_selector(causal_file):
+    """critic fills every mask each step; only the D drafts the heads reach are fed and verified."""
+    gen = Generator(causal_file[1])
+    timings = LoopTimings()
+    samples = gen.generate(50, selector="critic", seed=0, timings=timings, decode=False)
+    assert max(timings.run_lengths) == 1 + gen.model.typed.num_drafts
+    assert np.mean([s.steps for s in samples]) < np.mean([len(s.ids) for s in samples])
 
 
 def test_same_seed_same_molecules_for_any_batch_size(causal_file):
