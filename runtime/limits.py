@@ -6,3 +6,7 @@ without loading numpy or onnxruntime)."""
 DEFAULT_BATCH_SIZE = 64
 #: the most refinement steps a call may ask for (models are trained for a handful; each step costs a call)
 MAX_STEPS = 10_000
+
+#: the most onnxruntime intra-op threads per CPU core: more only oversubscribes the cores (onnxruntime's
+#: threads spin while they wait, so 10,000 threads on 2 cores stall the machine instead of failing)
+MAX_THREADS_PER_CPU = 4

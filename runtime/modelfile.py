@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imadarem.runtime.errors import ImadaremError, ModelFileError
+from imadarem.runtime.limits import MAX_THREADS_PER_CPU
 from imadarem.runtime.registry import tokenizer_from_json, tokenizer_origin
 from imadarem.runtime.tokenizer import (
     SpecialIds,
@@ -61,6 +62,9 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 4  # fatal only: a failed run is reported by its exception, as one line
     if threads:
+        most = MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+        if int(threads) > most:
+            raise ImadaremError(f"threads must be at most {most} ({MAX_THREADS_PER_CPU} per CPU core here), got {threads}")
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     if optimized_path:
@@ -337,8 +341,9 @@ def open_session(path: str | os.PathLike, provider: str = "cpu", threads: int | 
         raise ModelFileError(f"model file not found: {path}")
     ort = import_onnxruntime()
     providers = providers_for(provider)
+    options = session_options(threads)  # a bad thread count is the caller's error, not the file's
     try:
-        session = ort.InferenceSession(path, sess_options=session_options(threads), providers=providers)
+        session = ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: not a readable ONNX model ({first[:200]})") from None

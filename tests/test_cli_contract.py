@@ -341,6 +341,11 @@ def test_fuzzed_model_metadata_gives_exit_0_or_2_and_at_most_one_line(tiny_onnx,
     _fuzz_ok(code, err)
 
 
+def test_threads_beyond_the_cores_are_refused_not_spawned(tiny_onnx):
+    code, _, err = in_process([str(tiny_onnx), "--threads", "100000"])
+    assert code == 2 and err.count("\n") == 1 and "threads must be at most" in err and "ONNX" not in err, err
+
+
 def test_steps_beyond_the_bound_are_refused_not_allocated(tiny_onnx):
     code, _, err = in_process([str(tiny_onnx), "--steps", "1000000000"])
     assert code == 2 and "1000000000" in err and err.count("\n") == 1
