@@ -78,6 +78,8 @@ class CausalLoopState:
         self.base_q: np.ndarray | None = None
         self.eos_only = eos_only
         self.fed = 0  # tokens per row the last call fed (for timings)
+        self._no_eos_bias: np.ndarray | None = None
+        self._base_at: float | None = None  # the step temperature base_q was computed at
 
     def keep(self, rows: np.ndarray) -> None:
         if rows.all():
@@ -166,9 +168,7 @@ class CausalLoopState:
         self._compact_cache()
 
         # 5. present: the draft heads after the resolved token, uniform beyond, EOS only where forced
-        no_eos = np.zeros((L, V), dtype=np.float32)
-        if sp.eos is not None:
-            no_eos[~self.eos_only, sp.eos] = -np.inf
+        no_eos = self._no_eos(L, V, sp.eos)
         shown = np.broadcast_to(no_eos, (b, L, V)).copy()
         gate = np.zeros((b, L), dtype=np.float32)
         window_logits = np.zeros((b, D, V), dtype=np.float32)
@@ -184,9 +184,19 @@ class CausalLoopState:
         self.window = r + 1
         at = np.minimum(self.window[:, None] + np.arange(D)[None, :], L - 1)
         self.window_q = distribution(window_logits + no_eos[at] + bias[at], step_temperature)
-        self.base_q = distribution(no_eos + bias, step_temperature)
+        if self._base_at != step_temperature:  # the same for every step of a run unless a selector anneals
+            self.base_q, self._base_at = distribution(no_eos + bias, step_temperature), step_temperature
         out = {"logits": shown, "gate": gate, "critic": (~new_frozen).astype(np.float32)}
         return new_x, new_frozen, out, seconds
+
+    def _no_eos(self, L: int, V: int, eos: int | None) -> np.ndarray:
+        """[L, V] additive bias: EOS banned from what is presented, except in a template's EOS-only slot
+        (built once per batch)."""
+        if self._no_eos_bias is None:
+            self._no_eos_bias = np.zeros((L, V), dtype=np.float32)
+            if eos is not None:
+                self._no_eos_bias[~self.eos_only, eos] = -np.inf
+        return self._no_eos_bias
 
     def _q(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """[len(rows), V]: the distribution the draft at ``positions`` was drawn from."""
