@@ -52,8 +52,8 @@ def _weight_of(name: str, inits: dict[str, np.ndarray]) -> np.ndarray | None:
     return None
 
 
-def _linear_call_order(model) -> list[str]:
-    """Names of the nn.Linear layers in the order one forward pass calls them."""
+def _linear_call_order(model, forward) -> list[str]:
+    """Names of the nn.Linear layers in the order one ``forward(model)`` calls them."""
     import torch
 
     order: list[str] = []
@@ -61,39 +61,34 @@ def _linear_call_order(model) -> list[str]:
              for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
         with torch.no_grad():
-            tokens = torch.full((1, 2), model.special.mask, dtype=torch.long)
-            model(tokens, torch.zeros(1, dtype=torch.long), model.zero_cond(tokens))
+            forward(model)
     finally:
         for h in hooks:
             h.remove()
     return order
 
 
-def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: float | None = None):
-    """(ImplicitRefinementModel, ImportReport) rebuilt from the model file at ``path``.
-
-    ``tolerance`` bounds max |Δlogits| between the rebuilt model and onnxruntime (default 1e-3 for
-    float files; int8 files are only reported, their activations being quantised at run time).
-    """
-    import onnx
+def _refinement_forward(model) -> None:
     import torch
-    from imadarem.runtime.registry import tokenizer_from_json
-    from imadarem.training.config import ImplicitRefinementConfig
-    from imadarem.training.model import ImplicitRefinementModel
 
-    path = Path(path)
-    mfile = mf.load_model_file(path)  # the runtime's own checks on the metadata and the graph
-    proto = onnx.load(str(path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    config = ImplicitRefinementConfig.from_dict(json.loads(meta[mf.KEY_CONFIG]))
-    model = ImplicitRefinementModel(config, tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
+    tokens = torch.full((1, 2), model.special.mask, dtype=torch.long)
+    model(tokens, torch.zeros(1, dtype=torch.long), model.zero_cond(tokens))
+
+
+def _causal_forward(model) -> None:
+    import torch
+
+    past, valid = model.empty_cache(1)
+    model.step(torch.full((1, 2), model.special.mask, dtype=torch.long), torch.arange(2)[None], past, valid)
+
+
+def _load_weights(model, proto, path: Path, forward) -> bool:
+    """Fill ``model``'s parameters from the graph's initializers (dequantised when int8): named ones by
+    name, the exporter's anonymous transposed Linear weights in the order ``forward`` calls the layers.
+    Returns whether the file was quantised."""
+    import torch
+
     inits = _initializers(proto)
-    if mfile.device_state:  # the cond_rows wrapper exports the model as its submodule "model"
-        renamed = {name[len("model."):]: value for name, value in inits.items() if name.startswith("model.")}
-        inits.update(renamed)
-        for node in proto.graph.node:
-            node.input[:] = [name[len("model."):] if name in renamed or name[len("model."):] in renamed else name
-                             for name in node.input]
     quantized = any(n.op_type == "MatMulInteger" for n in proto.graph.node)
     state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
@@ -115,7 +110,7 @@ def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: floa
             if w is not None and w.ndim == 2:
                 matmul_weights.append((node.input[1], w))
     pending = iter(matmul_weights)
-    for name in _linear_call_order(model):
+    for name in _linear_call_order(model, forward):
         key = f"{name}.weight"
         if key in loaded:
             continue
@@ -134,6 +129,39 @@ def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: floa
         raise ModelFileError(f"{path.name}: the graph does not hold {', '.join(missing[:4])}"
                              f"{' ...' if len(missing) > 4 else ''}")
     model.load_state_dict(loaded)
+    return quantized
+
+
+def _strip_prefix(proto, prefix: str) -> None:
+    """Rename initializers ``prefix.x`` to ``x`` (the exporters' wrapper modules hold the model as a
+    submodule), in the graph's node inputs too."""
+    renamed = {init.name: init.name[len(prefix):] for init in proto.graph.initializer if init.name.startswith(prefix)}
+    for init in proto.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+
+
+def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: float | None = None):
+    """(ImplicitRefinementModel, ImportReport) rebuilt from the model file at ``path``.
+
+    ``tolerance`` bounds max |Δlogits| between the rebuilt model and onnxruntime (default 1e-3 for
+    float files; int8 files are only reported, their activations being quantised at run time).
+    """
+    import onnx
+    from imadarem.runtime.registry import tokenizer_from_json
+    from imadarem.training.config import ImplicitRefinementConfig
+    from imadarem.training.model import ImplicitRefinementModel
+
+    path = Path(path)
+    mfile = mf.load_model_file(path)  # the runtime's own checks on the metadata and the graph
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config = ImplicitRefinementConfig.from_dict(json.loads(meta[mf.KEY_CONFIG]))
+    model = ImplicitRefinementModel(config, tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
+    if mfile.device_state:  # the cond_rows wrapper exports the model as its submodule "model"
+        _strip_prefix(proto, "model.")
+    quantized = _load_weights(model, proto, path, _refinement_forward)
     diff = _compare(model, mfile) if check else float("nan")
     limit = tolerance if tolerance is not None else (None if quantized else 1e-3)
     if check and limit is not None and not diff <= limit:
@@ -158,3 +186,41 @@ def _compare(model, mfile) -> float:
     with torch.no_grad():
         ref = model(torch.from_numpy(tokens), torch.from_numpy(step), torch.from_numpy(cond))[0].numpy()
     return float(np.abs(ref - ort_logits).max())
+
+
+def causal_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: float | None = None):
+    """(CausalLM, ImportReport) rebuilt from the causal model file (format 2) at ``path``: what the
+    decode-graph export (``export/decode_export.py``), the PyTorch loop and ``imadarem bench`` start from
+    when a file is all there is (the bundled model ships without its weights file). An int8 file is
+    dequantised: its weights, with onnxruntime's activation quantisation left out."""
+    import onnx
+    import torch
+    from imadarem.runtime.causal import load_causal_file
+    from imadarem.runtime.registry import tokenizer_from_json
+    from imadarem.training.causal import CausalConfig, CausalLM
+
+    path = Path(path)
+    cfile = load_causal_file(path)  # the runtime's own checks on the metadata and the graph
+    proto = onnx.load(str(path))
+    _strip_prefix(proto, "model.")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config = dict(json.loads(meta[mf.KEY_CONFIG]))
+    config.pop("kind", None)
+    model = CausalLM(CausalConfig(**config), tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
+    quantized = _load_weights(model, proto, path, _causal_forward)
+    diff = float("nan")
+    if check:
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(4, model.config.vocab_size, (3, 6)).astype(np.int64)
+        tokens[:, 0] = model.special.mask
+        positions = np.broadcast_to(np.arange(6), tokens.shape).astype(np.int64)
+        past, valid = cfile.empty_cache(3)
+        got = cfile.run(tokens, positions, past, valid)[0]
+        with torch.no_grad():
+            want = model.step(*(torch.from_numpy(a) for a in (tokens, positions, past, valid)))[0].numpy()
+        diff = float(np.abs(got - want).max())
+    limit = tolerance if tolerance is not None else (None if quantized else 1e-3)
+    if check and limit is not None and not diff <= limit:
+        raise ModelFileError(f"{path.name}: rebuilt PyTorch model disagrees with the graph "
+                             f"(max |Δlogits| {diff:.3g} > {limit:g})")
+    return model, ImportReport(path, quantized, diff)

@@ -9,13 +9,14 @@ Two ways to decode one:
 
 - the refinement loop (``Generator``, any selector): ``causal_step.CausalLoopState`` verifies the drafts
   the selector placed and commits at least one exact token per call; with the default ``gate`` selector
-  that is draft-and-verify (speculative sampling over the draft heads);
+  that is draft-and-verify over the draft heads;
 - ``CausalGenerator`` here: plain ancestral sampling, one token per call with a KV cache and no selector
   machinery, the lean left-to-right decoder that ``imadarem bench`` times as the baseline
-  (``ort-causal-l2r``). Both give the same distribution.
+  (``ort-causal-l2r``).
 
-Randomness is per sample (``randomness.SampleStreams``), as in the refinement loop: the same seed gives
-the same molecules for any batch size.
+Both draw token j of sample i with the same noise, a pure function of (the sample's key, j, token)
+(``rules.counter_gumbel``), so for the same seed they give the same molecules, token for token, for any
+batch size.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-from imadarem.runtime.causal_step import PRESENTED_OUTPUTS, distribution, draw
-from imadarem.runtime.errors import ImadaremError, ModelFileError, SelectorError
-from imadarem.runtime.generator import LoopTimings, Sample, _check_seed, _number, _positive_int
-from imadarem.runtime.limits import DEFAULT_BATCH_SIZE
+from imadarem.runtime import rules
+from imadarem.runtime.causal_step import PRESENTED_OUTPUTS, position_noise
+from imadarem.runtime.errors import ModelFileError, SelectorError
+from imadarem.runtime.generator import LoopTimings, Sample, banned_ids, logit_bias, plain_request
 from imadarem.runtime.modelfile import (
     CAUSAL_FORMAT,
     ModelConfig,
@@ -38,6 +39,7 @@ from imadarem.runtime.modelfile import (
     checked_fields,
     open_session,
 )
+from imadarem.runtime.prompt import blank_layout
 from imadarem.runtime.randomness import SampleStreams
 from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter
 
@@ -159,9 +161,11 @@ class CausalGenerator:
         self.config = self.model.config
         self.model_config = self.model.typed
         self.tokenizer, self.special = self.model.tokenizer, self.model.special
-        self._banned = sorted({self.special.mask, self.special.pad} |
-                              ({self.tokenizer.unk_token_id} if getattr(self.tokenizer, "unk_token_id", None)
-                               is not None else set()))
+        # the loop's bans for a blank layout, so both decoders sample from the same distribution
+        self._bias = logit_bias(blank_layout(self.model_config.max_seq_len, self.special),
+                                self.model_config.vocab_size,
+                                banned_ids(self.special, getattr(self.tokenizer, "unk_token_id", None)),
+                                self.special.eos)
 
     def generate(self, n: int = 1, **kwargs: Any) -> list[Sample]:
         return list(self.iter_generate(n, **kwargs))
@@ -170,15 +174,10 @@ class CausalGenerator:
                       seed: int | None = None, batch_size: int | None = None, timings: LoopTimings | None = None,
                       decode: bool = True) -> Iterator[Sample]:
         """The samples, batch by batch (as ``Generator.iter_generate``); ``selector`` may only be ``l2r``."""
-        n = _positive_int("n", n)
         if selector not in (None, "l2r"):
             raise SelectorError(f"CausalGenerator decodes left to right only, not with {selector!r} (run "
                                 "selectors on a causal file with Generator)")
-        temp = self.model_config.sampling_temperature if temperature is None else _number("temperature", temperature)
-        if not temp >= 0:
-            raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
-        batch = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
-        root = np.random.SeedSequence(_check_seed(seed))
+        n, temp, batch, root = plain_request(n, temperature, seed, batch_size, self.model_config.sampling_temperature)
         return self._batches(n, batch, root, temp, timings, decode)
 
     def _batches(self, n, batch, root, temp, timings, decode) -> Iterator[Sample]:
@@ -195,6 +194,7 @@ class CausalGenerator:
         ids = np.full((n, L), sp.pad, dtype=np.int64)
         calls = np.zeros(n, dtype=np.int64)
         active = np.arange(n)
+        noise = position_noise(streams.keys(), L, V)
         past, valid = self.model.empty_cache(n)
         token = np.full((n, 1), sp.mask, np.int64)  # BOS
         for j in range(L):
@@ -202,16 +202,13 @@ class CausalGenerator:
             logits, _, past = self.model.run(token, np.full((active.size, 1), j, np.int64), past, valid)
             run_seconds = time.perf_counter() - started
             valid = np.concatenate([valid, np.ones((active.size, 1), bool)], 1)
-            z = logits[:, 0].astype(np.float64)
-            z[:, self._banned] = -np.inf
-            nxt = distribution(z, temp)
-            token = draw(nxt, streams.uniforms(active, (V,)))
+            token = rules.coupled_sample(logits[:, 0] + self._bias[j], temp, noise[:, j])
             ids[active, j] = token
             calls[active] += 1
             self._time(timings, started, run_seconds, active.size)
             done = token == sp.eos if sp.eos is not None else np.zeros(active.size, bool)
             keep = ~done
-            active, token = active[keep], token[keep][:, None]
+            active, token, noise = active[keep], token[keep][:, None], noise[keep]
             past, valid = past[:, :, keep], valid[keep]
             if not active.size:
                 break

@@ -87,6 +87,18 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+def plain_request(n: Any, temperature: Any, seed: Any, batch_size: Any, default_temperature: float
+                  ) -> tuple[int, float, int, np.random.SeedSequence]:
+    """The checked arguments of a request to a decoder without selectors (``CausalGenerator``,
+    ``DecodeGenerator``): n, the temperature, the batch size and the request's seed sequence."""
+    n = _positive_int("n", n)
+    temp = default_temperature if temperature is None else _number("temperature", temperature)
+    if not temp >= 0:
+        raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
+    batch = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
+    return n, temp, batch, np.random.SeedSequence(_check_seed(seed))
+
+
 def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
@@ -192,6 +204,14 @@ class Generator:
         self.model = model
         self.provider = provider
         self.config = self.model.config  # the whole config dict, as selectors see it
+        #: a decode file runs its own loop (runtime/decode.py); this Generator then checks the request
+        self._decoder = None
+        if getattr(model, "decode", False):
+            from imadarem.runtime.decode import DecodeGenerator
+
+            self._decoder = DecodeGenerator.from_model_file(model, provider)
+            self.tokenizer, self.special, self.model_config = model.tokenizer, model.special, model.typed
+            return
         self.model_config = self.model.typed_config  # the values the loop reads
         self.tokenizer = self.model.tokenizer
         self.special = self.model.special
@@ -231,6 +251,10 @@ class Generator:
         checked here, before the first batch runs.
         """
         n = _positive_int("n", n)
+        if self._decoder is not None:
+            self._check_decode_request(selector, steps, stop_threshold, prompt, trajectory, selector_options)
+            return self._decoder.iter_generate(n, temperature=temperature, seed=seed, batch_size=batch_size,
+                                               timings=timings, decode=decode)
         run = self._resolve(selector, steps, temperature, stop_threshold, prompt, trajectory, selector_options,
                             decode)
         batch = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
@@ -250,6 +274,19 @@ class Generator:
             yield from samples
 
     # -- setup ---------------------------------------------------------------------------------
+    def _check_decode_request(self, selector, steps, stop_threshold, prompt, trajectory, options) -> None:
+        """A decode file runs draft-and-verify (the gate selector) inside its graph, with no knob but the
+        temperature, the seed and the batch size: anything else is refused in one line."""
+        name = getattr(selector, "name", selector)
+        asked = [what for what, given in (("--selector " + str(name), name != "gate"), ("--steps", steps is not None),
+                                          ("--stop-threshold", stop_threshold is not None),
+                                          ("--prompt", prompt is not None), ("--trajectory", bool(trajectory)),
+                                          ("selector options", bool(options))) if given]
+        if asked:
+            raise ImadaremError(f"{os.path.basename(self.model.path)} is a decode file: its graph runs the gate "
+                                f"selector's draft-and-verify loop itself, so it takes no {', '.join(asked)} (use "
+                                "the step file it was exported from for those)")
+
     def _make_selector(self, selector: str | Selector, options: dict[str, Any]) -> Selector:
         sel = create_selector(selector, **options) if isinstance(selector, str) else selector
         if not isinstance(sel, Selector):
@@ -277,11 +314,11 @@ class Generator:
         return _Run(sel, num_steps, temp, stop, layout, bool(trajectory), dict(self.config), decode)
 
     # -- the loop ------------------------------------------------------------------------------
-    def _state(self, n: int, layout: Layout):
+    def _state(self, n: int, layout: Layout, streams: SampleStreams):
         if getattr(self.model, "causal", False):
             from imadarem.runtime.causal_step import CausalLoopState
 
-            return CausalLoopState(self.model, n, layout.length, layout.eos_only)
+            return CausalLoopState(self.model, n, layout.length, layout.eos_only, streams.keys())
         length = layout.length
         if self.provider == "cuda":
             return _DeviceCond(self.model, n, length)
@@ -296,7 +333,7 @@ class Generator:
         bias = logit_bias(run.layout, self.model.vocab_size, self._banned, self.special.eos)
         in_graph = self.graph_sampling and self.model.graph_sampling
         # the self-conditioning state (on the host or on the GPU), or a causal file's KV cache
-        cond = self._state(n, run.layout)
+        cond = self._state(n, run.layout, streams)
         sel = run.selector
         selector_call(sel, "begin", batch_size=n, length=run.layout.length, num_steps=K, config=run.config)
         for t in range(K):
@@ -306,14 +343,13 @@ class Generator:
             x, fz = batch.current()
             temp = _checked_temperature(sel, selector_call(sel, "step_temperature", t, K, run.temperature))
             if getattr(cond, "causal", False):  # verify the last drafts, commit, present the next window
-                x, fz, out, run_seconds = cond.advance(x, fz, run.temperature, temp, bias,
-                                                       streams.for_rows(batch.active))
+                x, fz, out, run_seconds = cond.advance(x, fz, run.temperature, temp, bias)
                 batch.tokens[batch.active], batch.frozen[batch.active] = x, fz
-                first = batch.trim(x, self.special.eos, False)
+                proposals, logits, measures = out.pop("proposals"), _ro(out["logits"]), None
             else:
                 first = batch.trim(x, self.special.eos, self.trim_padding)
                 out, run_seconds = self._run_step(cond, batch, x, t, K, temp, bias, streams, in_graph)
-            proposals, logits, measures = self._sample(out, batch, temp, bias, first, streams, in_graph)
+                proposals, logits, measures = self._sample(out, batch, temp, bias, first, streams, in_graph)
             state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(proposals), logits=logits,
                               gate=_ro(out.get("gate")), critic=_ro(out.get("critic")), frozen=_ro(fz),
                               rows=_ro(batch.active), rng=streams.for_rows(batch.active), temperature=temp,
@@ -488,6 +524,7 @@ class _DeviceCond:
 def _open_any(model_path, provider: str, threads: int | None):
     """The checked model file at ``model_path`` (default: the bundled one), whatever its format."""
     from imadarem.runtime.causal import is_causal, load_causal_file
+    from imadarem.runtime.decode import is_decode, load_decode_file
     from imadarem.runtime.modelfile import open_session
 
     if model_path is None:
@@ -495,6 +532,8 @@ def _open_any(model_path, provider: str, threads: int | None):
         if model_path is None:
             raise ModelFileError("no MODEL given and this installation has no bundled default model")
     opened = open_session(model_path, provider, threads)
+    if is_decode(opened[1]):
+        return load_decode_file(str(model_path), provider, threads, opened=opened)
     if is_causal(opened[1]):
         return load_causal_file(str(model_path), provider, threads, opened=opened)
     return load_model_file(model_path, provider, threads, opened=opened)

@@ -379,8 +379,10 @@ def describe_model_file(path: str | os.PathLike) -> dict[str, Any]:
     opened = open_session(path)
     if opened[1].get(KEY_FORMAT) == CAUSAL_FORMAT:
         from imadarem.runtime.causal import load_causal_file
+        from imadarem.runtime.decode import is_decode, load_decode_file
 
-        mfile = load_causal_file(str(path), opened=opened)
+        load = load_decode_file if is_decode(opened[1]) else load_causal_file
+        mfile = load(str(path), opened=opened)
     else:
         mfile = load_model_file(path, opened=opened)
     params = mfile.provenance.get("parameters")

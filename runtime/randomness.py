@@ -7,14 +7,20 @@ row's early stop changed. Here every sample index owns a generator seeded with
 per-position draw is made row by row from those generators. So ``-n 4`` is the prefix of ``-n 8`` and
 ``--batch-size`` changes nothing but speed and memory. The numpy loop and the PyTorch reference loop
 draw through this one module, which is why they sample the same tokens for the same seed.
+
+Causal files (format 2) draw no stream: their sampling noise is a pure function of (sample key, position,
+token), ``rules.counter_uniforms``, which a decode graph also computes on a GPU. A sample's key comes from
+the request's seed and the sample's index (``SampleStreams.keys``), so the same guarantees hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
+from imadarem.runtime import rules
 
 __all__ = ["RowRandom", "SampleStreams"]
 
@@ -23,11 +29,28 @@ class SampleStreams:
     """The generators of samples ``first .. first + count - 1`` of a request seeded ``root``."""
 
     def __init__(self, root: np.random.SeedSequence, first: int, count: int):
-        self.generators = [np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, i)))
-                           for i in range(first, first + count)]
-        # for selectors that call a Generator method RowRandom does not list (per batch, not per sample);
-        # its two-entry key is never a sample's one-entry key
-        self.shared = np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, first, count)))
+        self.root, self.first, self.count = root, first, count
+
+    @cached_property
+    def generators(self) -> list[np.random.Generator]:
+        """One generator per sample, made on first use (a decode graph never needs them)."""
+        root = self.root
+        return [np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, i)))
+                for i in range(self.first, self.first + self.count)]
+
+    @cached_property
+    def shared(self) -> np.random.Generator:
+        """For selectors that call a Generator method RowRandom does not list (per batch, not per sample);
+        its two-entry key is never a sample's one-entry key."""
+        root = self.root
+        return np.random.default_rng(np.random.SeedSequence(root.entropy,
+                                                            spawn_key=(*root.spawn_key, self.first, self.count)))
+
+    def keys(self) -> np.ndarray:
+        """[count] int64 counter keys of these samples (``rules.sample_keys``), from two words of the
+        request's own seed sequence (no sample's stream is drawn from)."""
+        words = self.root.generate_state(2)
+        return rules.sample_keys((int(words[0]), int(words[1])), self.first, self.count)
 
     @classmethod
     def for_request(cls, seed: int | None, first: int, count: int) -> SampleStreams:

@@ -99,6 +99,93 @@ def gumbel_max(logits: Any, temperature: float, uniform: Any) -> Any:
     return (logits / temperature + gumbel(uniform)).argmax(-1)
 
 
+# -- counter-based noise (causal files) ----------------------------------------------------------------
+#: Hash values are 31-bit integers held in int64, so that every operation the hash needs (multiply, add,
+#: division by a power of two, modulo) exists, with the same results, in numpy, torch and onnxruntime's
+#: CPU and CUDA kernels (which have no bitwise operators): a square of a value < 2**31 plus one more such
+#: value stays under 2**63, and all values stay non-negative, where truncating and floor division agree.
+_WORD = 1 << 31
+_K1, _K2, _K3 = 0x2545F491, 0x5851F42D, 0x41C64E6D
+_POSITION_STEP, _TOKEN_STEP = 0x27D4EB2F, 0x165667B1
+#: a uniform carries 23 random bits: (top + 1/2) / 2**23 is exact in float32 and strictly inside (0, 1)
+_UNIFORM_BITS = 23
+
+
+def _shift(x: Any, bits: int) -> Any:
+    """x >> bits for non-negative int64 x: a truncating division on torch (it exports to ONNX Div), the
+    shift itself on numpy (the same numbers, several times faster than numpy's integer division)."""
+    if is_tensor(x):
+        return sys.modules["torch"].div(x, 1 << bits, rounding_mode="trunc")
+    return x >> bits
+
+
+def _word(x: Any) -> Any:
+    """x mod 2**31 for non-negative int64 x (ONNX Mod on torch; a mask on numpy, the same numbers)."""
+    return x % _WORD if is_tensor(x) else x & (_WORD - 1)
+
+
+def _mix31(c: Any) -> Any:
+    """A 31-bit mixing function: two middle-square rounds with a Weyl term, then a multiply and an
+    add-shift. Squaring supplies the nonlinearity that xor gives the usual integer hashes (no bitwise
+    operators in the graphs); ``tests/test_rules.py`` checks uniformity, independence along every axis and
+    Gumbel-max frequencies."""
+    x, w = _word(c * _K1), _word(c * _K2)
+    for _ in range(2):
+        x = _word(_shift(x * x + w, 15))
+    x = _word(x * _K3 + w)
+    return _word(x + _shift(x, 16))
+
+
+def sample_keys(words: tuple[int, int], first: int, count: int) -> np.ndarray:
+    """[count] int64 keys in [0, 2**31) of samples first .. first + count - 1 of a request whose seed gave
+    the two ``words``: a sample's key depends only on (seed, its index), never on its batch."""
+    index = _word(np.arange(first, first + count, dtype=np.int64) + int(words[0]))
+    return _mix31(_word(_mix31(index) + int(words[1])))
+
+
+def counter_uniforms(keys: Any, positions: Any, vocab: int) -> Any:
+    """[B, P, vocab] float32 uniforms in (0, 1) for sample keys [B] and sequence positions [B, P] (int64):
+    a pure function of (key, position, token), so the host loop, the left-to-right decoder, the PyTorch
+    loop and a decode graph on a GPU draw the same number for the same token of the same sample."""
+    if is_tensor(keys):
+        torch = sys.modules["torch"]
+        token = torch.arange(vocab, device=keys.device, dtype=torch.int64) * _TOKEN_STEP
+    else:
+        token = np.arange(vocab, dtype=np.int64) * _TOKEN_STEP
+    bits = _mix31(_word(keys[:, None, None] + positions[:, :, None] * _POSITION_STEP + token))
+    top = _shift(bits, 31 - _UNIFORM_BITS)
+    scale = 1.0 / (1 << _UNIFORM_BITS)
+    if is_tensor(top):
+        return top.float() * scale + 0.5 * scale
+    return top.astype(np.float32) * np.float32(scale) + np.float32(0.5 * scale)
+
+
+def counter_gumbel(keys: Any, positions: Any, vocab: int) -> Any:
+    """Gumbel noise -log(-log u) of :func:`counter_uniforms` (no clipping needed: u is inside (0, 1))."""
+    u = counter_uniforms(keys, positions, vocab)
+    return -(-u.log()).log() if is_tensor(u) else -np.log(-np.log(u))
+
+
+def tempered_noise(noise: Any, temperature: Any) -> Any:
+    """T g: the Gumbel noise of :func:`coupled_sample` scaled by the temperature (once per call in a
+    decode graph, shared by the exact tokens and the drafts)."""
+    return temperature * noise
+
+
+def coupled_argmax(logits: Any, tempered: Any) -> Any:
+    """argmax(logits + T g), with ``tempered`` = :func:`tempered_noise`."""
+    return (logits + tempered).argmax(-1)
+
+
+def coupled_sample(logits: Any, temperature: Any, noise: Any) -> Any:
+    """argmax(logits + T g) = argmax(logits / T + g), with Gumbel noise ``g`` of the token's own
+    (sample, position): a sample from softmax(logits / T), argmax at T = 0 (no branch, so a graph can take
+    T as an input). The exact tokens of a causal file and the drafts that guess them draw on the same
+    noise, so a draft equals its exact token as often as the two distributions allow, and keeping a draft
+    iff it equals its exact token gives the left-to-right decoder's molecule, token for token."""
+    return coupled_argmax(logits, tempered_noise(noise, temperature))
+
+
 def entropy(logits: Any) -> Any:
     """Entropy in nats of softmax(logits) over the last axis; -inf logits (bans) contribute nothing."""
     if is_tensor(logits):

@@ -87,34 +87,54 @@ def test_model_rebuilt_from_a_device_state_file(tiny_run, tmp_path):
     assert report.max_abs_logit_diff <= 1e-4
 
 
-def test_bench_times_a_causal_file_beside_the_refinement_loop(tiny_run, tmp_path):
-    from imadarem.export.bench.runner import Bench, BenchArgs
+@pytest.fixture(scope="module")
+def causal_model_file(tmp_path_factory):
     from imadarem.export.causal_export import export_causal
     from test_causal import tiny_model
 
-    causal = export_causal(tiny_model(), tmp_path / "causal.onnx")
-    args = BenchArgs(checkpoint=str(tiny_run), batch_sizes=(4,), repeats=1, agreement_n=0, out_dir=str(tmp_path),
-                     engines=("ort-fp32", "ort-causal-l2r", "ort-causal-loop"), causal_model=str(causal))
-    rows = {r["engine"]: r for r in Bench(args).run()["rows"]}
-    assert set(rows) == {"ort-fp32", "ort-causal-l2r", "ort-causal-loop"}
-    assert rows["ort-causal-l2r"]["edits_per_step"] == pytest.approx(1.0)  # one token per call
-    assert rows["ort-causal-loop"]["steps_used"] < rows["ort-causal-l2r"]["steps_used"]  # gate: draft-and-verify
-    assert rows["ort-causal-loop"]["seq_per_s"] > 0 and rows["ort-causal-loop"]["model_tflops"] is None
+    model = tiny_model(drafts=2)
+    with torch.no_grad():  # distinct parameters, as in a trained model
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return export_causal(model, tmp_path_factory.mktemp("bench-causal") / "causal.onnx")
 
 
-def test_bench_of_a_causal_model_file_has_its_loop_its_decoder_and_a_baseline(tmp_path):
+def test_bench_of_a_causal_model_sets_each_refinement_row_beside_its_left_to_right_baseline(causal_model_file,
+                                                                                           tmp_path, monkeypatch):
+    import imadarem.export.bench.causal as bc
     from imadarem.export.bench.runner import Bench, BenchArgs
-    from imadarem.export.causal_export import export_causal
-    from test_causal import tiny_model
 
-    ours = export_causal(tiny_model(drafts=2), tmp_path / "ours.onnx")
-    baseline = export_causal(tiny_model(drafts=0, seed=1), tmp_path / "baseline.onnx")
-    args = BenchArgs(model=str(ours), causal_model=str(baseline), batch_sizes=(1, 3), repeats=1, agreement_n=0,
-                     out_dir=str(tmp_path / "out"))
+    monkeypatch.setattr(bc, "_scorer", lambda: (lambda smiles: {"valid": 1.0, "fcd": 0.5}))  # no MOSES download here
+    engines = ("ort-loop-fp32", "ort-l2r-fp32", "ort-decode-fp32", "ort-decode-l2r-fp32", "ort-decode-int8",
+               "ort-decode-l2r-int8", "torch-decode-fp32", "torch-decode-l2r-fp32", "ort-decode-fp16")
+    args = BenchArgs(model=str(causal_model_file), batch_sizes=(1, 3), repeats=1, out_dir=str(tmp_path),
+                     engines=engines, samples=12)
     result = Bench(args).run()
     rows = {(r["engine"], r["batch"]): r for r in result["rows"]}
-    assert set(rows) == {(e, b) for e in ("ort-causal-loop", "ort-causal-l2r", "ort-causal-l2r-baseline")
-                         for b in (1, 3)}
-    assert rows[("ort-causal-loop", 3)]["steps_used"] < rows[("ort-causal-l2r", 3)]["steps_used"]
-    assert result["parameters"] == 0 or result["parameters"] > 0
-    assert (tmp_path / "out" / "bench.md").read_text().count("ort-causal-l2r-baseline") == 2
+    assert set(rows) == {(e, b) for e in engines if e != "ort-decode-fp16" for b in (1, 3)}  # fp16: CUDA only
+    for (engine, batch), r in rows.items():
+        base = rows[(bc.Engine.parse(engine).baseline.name, batch)]
+        assert r["vs_baseline"] == pytest.approx(r["seq_per_s"] / base["seq_per_s"])
+        assert r["seq_per_s"] > 0 and r["step_p95_ms"] >= r["step_p50_ms"] > 0 and r["model_calls"] >= 1
+        if "int8" not in engine:  # same seeds, same molecules (int8 rounds by the batch's activations)
+            assert r["identical_to_baseline"] == 1.0, engine
+        assert r["quality"]["n"] == 12 and r["quality"]["fcd"] == 0.5
+        if not bc.Engine.parse(engine).left_to_right:
+            assert r["calls_per_molecule"] < base["calls_per_molecule"], engine
+    torch_rows = {e: rows[(e, 3)]["seq_per_s"] for e in ("torch-decode-fp32", "torch-decode-l2r-fp32")}
+    assert rows[("ort-decode-fp32", 3)]["vs_torch"] == pytest.approx(rows[("ort-decode-fp32", 3)]["seq_per_s"]
+                                                                     / torch_rows["torch-decode-fp32"])
+    smiles = (tmp_path / "samples" / "cpu-ort-decode-fp32.smi").read_text().splitlines()
+    assert len(smiles) == 12
+    assert smiles == (tmp_path / "samples" / "cpu-torch-decode-fp32.smi").read_text().splitlines()
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("| cpu |") == len(result["rows"]) + 2 + 8  # rows, per-batch summary, quality per engine
+    assert json.loads((tmp_path / "bench.json").read_text())["summary"][0]["batch"] == 1
+
+
+def test_bench_of_a_causal_model_refuses_unknown_engines(causal_model_file, tmp_path):
+    from imadarem.export.bench.runner import Bench, BenchArgs
+
+    for name in ("ort-decode-bf16", "torch-decode-int8", "ort-loop-fp16-nograph", "warp"):
+        with pytest.raises(ImadaremError, match="unknown engine"):
+            Bench(BenchArgs(model=str(causal_model_file), engines=(name,), out_dir=str(tmp_path)))

@@ -102,3 +102,58 @@ def test_model_step_stretches_the_schedule():
     assert [rules.model_step(t, 12, 12) for t in range(12)] == list(range(12))
     assert [rules.model_step(t, 24, 12) for t in range(24)] == [t // 2 for t in range(24)]
     assert max(rules.model_step(t, 5, 12) for t in range(5)) <= 11
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**62), st.integers(0, 2**40), st.integers(1, 5), st.integers(1, 9), st.integers(1, 40))
+def test_counter_noise_is_one_function_on_numpy_and_torch(seed, first, b, p, v):
+    """The same integers on both backends (the torch branch is what a decode graph computes), for any
+    seed words, sample index and position."""
+    words = (seed % 2**32, (seed // 7) % 2**32)
+    keys = rules.sample_keys(words, first, b)
+    assert keys.dtype == np.int64 and keys.min() >= 0 and keys.max() < 2**31
+    positions = np.random.default_rng(seed % 2**32).integers(0, 2**20, (b, p))
+    u_np = rules.counter_uniforms(keys, positions, v)
+    u_t = rules.counter_uniforms(torch.from_numpy(keys), torch.from_numpy(positions), v).numpy()
+    assert np.array_equal(u_np, u_t) and u_np.dtype == np.float32
+    assert 0.0 < u_np.min() and u_np.max() < 1.0
+    np.testing.assert_allclose(rules.counter_gumbel(keys, positions, v),
+                               rules.counter_gumbel(torch.from_numpy(keys), torch.from_numpy(positions), v).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _chi2_per_dof(a, bins):
+    counts = np.bincount(a.ravel(), minlength=bins)
+    expected = a.size / bins
+    return float(((counts - expected) ** 2 / expected).sum() / (bins - 1))
+
+
+def test_counter_noise_is_uniform_and_independent_along_every_axis():
+    """What sampling needs of the hash: uniform marginals, and no dependence between neighbouring
+    tokens, positions or samples (chi-square per degree of freedom of 32x32 pair histograms ~ 1; the
+    first hash tried here, an xor-free murmur finaliser, scored 5e4 on neighbouring tokens)."""
+    keys = rules.sample_keys((12345, 678), 0, 2048)
+    positions = np.broadcast_to(np.arange(56), (2048, 56)).astype(np.int64)
+    u = rules.counter_uniforms(keys, positions, 30)
+    assert _chi2_per_dof(np.minimum((u * 256).astype(np.int64), 255), 256) < 1.5
+    cells = (u * 32).astype(np.int64)
+    for axis in (0, 1, 2):
+        n = cells.shape[axis]
+        pairs = np.take(cells, range(n - 1), axis) * 32 + np.take(cells, range(1, n), axis)
+        assert _chi2_per_dof(pairs, 1024) < 1.5, axis
+    assert abs(float(u.mean()) - 0.5) < 2e-3
+
+
+def test_coupled_gumbel_max_samples_the_softmax():
+    keys = rules.sample_keys((3, 4), 0, 20000)
+    g = rules.counter_gumbel(keys, np.zeros((20000, 1), dtype=np.int64), 12)[:, 0]
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -np.inf, 1.5, 0.2, -2.0, 0.7, 0.1], dtype=np.float32)
+    for temperature in (1.0, 0.7):
+        tokens = rules.coupled_sample(logits[None], temperature, g)
+        p = np.exp(logits / temperature - (logits / temperature).max())
+        p /= p.sum()
+        counts = np.bincount(tokens, minlength=12)
+        seen = p > 0
+        chi2 = float(((counts - p * len(tokens)) ** 2 / np.where(seen, p * len(tokens), 1))[seen].sum())
+        assert chi2 < 35 and counts[~seen].sum() == 0, (temperature, chi2)  # 10 dof: p(chi2 > 35) < 2e-4
+    assert (rules.coupled_sample(logits[None], 0.0, g) == 0).all()  # greedy: argmax

@@ -114,6 +114,18 @@ class CausalLM(nn.Module):
             drafts = logits.new_zeros(b, t, 0, logits.shape[-1])
         return logits, drafts, torch.stack(present)
 
+    def without_drafts(self, keep: int = 0) -> CausalLM:
+        """The same model with only its first ``keep`` draft heads (0: the plain left-to-right model of
+        equal size and weights, the baseline draft-and-verify is measured against)."""
+        import dataclasses
+
+        if not 0 <= keep <= self.config.num_drafts:
+            raise ValueError(f"keep must be in 0..{self.config.num_drafts}, got {keep}")
+        model = CausalLM(dataclasses.replace(self.config, num_drafts=keep), self.tokenizer)
+        model.load_state_dict({k: v for k, v in self.state_dict().items()
+                               if not k.startswith("draft.") or int(k.split(".")[1]) < keep})
+        return model.eval()
+
     def empty_cache(self, batch: int):
         """A one-entry cache that counts for nothing (exports keep P >= 1)."""
         c = self.config
@@ -146,3 +158,245 @@ def load_research_checkpoint(weights: str | Path, vocab: str | Path, max_seq_len
         raise CheckpointError(f"{weights}: not a research Net/DraftNet of this shape "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
+
+
+#: the decode graph's state, in the order of its inputs (each comes back as ``<name>_next``); the
+#: per-layer caches ``cache_k{i}`` / ``cache_v{i}`` follow these
+DECODE_STATE = ("fed", "start", "ids", "done", "calls")
+#: the decode graph's per-batch constants
+DECODE_CONSTANTS = ("keys", "temperature")
+
+
+def cache_names(num_layers: int) -> list[str]:
+    return [f"cache_{kv}{i}" for i in range(num_layers) for kv in ("k", "v")]
+
+
+class DecodeStep(nn.Module):
+    """One call of the fused decoder (docs/ARCHITECTURE.md, "Decode files"): the whole draft-and-verify
+    step of ``runtime/causal_step.py`` for the gate selector, with the state on the device.
+
+    State per row: ``fed`` [B, D+1] (the newest exact token and D drafts at model positions
+    ``start`` .. ``start`` + D), ``ids`` [B, L] (committed tokens, PAD beyond), ``done`` [B], ``calls`` [B]
+    and a fixed-size KV cache per layer, [B, C, hidden] (keys and values of all heads side by side, as
+    onnxruntime's fused attention takes them) with C = L + 1 + D slots (slot = model position). One call writes the fed tokens' keys and values into their slots, attends each to
+    the slots up to its own, samples the exact token after every fed one with the sample's counter noise
+    (``rules.counter_gumbel``, ``rules.coupled_sample``), keeps the drafts that equal their exact tokens,
+    commits them and the exact token after them, and draws the next D drafts from the draft heads at the
+    last kept position with the noise of the positions they guess. Stale slots (rejected drafts) are
+    always rewritten before any query reaches them. Every shape but the batch is fixed, so onnxruntime
+    can capture the call in a CUDA graph; ``drafts=0`` is the plain left-to-right decoder of the same
+    model (the baseline), with the same noise: both give the same molecules.
+
+    ``inplace`` writes the caches in place (the PyTorch loop); the export writes new ones (ONNX has no
+    in-place update), which the runtime binds alternately as inputs and outputs.
+    """
+
+    def __init__(self, model: CausalLM, drafts: int | None = None, inplace: bool = False):
+        super().__init__()
+        c = model.config
+        self.model, self.inplace = model, inplace
+        self._start: dict[str, list] | None = None  # start_outputs, computed once
+        self.drafts = c.num_drafts if drafts is None else drafts
+        if not 0 <= self.drafts <= c.num_drafts:
+            raise ValueError(f"drafts must be in 0..{c.num_drafts}, got {drafts}")
+        self.length, self.slots = c.max_seq_len, c.max_seq_len + 1 + self.drafts
+        sp = model.special
+        self.eos, self.pad, self.mask = sp.eos, sp.pad, sp.mask
+        if self.drafts:  # the draft heads as one matrix product: [h, D*h] (fewer kernels per call on a GPU)
+            heads = model.draft[: self.drafts]
+            self.draft_weight = nn.Parameter(torch.cat([lin.weight.t() for lin in heads], 1).detach(),
+                                             requires_grad=False)
+            self.draft_bias_h = nn.Parameter(torch.cat([lin.bias for lin in heads]).detach(), requires_grad=False)
+        # the runtime loop's bans for a blank layout (the same for every position), and no EOS in drafts
+        from imadarem.runtime.decode import decode_bias
+
+        bias, draft_bias = decode_bias(model.tokenizer, sp, c.vocab_size, c.max_seq_len)
+        self.register_buffer("bias", torch.from_numpy(bias), persistent=False)
+        self.register_buffer("draft_bias", torch.from_numpy(draft_bias), persistent=False)
+        D, T = self.drafts, self.drafts + 1
+        # constant indices (gathers with constant indices: fewer kernels than data-dependent ones):
+        # the noise positions start .. start + 2D; fed shifted by one (fed t + 1 is the draft output t
+        # guesses); a last column that is never a right guess; per output t and head m the noise of the
+        # position head m guesses when t is the last kept output
+        self.register_buffer("noise_offsets", torch.arange(2 * D + 1), persistent=False)
+        self.register_buffer("shift", (torch.arange(T) + 1) % T, persistent=False)
+        self.register_buffer("last_wrong", (torch.arange(T) < D).float(), persistent=False)
+        self.register_buffer("draft_noise", torch.arange(T)[:, None] + 1 + torch.arange(max(D, 1))[None, :D],
+                             persistent=False)
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32, done=None) -> dict[str, torch.Tensor]:
+        """The state before the first call: BOS at position 0, nothing committed (rows given ``done``
+        stay untouched: padding of a fixed batch)."""
+        c = self.model.config
+        T = self.drafts + 1
+        fed = torch.full((batch, T), self.pad, dtype=torch.long, device=device)
+        fed[:, 0] = self.mask  # BOS
+        state = {"fed": fed, "start": torch.zeros(batch, dtype=torch.long, device=device),
+                 "ids": torch.full((batch, c.max_seq_len), self.pad, dtype=torch.long, device=device),
+                 "done": torch.zeros(batch, dtype=torch.bool, device=device) if done is None else done.to(device),
+                 "calls": torch.zeros(batch, dtype=torch.long, device=device)}
+        for name in cache_names(c.num_layers):
+            state[name] = torch.zeros(batch, self.slots, c.hidden_size, dtype=dtype, device=device)
+        return state
+
+    def start_outputs(self) -> dict[str, list]:
+        if self._start is None:
+            self._start = self._compute_start()
+        return self._start
+
+    @torch.no_grad()
+    def _compute_start(self) -> dict[str, list]:
+        """What the first call would compute from BOS, which is the same for every molecule: the logits of
+        the first token, the draft heads' logits, and BOS's keys and values per layer. A decode file keeps
+        them (metadata ``imadarem.decode_start``), so every molecule starts after BOS, one call fewer
+        (the prompt cache of a decoder whose prompt is always BOS)."""
+        import copy
+
+        m = copy.deepcopy(self.model).float().cpu()  # float32 whatever the model's precision: the file's constants
+        c = m.config
+        past, valid = m.empty_cache(1)
+        bos = torch.full((1, 1), self.mask, dtype=torch.long)
+        logits, drafts, present = m.step(bos, torch.zeros(1, 1, dtype=torch.long), past, valid)
+        kv = present[:, :, 0, :, -1, :].reshape(c.num_layers, 2, c.hidden_size)  # [layers, k/v, hidden]
+        return {"logits": logits[0, 0].tolist(), "drafts": drafts[0, 0, : self.drafts].tolist(), "kv": kv.tolist()}
+
+    def started_state(self, keys: torch.Tensor, temperature: float, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """The state after BOS (``start_outputs``): the first token and the first drafts drawn with each
+        sample's noise, BOS's keys and values in cache slot 0, calls 0."""
+        start = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.start_outputs().items()}
+        start["drafts"] = start["drafts"].reshape(self.drafts, -1 if self.drafts else start["logits"].shape[0])
+        from imadarem.runtime.decode import start_tokens
+
+        first, drafts, done = start_tokens(start["logits"], start["drafts"], keys.cpu(), temperature, self.bias,
+                                           self.draft_bias, self.eos)
+        device, c = keys.device, self.model.config
+        state = self.initial_state(keys.shape[0], device, dtype, done.to(device))
+        state["fed"] = torch.cat([first[:, None], drafts], 1).to(device)
+        state["start"] += 1
+        state["ids"][:, 0] = first.to(device)
+        for i in range(c.num_layers):
+            state[f"cache_k{i}"][:, 0] = start["kv"][i, 0].to(device, dtype)
+            state[f"cache_v{i}"][:, 0] = start["kv"][i, 1].to(device, dtype)
+        return state
+
+    def forward(self, fed, start, ids, done, calls, *rest):
+        from imadarem.runtime import rules
+
+        m, c = self.model, self.model.config
+        caches, (keys, temperature) = rest[: 2 * c.num_layers], rest[2 * c.num_layers:]
+        b, T, D, L, V = fed.shape[0], self.drafts + 1, self.drafts, self.length, c.vocab_size
+        steps = torch.arange(T, device=fed.device)
+        pos = start[:, None] + steps[None, :]  # model positions of the fed tokens = their cache slots
+        x = m.tok(fed) + m.pos(pos.clamp(max=L))
+        slot = pos.clamp(max=self.slots - 1)
+        allowed = torch.arange(self.slots, device=fed.device)[None, None, :] <= pos[:, :, None]
+        attn_bias = _additive_mask(allowed, x.dtype)  # [B, 1, T, C]
+        index = slot[:, :, None].expand(b, T, c.hidden_size)
+        new_caches = []
+        for i, blk in enumerate(m.blocks):
+            q, k, v = blk.qkv(blk.ln1(x)).split(c.hidden_size, -1)
+            kc, vc = caches[2 * i], caches[2 * i + 1]
+            if self.inplace:
+                kc, vc = kc.scatter_(1, index, k), vc.scatter_(1, index, v)
+            else:
+                kc, vc = kc.scatter(1, index, k), vc.scatter(1, index, v)
+            att = cache_attention(q, kc, vc, attn_bias, c.num_heads)
+            x = x + blk.proj(att)
+            x = x + blk.mlp(blk.ln2(x))
+            new_caches += [kc, vc]
+        hid = m.ln(x)
+        logits = (hid @ m.tok.weight.t()).float()  # [B, T, V]
+
+        # the exact token after each fed one (ids index start + t), and the noise of the positions the
+        # next drafts guess (start + 1 .. start + 2D), in one draw
+        noise = rules.counter_gumbel(keys, (start[:, None] + self.noise_offsets).clamp(max=L - 1), V)
+        tempered = rules.tempered_noise(noise, temperature)
+        exact = rules.coupled_argmax(logits + self.bias, tempered[:, :T])  # [B, T]
+        if D:
+            # fed token t (t >= 1) is the draft for ids index start + t - 1, guessed right iff it equals the
+            # exact token output t - 1 sampled there; kept = the first wrong one (a right guess beyond the
+            # sequence's end commits nothing: the writes below stop at L and the row ends)
+            right = (fed.index_select(1, self.shift) == exact).float() * self.last_wrong
+            kept = right.argmin(1)  # [B] drafts kept, 0..D
+            bonus = exact.gather(1, kept[:, None]).view(b)
+        else:
+            kept = torch.zeros_like(start)
+            bonus = exact.view(b)
+        # commit exact[:, 0..kept] at ids index start .. start + kept (a gather, no reduction: onnxruntime's
+        # int64 reductions over a middle axis took a quarter of a call at batch 4096)
+        rel = torch.arange(L, device=fed.device)[None, :] - start[:, None]  # [B, L]
+        write = (rel >= 0) & (rel <= kept[:, None]) & ~done[:, None]
+        ids_next = torch.where(write, exact.gather(1, rel.clamp(0, T - 1)), ids)
+        committed = start + kept + 1
+        ended = committed >= L
+        if self.eos is not None:
+            ended = ended | (bonus == self.eos)
+        done_next = done | ended
+        if D:
+            # the draft heads at every output (cheaper on a GPU than gathering the kept one first): head m
+            # at output t guesses ids index start + t + 1 + m; then the guesses of the last kept output
+            lifted = F.gelu(hid @ self.draft_weight + self.draft_bias_h).view(b, T, D, c.hidden_size)
+            draft_logits = ((hid[:, :, None, :] + lifted) @ m.tok.weight.t()).float()  # [B, T, D, V]
+            window = tempered.index_select(1, self.draft_noise.flatten()).view(b, T, D, V)
+            every = rules.coupled_argmax(draft_logits + self.draft_bias, window)
+            guesses = every.gather(1, kept[:, None, None].expand(b, 1, D)).view(b, D)
+            fed_new = torch.cat([bonus[:, None], guesses], 1)
+        else:
+            fed_new = bonus[:, None]
+        fed_next = torch.where(done[:, None], fed, fed_new)
+        start_next = torch.where(done, start, committed)
+        calls_next = calls + (~done).long()
+        active = (~done_next).float().sum(0, keepdim=True).long()  # float: onnxruntime's int64 sums are slow
+        return (fed_next, start_next, ids_next, done_next, calls_next, *new_caches, active)
+
+
+#: the additive attention mask's value where attention is not allowed (finite: fused kernels take it as
+#: it is; exp of it underflows to exactly 0 in float16 and float32)
+MASKED = -1e4
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, C] bool -> [B, 1, T, C] additive bias (0 where allowed, MASKED elsewhere)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, MASKED)[:, None]
+
+
+@torch.library.custom_op("imadarem::cache_attention", mutates_args=())
+def cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+                    num_heads: int) -> torch.Tensor:
+    """Multi-head attention of ``query`` [B, T, hidden] over a cache ``key``/``value`` [B, C, hidden] with an
+    additive ``bias`` [B, 1, T, C]. One op, so that the export writes it as onnxruntime's fused
+    com.microsoft MultiHeadAttention (``export/decode_export.py``); PyTorch runs it with
+    scaled_dot_product_attention."""
+    b, t, hidden = query.shape
+    c, d = key.shape[1], hidden // num_heads
+    q = query.view(b, t, num_heads, d).transpose(1, 2)
+    k = key.view(b, c, num_heads, d).transpose(1, 2)
+    v = value.view(b, c, num_heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2).reshape(b, t, hidden)
+
+
+@cache_attention.register_fake
+def _(query, key, value, bias, num_heads):
+    return torch.empty_like(query)
+
+
+def decode_with(step: DecodeStep, keys: torch.Tensor, temperature: float, max_calls: int | None = None,
+                state: dict[str, torch.Tensor] | None = None, on_call=None) -> dict[str, torch.Tensor]:
+    """Run ``step`` until every row is done (the PyTorch loop, and the reference the exported graph is
+    checked against); ``on_call(active_rows)`` after each call (timings)."""
+    c = step.model.config
+    device = keys.device
+    dtype = step.model.tok.weight.dtype
+    state = state or step.started_state(keys, temperature, dtype)
+    names = list(DECODE_STATE) + cache_names(c.num_layers)
+    temp = torch.tensor([temperature], dtype=torch.float32, device=device)
+    for _ in range(max_calls or c.max_seq_len + 1):
+        out = step(*(state[n] for n in names), keys, temp)
+        state = dict(zip(names, out[:-1]))
+        active = int(out[-1].item())
+        if on_call is not None:
+            on_call(active)
+        if active == 0:
+            break
+    return state

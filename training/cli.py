@@ -153,14 +153,22 @@ def eval_group():
               help="FCD/Test with the fcd package's ChemNet [default: when the fcd extra is installed].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
+@click.option("--samples", "sample_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Score these SMILES files (one molecule per line, e.g. from `imadarem bench --samples`) instead "
+                   "of generating; repeatable.")
 def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
-                           intdiv_sample, with_fcd, json_path, plot_path):
+                           intdiv_sample, with_fcd, json_path, plot_path, sample_files):
     """Validity, Unique@1k/10k, Novelty, IntDiv, Filters and FCD/Test of generated molecules (RDKit,
     MOSES splits)."""
     from imadarem.training.evaluation import molecules as em
 
     cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
             "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
+    if sample_files:
+        if model or selectors or steps_list or plot_path:
+            raise ImadaremError("--samples scores files: it takes no --model, --selector, --steps or --plot")
+        cols = ["samples", "n", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
+                "heavy_atoms"]
     shown = []
 
     def show(row):
@@ -171,8 +179,11 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
         cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
         click.echo("| " + " | ".join(cells) + " |")
 
-    rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
-                       moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd)
+    if sample_files:
+        rows = em.evaluate_samples(list(sample_files), moses_cache, intdiv_sample, progress=show, with_fcd=with_fcd)
+    else:
+        rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
+                           moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd)
     em.write(rows, json_path)
     if plot_path:
         em.plot(rows, plot_path)

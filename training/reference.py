@@ -177,3 +177,46 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
     if not return_stats:
         return out
     return out, {"steps": steps_used.cpu().numpy(), "edits": edits.cpu().numpy(), "early": early.cpu().numpy()}
+
+
+@torch.no_grad()
+def torch_decode(model, n: int, drafts: int | None = None, temperature: float | None = None, seed: int | None = 0,
+                 batch_size: int | None = None, timings: LoopTimings | None = None):
+    """A causal model's fused decoder in PyTorch eager (``training/causal.py: DecodeStep``, caches written in
+    place): draft-and-verify with ``drafts`` draft heads (default all), or left to right with 0. What a
+    PyTorch user would write on a GPU: every tensor stays on the model's device, one host sync per call
+    (the count of active rows). Each sample's noise is its counter noise (``rules.counter_gumbel``), so the
+    molecules are the runtime's for the same seed. Returns [n, max_seq_len] ids and calls per molecule."""
+    from imadarem.runtime.randomness import SampleStreams
+    from imadarem.training.causal import DecodeStep, decode_with
+
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    step = DecodeStep(model, drafts, inplace=True).to(device).eval()
+    temp = model.config.sampling_temperature if temperature is None else temperature
+    root = np.random.SeedSequence(seed)
+    batch = batch_size or n
+    ids, calls = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for first in range(0, n, batch):
+        size = min(batch, n - first)
+        keys = torch.from_numpy(SampleStreams(root, first, size).keys()).to(device)
+        clock = {"t": time.perf_counter(), "rows": size}
+
+        def on_call(active: int, clock=clock) -> None:  # the call ends with the .item() sync in decode_with
+            if timings is not None:
+                now = time.perf_counter()
+                timings.step_seconds.append(now - clock["t"])
+                timings.run_seconds.append(now - clock["t"])
+                timings.active_rows.append(clock["rows"])
+                timings.run_lengths.append(0)
+            clock["t"], clock["rows"] = time.perf_counter(), active
+
+        sync()
+        clock["t"] = time.perf_counter()
+        state = decode_with(step, keys, temp, on_call=on_call)
+        ids.append(state["ids"].cpu().numpy())
+        calls.append(state["calls"].cpu().numpy())
+    if timings is not None:
+        timings.total_seconds += time.perf_counter() - started
+    return np.concatenate(ids), np.concatenate(calls)

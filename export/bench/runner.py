@@ -36,10 +36,7 @@ from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.generator import Generator, LoopTimings
 
 ENGINES = ("ort-fp32", "ort-int8", "ort-fp16", "ort-fp32-head", "ort-fp16-head", "torch", "torch-bf16", "xt-nar",
-           "xt-ar-kv", "ort-causal-l2r", "ort-causal-loop")
-#: engines that run a causal file (format 2): the plain left-to-right decoder (runtime/causal.py) and the
-#: refinement loop with --selector over it (runtime/causal_step.py; gate = draft-and-verify)
-CAUSAL = {"ort-causal-l2r": "l2r", "ort-causal-loop": "loop"}
+           "xt-ar-kv")
 CUDA_ONLY = {"ort-fp16", "ort-fp16-head", "torch-bf16"}
 CPU_ONLY = {"ort-int8"}  # onnxruntime's CUDA provider has no MatMulInteger fast path
 
@@ -50,7 +47,7 @@ class BenchArgs:
     checkpoint: str | None = None  # ... or a training run / checkpoint
     batch_sizes: tuple[int, ...] = (1, 16, 64, 256)
     providers: tuple[str, ...] = ("cpu",)
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] | None = None  # None: every engine that runs on the provider
     steps: int | None = None
     selector: str = "gate"
     repeats: int = 3
@@ -58,7 +55,7 @@ class BenchArgs:
     seed: int = 0
     agreement_n: int = 256
     out_dir: str = "bench-results"
-    causal_model: str | None = None  # a format-2 file for the ort-causal-* engines
+    samples: int = 0  # causal models: molecules per engine written as SMILES (and scored, with the extras)
 
 
 @dataclass
@@ -113,9 +110,11 @@ def _summarise(engine: str, provider: str, batch: int, runs: list[tuple[LoopTimi
 class Bench:
     def __init__(self, args: BenchArgs):
         self.args = args
-        unknown = sorted(set(args.engines) - set(ENGINES))
-        if unknown:
-            raise ImadaremError(f"unknown engine {unknown[0]!r} (choose from: {', '.join(ENGINES)})")
+        self.causal = not args.checkpoint and _is_causal_file(args.model)
+        if not self.causal:
+            unknown = sorted(set(args.engines or ()) - set(ENGINES))
+            if unknown:
+                raise ImadaremError(f"unknown engine {unknown[0]!r} (choose from: {', '.join(ENGINES)})")
         if any(b < 1 for b in args.batch_sizes) or args.repeats < 1:
             raise ImadaremError("batch sizes and --repeats must be >= 1")
         for p in args.providers:
@@ -125,6 +124,13 @@ class Bench:
                 raise ImadaremError("provider 'cuda' asked for, but PyTorch sees no CUDA device")
         self.threads = args.threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
+        if self.causal:
+            from imadarem.export.bench.causal import CausalBench
+
+            args.model = str(args.model or _default_model())
+            self.causal_bench = CausalBench(args, self.threads)  # checks the engine names
+        elif args.engines is None:
+            args.engines = ENGINES
         self.out_dir = Path(args.out_dir)
         self.notes: list[str] = []
         self._generators: dict[tuple[str, str], Generator] = {}  # one session per model variant and provider
@@ -175,14 +181,6 @@ class Bench:
     def _runner(self, engine: str, provider: str, batch: int) -> Callable[[LoopTimings, int], dict] | None:
         a = self.args
         device = torch.device("cuda" if provider == "cuda" else "cpu")
-        if engine in CAUSAL:
-            gen = self._causal(CAUSAL[engine], provider)
-            options = {"selector": a.selector, "steps": a.steps} if CAUSAL[engine] == "loop" else {}
-
-            def run(tm: LoopTimings, seed: int) -> dict:
-                samples = gen.generate(batch, seed=seed, batch_size=batch, timings=tm, decode=False, **options)
-                return {"steps": np.array([s.steps for s in samples]), "edits": [s.edits for s in samples]}
-            return run
         if engine.startswith("ort-"):
             gen = self._generator(engine[4:], provider)
 
@@ -221,15 +219,6 @@ class Bench:
             return {"steps": np.full(batch, per_run)}
         return run
 
-    def _causal(self, kind: str, provider: str):
-        from imadarem.runtime.causal import CausalGenerator
-
-        key = (f"causal-{kind}", provider)
-        if key not in self._generators:
-            make = Generator if kind == "loop" else CausalGenerator
-            self._generators[key] = make(self.args.causal_model, provider=provider, threads=self.threads)
-        return self._generators[key]
-
     def _generator(self, variant: str, provider: str) -> Generator:
         key = (variant, provider)
         if key not in self._generators:
@@ -246,15 +235,15 @@ class Bench:
             tm = LoopTimings()
             stats = run(tm, self.args.seed + r)
             runs.append((tm, stats))
-        row = _summarise(engine, provider, batch, runs, None if engine in CAUSAL else self.config)
+        row = _summarise(engine, provider, batch, runs, self.config)
         self._tokens[(engine, provider, batch)] = runs[0][1].get("tokens")
         return row
 
     # -- all of it --------------------------------------------------------------------------------
     def run(self, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         a = self.args
-        if not a.checkpoint and _is_causal_file(a.model):  # e.g. the bundled model: only the causal rows
-            return self._run_causal(progress)
+        if self.causal:  # e.g. the bundled model: export/bench/causal.py
+            return self.causal_bench.run(progress)
         with tempfile.TemporaryDirectory() as tmp:
             self.prepare(Path(tmp))
             rows: list[Row] = []
@@ -263,9 +252,7 @@ class Bench:
                     for engine in a.engines:
                         if (engine in CUDA_ONLY and provider != "cuda") or (engine in CPU_ONLY and provider != "cpu"):
                             continue
-                        if engine in CAUSAL and not a.causal_model:
-                            continue
-                        if engine.startswith("ort-") and engine not in CAUSAL and engine[4:] not in self.files:
+                        if engine.startswith("ort-") and engine[4:] not in self.files:
                             continue
                         progress(f"{provider} batch {batch}: {engine}")
                         row = self.measure(engine, provider, batch)
@@ -277,40 +264,6 @@ class Bench:
                   "selector": a.selector, "max_seq_len": self.config.max_seq_len,
                   "parameters": self.model.num_parameters(), "repeats": a.repeats, "agreement": agreement,
                   "notes": sorted(set(self.notes)), "rows": [asdict(r) for r in rows]}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
-        (self.out_dir / "bench.md").write_text(markdown(result))
-        return result
-
-    def _run_causal(self, progress: Callable[[str], None]) -> dict[str, Any]:
-        """--model is a causal file (format 2): its refinement-loop row against its own left-to-right
-        decoding, same engine and file, plus the --causal-model file's left-to-right row if one is given."""
-        from imadarem.runtime.modelfile import default_model_path
-
-        a = self.args
-        path = str(a.model or default_model_path())
-        baseline, a.causal_model = a.causal_model, path
-        rows: list[Row] = []
-        for provider in a.providers:
-            for batch in a.batch_sizes:
-                for engine in [e for e in a.engines if e in CAUSAL]:
-                    progress(f"{provider} batch {batch}: {engine}")
-                    rows.append(self.measure(engine, provider, batch))
-                if baseline and "ort-causal-l2r" in a.engines:
-                    a.causal_model = baseline
-                    self._generators.pop(("causal-l2r", provider), None)
-                    progress(f"{provider} batch {batch}: ort-causal-l2r ({baseline})")
-                    row = self.measure("ort-causal-l2r", provider, batch)
-                    row.engine, a.causal_model = "ort-causal-l2r-baseline", path
-                    self._generators.pop(("causal-l2r", provider), None)
-                    rows.append(row)
-                self._ratios(rows, provider, batch)
-        gen = self._causal("loop", a.providers[0])
-        result = {"machine": _machine(self.threads), "source": f"model file {path}"
-                  + (f"; baseline {baseline}" if baseline else ""), "steps": gen.model_config.max_refinement_steps,
-                  "selector": a.selector, "max_seq_len": gen.model_config.max_seq_len,
-                  "parameters": int(gen.model.provenance.get("parameters", 0) or 0), "repeats": a.repeats,
-                  "agreement": {}, "notes": sorted(set(self.notes)), "rows": [asdict(r) for r in rows]}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
         (self.out_dir / "bench.md").write_text(markdown(result))
@@ -376,20 +329,40 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
 
 
+def _default_model() -> Path:
+    from imadarem.runtime.modelfile import default_model_path
+
+    path = default_model_path()
+    if path is None:
+        raise ImadaremError("no --model or --checkpoint given and there is no bundled model")
+    return path
+
+
 def _is_causal_file(model: str | None) -> bool:
+    """A causal step file (format 2): the bundled model is one."""
     from imadarem.runtime.causal import is_causal
+    from imadarem.runtime.decode import is_decode
     from imadarem.runtime.modelfile import default_model_path, open_session
 
     path = model or default_model_path()
-    return path is not None and Path(path).is_file() and is_causal(open_session(path)[1])
+    if path is None or not Path(path).is_file():
+        return False
+    meta = open_session(path)[1]
+    if is_decode(meta):
+        raise ImadaremError(f"{path} is a decode file: bench the step file it was exported from (the decode "
+                            "files are built from it)")
+    return is_causal(meta)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (f"- machine: {m['processor']}, {m['cpu_count']} CPUs ({m['threads']} threads used)"
+            + (f", {m['gpu']}" if "gpu" in m else "") + f"; torch {m.get('torch')}, onnxruntime "
+            f"{m.get('onnxruntime-gpu') or m.get('onnxruntime')}")
 
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = ["# imadarem bench", "",
-             f"- machine: {m['processor']}, {m['cpu_count']} CPUs ({m['threads']} threads used)"
-             + (f", {m['gpu']}" if "gpu" in m else "") + f"; torch {m.get('torch')}, onnxruntime "
-             f"{m.get('onnxruntime-gpu') or m.get('onnxruntime')}",
+    lines = ["# imadarem bench", "", machine_line(m),
              f"- model: {result['source']}; {result['parameters']:,} parameters, length {result['max_seq_len']}, "
              f"{result['steps']} steps, selector `{result['selector']}`, median of {result['repeats']} runs",
              ]

@@ -158,23 +158,67 @@ def read_train_set(path: Path) -> set[str]:
     return set(read_smiles(path))
 
 
+class MosesScorer:
+    """MOSES metrics of any list of SMILES against the MOSES splits (loaded once): what ``imadarem eval
+    molecules --samples`` and ``imadarem bench --samples`` report."""
+
+    def __init__(self, moses_cache: str | None = None, with_fcd: bool | None = None, intdiv_sample: int = 5000):
+        from imadarem.training.data import fetch_moses, moses_fcd_reference
+
+        files = fetch_moses(moses_cache)
+        self.train = read_train_set(files["train"])
+        self.patterns = load_filters(files)
+        if with_fcd is None:
+            import importlib.util
+
+            with_fcd = importlib.util.find_spec("fcd") is not None
+        self.fcd = FrechetChemNet(files["test"], files["test"].parent, reference_stats=moses_fcd_reference(files)) \
+            if with_fcd else None
+        self.intdiv_sample = intdiv_sample
+
+    def __call__(self, smiles: list[str], seed: int = 0) -> dict[str, float]:
+        return molecule_metrics(smiles, self.train, self.patterns, self.intdiv_sample, seed, self.fcd)
+
+
+_SCORER: MosesScorer | None = None
+
+
+def score_smiles(smiles: list[str]) -> dict[str, float]:
+    """MOSES metrics with FCD/Test of ``smiles`` (the scorer is built on the first call and kept)."""
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = MosesScorer(with_fcd=True)
+    return _SCORER(smiles)
+
+
+def evaluate_samples(paths: list[str], moses_cache: str | None, intdiv_sample: int, progress=None,
+                     with_fcd: bool | None = None) -> list[dict[str, Any]]:
+    """One row per SMILES file (one molecule per line; an empty line is an invalid molecule)."""
+    scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample)
+    rows = []
+    for path in paths:
+        try:
+            smiles = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImadaremError(f"cannot read samples {path}: {exc}") from None
+        if not smiles:
+            raise ImadaremError(f"{path} holds no molecules")
+        row: dict[str, Any] = {"samples": str(path)}
+        row.update(scorer(smiles))
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
 def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[int | None], seed: int,
              temperature: float | None, batch_size: int, moses_cache: str | None, intdiv_sample: int,
              threads: int | None = None, progress=None, with_fcd: bool | None = None) -> list[dict[str, Any]]:
     """One row per selector and step count. ``with_fcd``: True needs the fcd package, None uses it
     when installed, False skips FCD."""
     from imadarem.runtime.generator import open_generator
-    from imadarem.training.data import fetch_moses, moses_fcd_reference  # noqa: I001
 
-    files = fetch_moses(moses_cache)
-    train = read_train_set(files["train"])
-    patterns = load_filters(files)
-    if with_fcd is None:
-        import importlib.util
-
-        with_fcd = importlib.util.find_spec("fcd") is not None
-    fcd = FrechetChemNet(files["test"], files["test"].parent, reference_stats=moses_fcd_reference(files)) \
-        if with_fcd else None
+    scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample)
     gen = open_generator(model, threads=threads)
     if not selectors:
         selectors = ["gate"]
@@ -186,7 +230,7 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
                                    batch_size=batch_size)
             elapsed = time.perf_counter() - t0
             row: dict[str, Any] = {"selector": selector, "steps": steps or gen.model_config.max_refinement_steps}
-            row.update(molecule_metrics([s.text for s in samples], train, patterns, intdiv_sample, seed, fcd))
+            row.update(scorer([s.text for s in samples], seed))
             row["steps_used"] = float(np.mean([s.steps for s in samples]))
             row["edits_per_step"] = float(np.mean([np.mean(s.edits) for s in samples]))
             row["early_stop"] = float(np.mean([s.early_stop for s in samples]))

@@ -1,0 +1,162 @@
+"""Export a causal model's fused decoder (``imadarem.training.causal.DecodeStep``) as one ONNX graph: a
+*decode file* (model format "2", config ``"graph": "decode"``; docs/ARCHITECTURE.md, "Decode files").
+
+One call of the graph is one draft-and-verify step of the gate selector (or, with ``drafts=0``, one
+left-to-right step), sampling and state update included, so the runtime only feeds the state back: on a
+GPU it binds two sets of device buffers alternately as inputs and outputs and replays the call as a
+CUDA graph (``runtime/decode.py``). Every dimension but the batch is fixed.
+
+Variants: ``fp32``; ``int8`` (dynamic quantisation of the weight MatMuls, CPUs); ``fp16`` (the model in
+float16 with float16 caches, sampling in float32, GPUs; onnxruntime's transformer fusions applied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from imadarem.export.onnx_export import (
+    OPSET,
+    _quiet_exporters,
+    _versions,
+    build_metadata,
+    check_writable,
+    quantize_int8,
+    write_with_metadata,
+)
+from imadarem.runtime import modelfile as mf
+from imadarem.runtime.decode import KEY_START
+from imadarem.runtime.errors import ImadaremError
+
+VARIANTS = ("fp32", "fp16", "int8")
+
+
+def decode_io(num_layers: int) -> tuple[list[str], list[str]]:
+    """The decode graph's input and output names, in order."""
+    from imadarem.training.causal import DECODE_CONSTANTS, DECODE_STATE, cache_names
+
+    state = list(DECODE_STATE) + cache_names(num_layers)
+    return state + list(DECODE_CONSTANTS), [f"{n}_next" for n in state] + ["active"]
+
+
+def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None, variant: str = "fp32",
+                  provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a CausalLM with a tokenizer) as a decode file drafting ``drafts`` tokens per call
+    (default: all its draft heads; 0: the left-to-right decoder)."""
+    import onnx
+    import torch
+    from imadarem.training.causal import DecodeStep
+
+    if variant not in VARIANTS:
+        raise ImadaremError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
+    out_path = Path(out_path)
+    check_writable(out_path)
+    model = model.eval().cpu()
+    c = model.config
+    if variant == "fp16":
+        model = _half_copy(model)
+    step = DecodeStep(model, drafts).eval()
+    inputs, outputs = decode_io(c.num_layers)
+    batch = 3
+    state = step.started_state(torch.arange(batch, dtype=torch.long), 1.0,
+                               dtype=torch.float16 if variant == "fp16" else torch.float32)
+    from imadarem.training.causal import DECODE_STATE, cache_names
+
+    names = list(DECODE_STATE) + cache_names(c.num_layers)
+    args = tuple(state[n] for n in names) + (torch.arange(batch, dtype=torch.long), torch.ones(1))
+    B = torch.export.Dim("batch", min=1, max=1 << 20)
+    state_dims = tuple({0: B} for _ in DECODE_STATE)
+    dynamic = state_dims + (tuple({0: B} for _ in names[len(DECODE_STATE):]) + ({0: B}, None),)  # forward(*rest)
+    config = {**c.to_dict(), "num_drafts": step.drafts, "graph": "decode", "cache_len": step.slots}
+    info = {"tools": _versions(), "parameters": model.num_parameters(), **(provenance or {}), "variant": variant,
+            "decode_drafts": step.drafts}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_exporters():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "decode.onnx"
+        with torch.no_grad():
+            program = torch.onnx.export(step, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                        dynamic_shapes=dynamic, opset_version=OPSET, optimize=True, verbose=False,
+                                        custom_translation_table={torch.ops.aten.div.Tensor_mode: _truncating_div,
+                                                                  torch.ops.imadarem.cache_attention.default:
+                                                                      _fused_attention})
+        program.save(str(raw), external_data=False)
+        proto = onnx.load(str(raw))
+        meta = build_metadata(model, info, mf.CAUSAL_FORMAT)
+        meta[mf.KEY_CONFIG] = json.dumps(config, sort_keys=True)
+        meta[KEY_START] = json.dumps(step.start_outputs())
+        if variant == "fp16":
+            proto = _gpu_fusions(proto, config)
+        if variant == "int8":
+            fp32 = Path(tmp) / "fp32.onnx"
+            write_with_metadata(proto, fp32, meta)
+            quantize_int8(fp32, out_path)
+        else:
+            write_with_metadata(proto, out_path, meta)
+    return out_path
+
+
+def _truncating_div(self, other, rounding_mode=None):
+    """aten.div with rounding_mode="trunc" on int64 tensors, which is ONNX's integer Div exactly. (The
+    exporter's own translation goes through float32, which cannot hold the counter hash's 62-bit
+    intermediates; the decode graph divides nothing else with a rounding mode.)"""
+    from onnxscript import opset18 as op
+
+    if rounding_mode != "trunc":
+        raise NotImplementedError(f"the decode graph exports only truncating integer division, not {rounding_mode!r}")
+    return op.Div(self, op.CastLike(other, self))
+
+
+def _fused_attention(query, key, value, bias, num_heads: int):
+    """``imadarem::cache_attention`` as onnxruntime's com.microsoft MultiHeadAttention (CPU and CUDA
+    kernels; key and value [B, C, hidden], the additive mask as its attention_bias)."""
+    from onnxscript.values import Op, Opset
+
+    attention = Op(Opset("com.microsoft", 1), "MultiHeadAttention", _attention_schema())
+    return attention(query, key, value, None, None, bias, num_heads=num_heads)
+
+
+def _attention_schema():
+    """The part of com.microsoft MultiHeadAttention's signature the export uses (onnx's schema registry
+    does not hold onnxruntime's contrib ops, and onnxscript needs one to emit a node)."""
+    from onnx.defs import OpSchema
+
+    arg, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    return OpSchema("MultiHeadAttention", "com.microsoft", 1,
+                    inputs=[arg("query", "T"), arg("key", "T"), arg("value", "T"),
+                            arg("bias", "T", param_option=optional),
+                            arg("key_padding_mask", "M", param_option=optional),
+                            arg("attention_bias", "T", param_option=optional)],
+                    outputs=[arg("output", "T")],
+                    type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+                    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "attention heads")])
+
+
+def _half_copy(model):
+    """A float16 copy of ``model`` (embeddings, linear layers, norms; the export samples in float32)."""
+    import copy
+
+    return copy.deepcopy(model).half()
+
+
+def _gpu_fusions(proto, config: dict[str, Any]):
+    """onnxruntime's transformer fusions (SkipLayerNormalization, BiasGelu, ...) on the float16 graph."""
+    from imadarem.export.onnx_export import _gpu_fusions as fuse
+
+    return fuse(proto, config)
+
+
+def decode_from_file(path: str | os.PathLike, out_path: str | os.PathLike, drafts: int | None = None,
+                     variant: str = "fp32") -> Path:
+    """A decode file from a causal step file (format 2; an int8 one is dequantised first, as the bundled
+    model ships without its weights file)."""
+    from imadarem.export.onnx_import import causal_from_onnx
+
+    model, report = causal_from_onnx(path)
+    source = {"rebuilt_from": Path(path).name}
+    if report.quantized:
+        source["dequantized"] = True
+    return export_decode(model, out_path, drafts, variant, source)

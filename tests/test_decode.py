@@ -1,0 +1,166 @@
+"""Decode files: the gate selector's draft-and-verify step (or the left-to-right step) as one graph with the
+state on the device. They give the host loop's and the left-to-right decoder's molecules, token for token,
+on every engine: onnxruntime on the CPU, on CUDA with and without CUDA graphs, and PyTorch eager."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import rewrite_metadata
+from imadarem.export.causal_export import export_causal
+from imadarem.export.decode_export import export_decode
+from imadarem.runtime import Generator, ImadaremError, ModelFileError
+from imadarem.runtime.causal import CausalGenerator
+from imadarem.runtime.decode import DecodeGenerator, _bucket
+from imadarem.runtime.generator import LoopTimings
+from imadarem.runtime.modelfile import KEY_CONFIG
+from imadarem.training.reference import torch_decode
+from test_causal import tiny_model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decode")
+    model = tiny_model(drafts=2)
+    with torch.no_grad():  # every parameter distinct, as in a trained model (the exporter merges equal constants)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    paths = {"step": export_causal(model, out / "step.onnx")}
+    for name, drafts, variant in (("dv", None, "fp32"), ("l2r", 0, "fp32"), ("dv8", None, "int8"),
+                                  ("dv16", None, "fp16")):
+        paths[name] = export_decode(model, out / f"{name}.onnx", drafts, variant)
+    return model, paths
+
+
+def ids(samples):
+    return [s.ids for s in samples]
+
+
+def same(a, b):
+    return float(np.mean([x == y for x, y in zip(ids(a), ids(b))]))
+
+
+def test_decode_files_give_the_left_to_right_molecules(files):
+    model, paths = files
+    want = CausalGenerator(paths["step"]).generate(300, seed=7, batch_size=64)
+    loop = Generator(paths["step"]).generate(300, seed=7, batch_size=64)
+    dv = DecodeGenerator(paths["dv"]).generate(300, seed=7, batch_size=64)
+    l2r = DecodeGenerator(paths["l2r"]).generate(300, seed=7, batch_size=64)
+    assert same(dv, want) >= 0.99 and same(l2r, want) >= 0.99 and same(loop, want) >= 0.99
+    calls = {name: np.mean([s.steps for s in s_]) for name, s_ in (("dv", dv), ("l2r", l2r), ("loop", loop))}
+    # the same draft-and-verify, call for call, but for the BOS call, which a decode file starts after
+    assert calls["dv"] == pytest.approx(calls["loop"] - 1, abs=0.05)
+    assert calls["dv"] < 0.8 * calls["l2r"]
+    assert calls["l2r"] == pytest.approx(np.mean([len(s.ids) for s in want]) - 1, abs=0.05)  # a token per call
+
+
+def test_seeds_batches_and_temperature(files):
+    _, paths = files
+    gen = DecodeGenerator(paths["dv"])
+    whole = ids(gen.generate(10, seed=3, batch_size=10))
+    assert ids(gen.generate(10, seed=3, batch_size=3)) == whole
+    assert ids(gen.generate(4, seed=3)) == whole[:4]
+    greedy = ids(gen.generate(6, seed=1, temperature=0.0))
+    assert greedy == ids(gen.generate(6, seed=2, temperature=0.0))  # argmax: the seed does not matter
+    assert greedy == ids(CausalGenerator(paths["step"]).generate(6, seed=9, temperature=0.0))
+
+
+def test_int8_and_fp16_decode_files_sample_nearly_the_same_molecules(files):
+    _, paths = files
+    want = DecodeGenerator(paths["dv"]).generate(200, seed=5)
+    for name in ("dv8", "dv16"):
+        got = DecodeGenerator(paths[name]).generate(200, seed=5)
+        assert same(got, want) >= 0.8, name  # rounding flips a near tie now and then; the rest follows
+
+
+def test_the_pytorch_loop_is_the_same_decoder(files):
+    model, paths = files
+    want = DecodeGenerator(paths["dv"]).generate(40, seed=2, decode=False)
+    for drafts, ref in ((None, want), (0, DecodeGenerator(paths["l2r"]).generate(40, seed=2, decode=False))):
+        got, calls = torch_decode(model, 40, drafts, seed=2, batch_size=16)
+        rows = [list(r[: len(s.ids)]) for r, s in zip(got, ref)]
+        assert rows == ids(ref)
+        assert list(calls) == [s.steps for s in ref]
+
+
+def test_generator_runs_a_decode_file_and_refuses_what_it_cannot_do(files):
+    _, paths = files
+    gen = Generator(paths["dv"])
+    assert ids(gen.generate(5, seed=0)) == ids(DecodeGenerator(paths["dv"]).generate(5, seed=0))
+    for kwargs, word in (({"selector": "maskgit"}, "--selector maskgit"), ({"steps": 3}, "--steps"),
+                         ({"prompt": "[C]<mask:3>"}, "--prompt"), ({"trajectory": True}, "--trajectory"),
+                         ({"threshold": 0.3}, "selector options")):
+        with pytest.raises(ImadaremError, match=word):
+            gen.generate(2, **kwargs)
+    timings = LoopTimings()
+    gen.generate(8, seed=0, timings=timings, batch_size=8)
+    assert timings.active_rows[0] <= 8 and min(timings.active_rows) < 8 and timings.total_seconds > 0
+
+
+def test_the_command_line_runs_inspects_and_exports_decode_files(files, tmp_path):
+    _, paths = files
+    cli = [sys.executable, "-c", "from imadarem.runtime.cli import main; import sys; main(sys.argv[1:])"]
+    r = subprocess.run(cli + ["run", str(paths["dv"]), "-n", "3", "--seed", "0"], capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr
+    r = subprocess.run(cli + ["run", str(paths["dv"]), "--prompt", "[C]"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "decode file" in r.stderr
+    info = json.loads(subprocess.run(cli + ["inspect", str(paths["dv"]), "--json"], capture_output=True,
+                                     text=True).stdout)
+    assert info["config"]["graph"] == "decode" and info["config"]["cache_len"] == 12 + 1 + 2
+    out = tmp_path / "from-step.onnx"
+    r = subprocess.run(cli + ["export-causal", str(paths["step"]), "--decode", "--drafts", "1", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["drafts"] == 1, r.stderr
+    one = DecodeGenerator(out).generate(50, seed=1)
+    assert same(one, CausalGenerator(paths["step"]).generate(50, seed=1)) >= 0.98
+    for args, message in ((["--fp16"], "add --decode"), (["--decode", "--drafts", "5"], "has 2 draft heads"),
+                          (["--decode", "--quantize", "int4"], "int8 or fp16")):
+        r = subprocess.run(cli + ["export-causal", str(paths["step"]), "-o", str(tmp_path / "x.onnx"), *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"cache_len": 20}, "cache_len 20 is not max_seq_len"),
+    ({"num_drafts": 1}, "cache_len 15 is not max_seq_len"),
+    ({"num_layers": 3}, "needs the inputs"),
+])
+def test_bad_decode_files_are_refused(files, tmp_path, change, message):
+    def edit(meta):
+        meta[KEY_CONFIG] = json.dumps(dict(json.loads(meta[KEY_CONFIG]), **change))
+
+    path = rewrite_metadata(files[1]["dv"], tmp_path / "bad.onnx", edit)
+    with pytest.raises(ModelFileError, match=message):
+        Generator(path)
+
+
+def test_buckets_are_powers_of_two():
+    assert [_bucket(n) for n in (1, 2, 3, 5, 64, 65, 1000)] == [1, 2, 4, 8, 64, 128, 1024]
+
+
+# -- CUDA (skipped without onnxruntime-gpu and a GPU) -------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["dv", "l2r", "dv16"])
+def test_cuda_graphs_give_the_cpu_molecules(files, name):
+    _, paths = files
+    want = DecodeGenerator(paths[name]).generate(300, seed=4, batch_size=128)
+    graphs = DecodeGenerator(paths[name], provider="cuda")
+    timings = LoopTimings()
+    got = graphs.generate(300, seed=4, batch_size=128, timings=timings)  # 128, 128, then 44 in a bucket of 64
+    assert same(got, want) >= 0.95, name
+    assert sorted(graphs._cuda) == [64, 128]
+    again = graphs.generate(300, seed=4, batch_size=128)  # replays of the captured graphs
+    assert ids(again) == ids(got)
+    plain = DecodeGenerator(paths[name], provider="cuda", cuda_graphs=False).generate(300, seed=4, batch_size=128)
+    assert same(plain, got) >= 0.99
+    assert max(timings.active_rows) == 128 and timings.outside_run_fraction() < 0.9
+
+
+@pytest.mark.cuda
+def test_cuda_generator_dispatches_to_the_decode_graphs(files):
+    _, paths = files
+    gen = Generator(paths["dv16"], provider="cuda")
+    assert same(gen.generate(20, seed=1), DecodeGenerator(paths["dv16"]).generate(20, seed=1)) >= 0.9
