@@ -80,9 +80,7 @@ def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None,
         with torch.no_grad():
             program = torch.onnx.export(step, args, dynamo=True, input_names=inputs, output_names=outputs,
                                         dynamic_shapes=dynamic, opset_version=OPSET, optimize=True, verbose=False,
-                                        custom_translation_table={torch.ops.aten.div.Tensor_mode: _truncating_div,
-                                                                  torch.ops.imadarem.cache_attention.default:
-                                                                      _fused_attention})
+                                        custom_translation_table={torch.ops.aten.div.Tensor_mode: _truncating_div})
         program.save(str(raw), external_data=False)
         proto = onnx.load(str(raw))
         meta = build_metadata(model, info, mf.CAUSAL_FORMAT)
@@ -108,31 +106,6 @@ def _truncating_div(self, other, rounding_mode=None):
     if rounding_mode != "trunc":
         raise NotImplementedError(f"the decode graph exports only truncating integer division, not {rounding_mode!r}")
     return op.Div(self, op.CastLike(other, self))
-
-
-def _fused_attention(query, key, value, bias, num_heads: int):
-    """``imadarem::cache_attention`` as onnxruntime's com.microsoft MultiHeadAttention (CPU and CUDA
-    kernels; key and value [B, C, hidden], the additive mask as its attention_bias)."""
-    from onnxscript.values import Op, Opset
-
-    attention = Op(Opset("com.microsoft", 1), "MultiHeadAttention", _attention_schema())
-    return attention(query, key, value, None, None, bias, num_heads=num_heads)
-
-
-def _attention_schema():
-    """The part of com.microsoft MultiHeadAttention's signature the export uses (onnx's schema registry
-    does not hold onnxruntime's contrib ops, and onnxscript needs one to emit a node)."""
-    from onnx.defs import OpSchema
-
-    arg, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    return OpSchema("MultiHeadAttention", "com.microsoft", 1,
-                    inputs=[arg("query", "T"), arg("key", "T"), arg("value", "T"),
-                            arg("bias", "T", param_option=optional),
-                            arg("key_padding_mask", "M", param_option=optional),
-                            arg("attention_bias", "T", param_option=optional)],
-                    outputs=[arg("output", "T")],
-                    type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-                    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "attention heads")])
 
 
 def _half_copy(model):

@@ -148,8 +148,8 @@ class DecodeModelFile:
         if caches:
             for i in range(c.num_layers):
                 for j, kv in enumerate("kv"):
-                    cache = np.zeros((b, c.cache_len, c.hidden_size), dtype=self.cache_dtype)
-                    cache[:, 0] = start["kv"][i, j]
+                    cache = np.zeros((b, c.num_heads, c.cache_len, c.head_dim), dtype=self.cache_dtype)
+                    cache[:, :, 0] = start["kv"][i, j].reshape(c.num_heads, c.head_dim)
                     state[f"cache_{kv}{i}"] = cache
         return state
 

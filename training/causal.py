@@ -177,8 +177,8 @@ class DecodeStep(nn.Module):
 
     State per row: ``fed`` [B, D+1] (the newest exact token and D drafts at model positions
     ``start`` .. ``start`` + D), ``ids`` [B, L] (committed tokens, PAD beyond), ``done`` [B], ``calls`` [B]
-    and a fixed-size KV cache per layer, [B, C, hidden] (keys and values of all heads side by side, as
-    onnxruntime's fused attention takes them) with C = L + 1 + D slots (slot = model position). One call writes the fed tokens' keys and values into their slots, attends each to
+    and a fixed-size KV cache per layer, [B, heads, C, head_dim] with C = L + 1 + D slots (slot = model
+    position). One call writes the fed tokens' keys and values into their slots, attends each to
     the slots up to its own, samples the exact token after every fed one with the sample's counter noise
     (``rules.counter_gumbel``, ``rules.coupled_sample``), keeps the drafts that equal their exact tokens,
     commits them and the exact token after them, and draws the next D drafts from the draft heads at the
@@ -236,7 +236,7 @@ class DecodeStep(nn.Module):
                  "done": torch.zeros(batch, dtype=torch.bool, device=device) if done is None else done.to(device),
                  "calls": torch.zeros(batch, dtype=torch.long, device=device)}
         for name in cache_names(c.num_layers):
-            state[name] = torch.zeros(batch, self.slots, c.hidden_size, dtype=dtype, device=device)
+            state[name] = torch.zeros(batch, c.num_heads, self.slots, c.head_dim, dtype=dtype, device=device)
         return state
 
     def start_outputs(self) -> dict[str, list]:
@@ -267,16 +267,16 @@ class DecodeStep(nn.Module):
         start["drafts"] = start["drafts"].reshape(self.drafts, -1 if self.drafts else start["logits"].shape[0])
         from imadarem.runtime.decode import start_tokens
 
-        first, drafts, done = start_tokens(start["logits"], start["drafts"], keys.cpu(), temperature, self.bias,
-                                           self.draft_bias, self.eos)
+        first, drafts, done = start_tokens(start["logits"], start["drafts"], keys.cpu(), temperature,
+                                           self.bias.cpu(), self.draft_bias.cpu(), self.eos)
         device, c = keys.device, self.model.config
         state = self.initial_state(keys.shape[0], device, dtype, done.to(device))
         state["fed"] = torch.cat([first[:, None], drafts], 1).to(device)
         state["start"] += 1
         state["ids"][:, 0] = first.to(device)
         for i in range(c.num_layers):
-            state[f"cache_k{i}"][:, 0] = start["kv"][i, 0].to(device, dtype)
-            state[f"cache_v{i}"][:, 0] = start["kv"][i, 1].to(device, dtype)
+            state[f"cache_k{i}"][:, :, 0] = start["kv"][i, 0].view(c.num_heads, c.head_dim).to(device, dtype)
+            state[f"cache_v{i}"][:, :, 0] = start["kv"][i, 1].view(c.num_heads, c.head_dim).to(device, dtype)
         return state
 
     def forward(self, fed, start, ids, done, calls, *rest):
@@ -291,17 +291,22 @@ class DecodeStep(nn.Module):
         slot = pos.clamp(max=self.slots - 1)
         allowed = torch.arange(self.slots, device=fed.device)[None, None, :] <= pos[:, :, None]
         attn_bias = _additive_mask(allowed, x.dtype)  # [B, 1, T, C]
-        index = slot[:, :, None].expand(b, T, c.hidden_size)
+        index = slot[:, None, :, None].expand(b, c.num_heads, T, c.head_dim)
         new_caches = []
         for i, blk in enumerate(m.blocks):
             q, k, v = blk.qkv(blk.ln1(x)).split(c.hidden_size, -1)
+            q, k, v = (z.view(b, T, c.num_heads, c.head_dim).transpose(1, 2) for z in (q, k, v))
             kc, vc = caches[2 * i], caches[2 * i + 1]
             if self.inplace:
-                kc, vc = kc.scatter_(1, index, k), vc.scatter_(1, index, v)
+                kc, vc = kc.scatter_(2, index, k), vc.scatter_(2, index, v)
             else:
-                kc, vc = kc.scatter(1, index, k), vc.scatter(1, index, v)
-            att = cache_attention(q, kc, vc, attn_bias, c.num_heads)
-            x = x + blk.proj(att)
+                kc, vc = kc.scatter(2, index, k), vc.scatter(2, index, v)
+            if self.inplace:  # the PyTorch loop: its fused attention kernels
+                att = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn_bias)
+            else:  # the export: MatMul, Softmax, MatMul (onnxruntime's fused attention, com.microsoft
+                # MultiHeadAttention, ran 1.6x slower at batch 4096 on an H200: BENCH-NOTES.md)
+                att = torch.softmax(q @ kc.transpose(-1, -2) * c.head_dim ** -0.5 + attn_bias, -1) @ vc
+            x = x + blk.proj(att.transpose(1, 2).reshape(b, T, c.hidden_size))
             x = x + blk.mlp(blk.ln2(x))
             new_caches += [kc, vc]
         hid = m.ln(x)
@@ -358,27 +363,6 @@ MASKED = -1e4
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, T, C] bool -> [B, 1, T, C] additive bias (0 where allowed, MASKED elsewhere)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, MASKED)[:, None]
-
-
-@torch.library.custom_op("imadarem::cache_attention", mutates_args=())
-def cache_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                    num_heads: int) -> torch.Tensor:
-    """Multi-head attention of ``query`` [B, T, hidden] over a cache ``key``/``value`` [B, C, hidden] with an
-    additive ``bias`` [B, 1, T, C]. One op, so that the export writes it as onnxruntime's fused
-    com.microsoft MultiHeadAttention (``export/decode_export.py``); PyTorch runs it with
-    scaled_dot_product_attention."""
-    b, t, hidden = query.shape
-    c, d = key.shape[1], hidden // num_heads
-    q = query.view(b, t, num_heads, d).transpose(1, 2)
-    k = key.view(b, c, num_heads, d).transpose(1, 2)
-    v = value.view(b, c, num_heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return out.transpose(1, 2).reshape(b, t, hidden)
-
-
-@cache_attention.register_fake
-def _(query, key, value, bias, num_heads):
-    return torch.empty_like(query)
 
 
 def decode_with(step: DecodeStep, keys: torch.Tensor, temperature: float, max_calls: int | None = None,
