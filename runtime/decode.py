@@ -229,10 +229,19 @@ class DecodeGenerator:
                       batch_size: int | None = None, timings: LoopTimings | None = None,
                       decode: bool = True) -> Iterator[Sample]:
         """The samples, batch by batch (as ``Generator.iter_generate``)."""
-        n, temp, batch, root = plain_request(n, temperature, seed, batch_size, self.model_config.sampling_temperature)
-        return self._batches(n, batch, root, temp, timings, decode)
+        batches = self.iter_arrays(n, temperature, seed, batch_size, timings)
+        return (sample for ids, calls in batches for sample in self._samples(ids, calls, decode))
 
-    def _batches(self, n, batch, root, temp, timings, decode) -> Iterator[Sample]:
+    def iter_arrays(self, n: int = 1, temperature: float | None = None, seed: int | None = None,
+                    batch_size: int | None = None, timings: LoopTimings | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The loop's own output, batch by batch: ids [b, max_seq_len] (PAD after EOS) and calls [b], as
+        the PyTorch loop returns them. ``timings`` covers the loop: the start state, the calls and reading
+        the ids back, not building ``Sample`` objects from them."""
+        n, temp, batch, root = plain_request(n, temperature, seed, batch_size, self.model_config.sampling_temperature)
+        return self._batches(n, batch, root, temp, timings)
+
+    def _batches(self, n, batch, root, temp, timings) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for first in range(0, n, batch):
             started = time.perf_counter()
             size = min(batch, n - first)
@@ -241,10 +250,9 @@ class DecodeGenerator:
                 ids, calls = self._cuda_run(keys, temp, batch, timings)
             else:
                 ids, calls = self._host_run(keys, temp, timings)
-            samples = self._samples(ids, calls, decode)
             if timings is not None:
                 timings.total_seconds += time.perf_counter() - started
-            yield from samples
+            yield ids, calls
 
     # -- the CPU: session.run, the state fed back as numpy arrays ------------------------------------
     def _host_run(self, keys: np.ndarray, temp: float, timings: LoopTimings | None):

@@ -129,11 +129,36 @@ def _mix31(c: Any) -> Any:
     add-shift. Squaring supplies the nonlinearity that xor gives the usual integer hashes (no bitwise
     operators in the graphs); ``tests/test_rules.py`` checks uniformity, independence along every axis and
     Gumbel-max frequencies."""
+    if not is_tensor(c):
+        return _mix31_numpy(c)
     x, w = _word(c * _K1), _word(c * _K2)
     for _ in range(2):
         x = _word(_shift(x * x + w, 15))
     x = _word(x * _K3 + w)
     return _word(x + _shift(x, 16))
+
+
+def _mix31_numpy(c: np.ndarray) -> np.ndarray:
+    """:func:`_mix31` step for step, in place on two buffers (the host computes it for every row of a
+    batch when a decode graph starts; ``tests/test_rules.py`` checks it against the torch branch)."""
+    mask = _WORD - 1
+    x = np.multiply(c, _K1)
+    x &= mask
+    w = np.multiply(c, _K2)
+    w &= mask
+    t = np.empty_like(x)
+    for _ in range(2):
+        np.multiply(x, x, out=t)
+        t += w
+        t >>= 15
+        np.bitwise_and(t, mask, out=x)
+    x *= _K3
+    x += w
+    x &= mask
+    np.right_shift(x, 16, out=t)
+    x += t
+    x &= mask
+    return x
 
 
 def sample_keys(words: tuple[int, int], first: int, count: int) -> np.ndarray:

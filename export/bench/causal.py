@@ -178,6 +178,12 @@ class CausalBench:
                 return torch_decode(model, n, drafts, seed=seed, batch_size=batch, timings=tm)
             return run
         gen = self._generator(engine, provider)
+        if engine.family in ("ort-decode", "ort-decode-l2r"):  # ids arrays, as the PyTorch loop returns them
+
+            def run(tm: LoopTimings, seed: int, n: int) -> tuple:
+                parts = list(gen.iter_arrays(n, seed=seed, batch_size=batch, timings=tm))
+                return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            return run
         options = {"selector": a.selector} if engine.family == "ort-loop" else {}
 
         def run(tm: LoopTimings, seed: int, n: int) -> tuple:
