@@ -153,6 +153,22 @@ class DecodeModelFile:
                     state[f"cache_{kv}{i}"] = cache
         return state
 
+    def bos_state(self, padding: np.ndarray) -> dict[str, np.ndarray]:
+        """The state before BOS (no caches: BOS's call writes slot 0 itself): what a GPU starts a large
+        batch from, where one more call costs less than drawing every row's first tokens on the host."""
+        c, sp = self.typed, self.special
+        b = padding.shape[0]
+        fed = np.full((b, c.num_drafts + 1), sp.pad, np.int64)
+        fed[:, 0] = sp.mask  # BOS; the PAD drafts are never right
+        return {"fed": fed, "start": np.zeros(b, np.int64), "ids": np.full((b, c.max_seq_len), sp.pad, np.int64),
+                "done": padding.astype(bool), "calls": np.zeros(b, np.int64)}
+
+
+#: on CUDA a batch bucket of at least this many rows starts from BOS on the GPU: the host's draw of every
+#: row's first tokens (the counter hash over [rows, drafts + 1, vocab] in numpy) cost more than the extra
+#: call from 256 rows on (an H200 and its host: 10-16% of the wall time at 1024-4096 rows, BENCH-NOTES.md)
+GPU_START_ROWS = 256
+
 
 def load_decode_file(path: str, provider: str = "cpu", threads: int | None = None,
                      opened: tuple | None = None) -> DecodeModelFile:
@@ -357,7 +373,9 @@ class _CudaGraphs:
         rows = keys.shape[0]
         padded = np.zeros(self.batch, np.int64)
         padded[:rows] = keys
-        start = self.model.initial_state(padded, temp, np.arange(self.batch) >= rows, caches=False)
+        padding = np.arange(self.batch) >= rows
+        start = (self.model.bos_state(padding) if self.batch >= GPU_START_ROWS
+                 else self.model.initial_state(padded, temp, padding, caches=False))
         for name, value in start.items():  # in place: the captured graphs keep these addresses
             self.buffers[0][name].update_inplace(value)  # (stale cache slots past 0 are written before read)
         self.keys.update_inplace(padded)

@@ -160,6 +160,19 @@ def test_cuda_graphs_give_the_cpu_molecules(files, name):
 
 
 @pytest.mark.cuda
+def test_large_cuda_batches_start_from_bos_on_the_gpu(files):
+    from imadarem.runtime.decode import GPU_START_ROWS
+
+    _, paths = files
+    for name in ("dv", "l2r"):
+        want = DecodeGenerator(paths[name]).generate(GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
+        got = DecodeGenerator(paths[name], provider="cuda").generate(GPU_START_ROWS, seed=8,
+                                                                     batch_size=GPU_START_ROWS)
+        assert same(got, want) >= 0.97, name  # the first token from the graph's own BOS call
+        assert np.mean([s.steps for s in got]) == pytest.approx(np.mean([s.steps for s in want]) + 1, abs=0.05)
+
+
+@pytest.mark.cuda
 def test_cuda_generator_dispatches_to_the_decode_graphs(files):
     _, paths = files
     gen = Generator(paths["dv16"], provider="cuda")
