@@ -33,10 +33,11 @@ from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter, VocabularyT
 #: importing these loads the loop (and with it onnxruntime's Python side only on first use)
 _LAZY = {"Generator": "generator", "Sample": "generator", "TrajectoryStep": "generator",
          "LoopTimings": "generator", "open_generator": "generator", "ModelConfig": "modelfile",
-         "ModelFile": "modelfile", "load_model_file": "modelfile", "CausalGenerator": "causal"}
+         "ModelFile": "modelfile", "load_model_file": "modelfile", "CausalGenerator": "causal",
+         "DecodeGenerator": "decode"}
 
 __all__ = [
-    "CausalGenerator", "CheckpointError", "DataError", "Decision", "Generator", "ImadaremError", "LoopTimings", "ModelConfig",
+    "CausalGenerator", "CheckpointError", "DataError", "Decision", "DecodeGenerator", "Generator", "ImadaremError", "LoopTimings", "ModelConfig",
     "ModelFile", "ModelFileError", "PluginError", "PromptError", "Sample", "Selector", "SelectorError",
     "SpecialIds", "StepState", "TokenizerAdapter", "TokenizerError", "TrajectoryStep", "UnknownPluginError",
     "VocabularyTokenizer", "create_selector", "get_selector_class", "get_tokenizer_class", "hookimpl",

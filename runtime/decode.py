@@ -153,15 +153,27 @@ class DecodeModelFile:
                     state[f"cache_{kv}{i}"] = cache
         return state
 
-    def bos_state(self, padding: np.ndarray) -> dict[str, np.ndarray]:
-        """The state before BOS (no caches: BOS's call writes slot 0 itself): what a GPU starts a large
-        batch from, where one more call costs less than drawing every row's first tokens on the host."""
+    def bos_state(self, padding: np.ndarray, caches: bool = True) -> dict[str, np.ndarray]:
+        """The state before BOS, whose call the graph then runs itself (and writes cache slot 0): what a
+        GPU starts a large batch from, where one more call costs less than drawing every row's first
+        tokens on the host. Rows marked ``padding`` start done."""
         c, sp = self.typed, self.special
         b = padding.shape[0]
         fed = np.full((b, c.num_drafts + 1), sp.pad, np.int64)
         fed[:, 0] = sp.mask  # BOS; the PAD drafts are never right
-        return {"fed": fed, "start": np.zeros(b, np.int64), "ids": np.full((b, c.max_seq_len), sp.pad, np.int64),
-                "done": padding.astype(bool), "calls": np.zeros(b, np.int64)}
+        state = {"fed": fed, "start": np.zeros(b, np.int64), "ids": np.full((b, c.max_seq_len), sp.pad, np.int64),
+                 "done": padding.astype(bool), "calls": np.zeros(b, np.int64)}
+        if caches:
+            for name in cache_names(c.num_layers):
+                state[name] = np.zeros((b, c.num_heads, c.cache_len, c.head_dim), dtype=self.cache_dtype)
+        return state
+
+    def start_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray, from_bos: bool,
+                    caches: bool = True) -> dict[str, np.ndarray]:
+        """``bos_state`` or ``initial_state`` (after BOS, first tokens drawn here): the same molecules."""
+        if from_bos:
+            return self.bos_state(padding, caches)
+        return self.initial_state(keys, temperature, padding, caches)
 
 
 #: on CUDA a batch bucket of at least this many rows starts from BOS on the GPU: the host's draw of every
@@ -236,6 +248,9 @@ class DecodeGenerator:
         self.tokenizer, self.special = model.tokenizer, model.special
         #: capture each call as a CUDA graph (off: the same IO binding, kernels launched one by one)
         self.cuda_graphs = cuda_graphs
+        #: batches of at least this many rows start from BOS, whose call the graph runs (None: never; the
+        #: host draws the first tokens); the same molecules either way, one call more per molecule
+        self.graph_start_rows = GPU_START_ROWS if provider == "cuda" else None
         self._cuda: dict[int, _CudaGraphs] = {}
 
     def generate(self, n: int = 1, **kwargs: Any) -> list[Sample]:
@@ -275,7 +290,7 @@ class DecodeGenerator:
         model = self.model
         names = model.state_names
         outputs = [f"{n}_next" for n in names] + ["active"]
-        state = model.initial_state(keys, temp)
+        state = model.start_state(keys, temp, np.zeros(keys.shape[0], bool), self._from_bos(keys.shape[0]))
         constants = {"keys": keys, "temperature": np.array([temp], np.float32)}
         active = int((~state["done"]).sum())
         for _ in range(model.typed.max_seq_len if active else 0):
@@ -295,7 +310,10 @@ class DecodeGenerator:
         graphs = self._cuda.get(bucket)
         if graphs is None:
             graphs = self._cuda[bucket] = _CudaGraphs(self.model, bucket, self.threads, self.cuda_graphs)
-        return graphs.run(keys, temp, timings, self._time)
+        return graphs.run(keys, temp, timings, self._time, self._from_bos(bucket))
+
+    def _from_bos(self, rows: int) -> bool:
+        return self.graph_start_rows is not None and rows >= self.graph_start_rows
 
     @staticmethod
     def _time(timings: LoopTimings | None, started: float, run_seconds: float, rows: int) -> None:
@@ -369,13 +387,11 @@ class _CudaGraphs:
             self.bindings.append(binding)
             self.run_options.append(options)
 
-    def run(self, keys: np.ndarray, temp: float, timings, record):
+    def run(self, keys: np.ndarray, temp: float, timings, record, from_bos: bool):
         rows = keys.shape[0]
         padded = np.zeros(self.batch, np.int64)
         padded[:rows] = keys
-        padding = np.arange(self.batch) >= rows
-        start = (self.model.bos_state(padding) if self.batch >= GPU_START_ROWS
-                 else self.model.initial_state(padded, temp, padding, caches=False))
+        start = self.model.start_state(padded, temp, np.arange(self.batch) >= rows, from_bos, caches=False)
         for name, value in start.items():  # in place: the captured graphs keep these addresses
             self.buffers[0][name].update_inplace(value)  # (stale cache slots past 0 are written before read)
         self.keys.update_inplace(padded)

@@ -352,3 +352,20 @@ def test_steps_beyond_the_bound_are_refused_not_allocated(tiny_onnx):
     code, _, err = in_process([str(tiny_onnx), "--seed", "-1"])
     assert code == 2 and "--seed" in err and err.count("\n") == 1
 
+
+
+def test_eval_samples_refuses_bad_input_in_one_line_before_loading_moses(tmp_path):
+    """`imadarem eval molecules --samples`: a missing or empty file, or generation options beside it, is one
+    line and exit 2, before MOSES (a download on a fresh machine) is touched."""
+    empty = tmp_path / "empty.smi"
+    empty.write_text("")
+    cli = [sys.executable, "-c", "from imadarem.runtime.cli import main; main()", "eval", "molecules"]
+    for args, message in ((["--samples", str(tmp_path / "none.smi")], "cannot read samples"),
+                          (["--samples", str(empty)], "holds no molecules"),
+                          (["--samples", "--selector", "gate", str(empty)], "takes no --model"),
+                          ([str(empty)], "give --samples and the SMILES files"),
+                          (["--samples"], "give --samples and the SMILES files")):
+        r = subprocess.run(cli + args + ["--moses-cache", str(tmp_path / "nothing-here")], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "nothing-here").exists()

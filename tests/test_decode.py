@@ -68,6 +68,19 @@ def test_seeds_batches_and_temperature(files):
     assert greedy == ids(CausalGenerator(paths["step"]).generate(6, seed=9, temperature=0.0))
 
 
+def test_starting_from_bos_in_the_graph_gives_the_same_molecules_one_call_later(files):
+    """What a GPU does for large batches: the graph runs BOS's call itself instead of the host drawing
+    the first tokens from the file's start outputs."""
+    _, paths = files
+    for name in ("dv", "l2r"):
+        host = DecodeGenerator(paths[name])
+        graph = DecodeGenerator(paths[name])
+        graph.graph_start_rows = 1
+        want, got = host.generate(60, seed=2, batch_size=30), graph.generate(60, seed=2, batch_size=30)
+        assert same(got, want) >= 0.99, name
+        assert [s.steps for s in got] == [s.steps + 1 for s in want]
+
+
 def test_int8_and_fp16_decode_files_sample_nearly_the_same_molecules(files):
     _, paths = files
     want = DecodeGenerator(paths["dv"]).generate(200, seed=5)
@@ -134,6 +147,17 @@ def test_bad_decode_files_are_refused(files, tmp_path, change, message):
 
     path = rewrite_metadata(files[1]["dv"], tmp_path / "bad.onnx", edit)
     with pytest.raises(ModelFileError, match=message):
+        Generator(path)
+
+
+def test_a_decode_file_without_its_start_outputs_is_refused(files, tmp_path):
+    from imadarem.runtime.decode import KEY_START
+
+    def drop(meta):
+        meta[KEY_START] = json.dumps({"logits": [0.0] * 3, "drafts": [], "kv": []})
+
+    path = rewrite_metadata(files[1]["dv"], tmp_path / "bad.onnx", drop)
+    with pytest.raises(ModelFileError, match="imadarem.decode_start"):
         Generator(path)
 
 

@@ -153,17 +153,20 @@ def eval_group():
               help="FCD/Test with the fcd package's ChemNet [default: when the fcd extra is installed].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
-@click.option("--samples", "sample_files", multiple=True, type=click.Path(dir_okay=False),
-              help="Score these SMILES files (one molecule per line, e.g. from `imadarem bench --samples`) instead "
-                   "of generating; repeatable.")
+@click.option("--samples", "score_files", is_flag=True,
+              help="Score the SMILES FILES given (one molecule per line, e.g. from `imadarem bench --samples`) "
+                   "instead of generating.")
+@click.argument("sample_files", nargs=-1, type=click.Path(dir_okay=False))
 def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
-                           intdiv_sample, with_fcd, json_path, plot_path, sample_files):
+                           intdiv_sample, with_fcd, json_path, plot_path, score_files, sample_files):
     """Validity, Unique@1k/10k, Novelty, IntDiv, Filters and FCD/Test of generated molecules (RDKit,
     MOSES splits)."""
     from imadarem.training.evaluation import molecules as em
 
     cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
             "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
+    if bool(score_files) != bool(sample_files):
+        raise ImadaremError("give --samples and the SMILES files to score, or neither")
     if sample_files:
         if model or selectors or steps_list or plot_path:
             raise ImadaremError("--samples scores files: it takes no --model, --selector, --steps or --plot")

@@ -140,6 +140,12 @@ class CausalBench:
             self.files[key] = self._build(family, precision, work)
 
     def _build(self, family: str, precision: str, work: Path) -> Path:
+        from imadarem.export.onnx_export import _quiet_exporters
+
+        with _quiet_exporters():  # the quantisers' per-node INFO lines are not the reader's business
+            return self._export(family, precision, work)
+
+    def _export(self, family: str, precision: str, work: Path) -> Path:
         from imadarem.export.causal_export import export_causal
         from imadarem.export.decode_export import export_decode
         from imadarem.export.onnx_export import quantize_int4, quantize_int8

@@ -193,16 +193,21 @@ def score_smiles(smiles: list[str]) -> dict[str, float]:
 
 def evaluate_samples(paths: list[str], moses_cache: str | None, intdiv_sample: int, progress=None,
                      with_fcd: bool | None = None) -> list[dict[str, Any]]:
-    """One row per SMILES file (one molecule per line; an empty line is an invalid molecule)."""
-    scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample)
-    rows = []
+    """One row per SMILES file (one molecule per line; an empty line is an invalid molecule). Every file
+    is read before MOSES is loaded, so a bad path costs no minutes."""
+    sets = []
     for path in paths:
         try:
             smiles = Path(path).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ImadaremError(f"cannot read samples {path}: {exc}") from None
+            raise ImadaremError(f"cannot read samples {path}: {exc.strerror if isinstance(exc, OSError) else exc}") \
+                from None
         if not smiles:
             raise ImadaremError(f"{path} holds no molecules")
+        sets.append((path, smiles))
+    scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample)
+    rows = []
+    for path, smiles in sets:
         row: dict[str, Any] = {"samples": str(path)}
         row.update(scorer(smiles))
         rows.append(row)
