@@ -161,11 +161,9 @@ class CausalGenerator:
         self.config = self.model.config
         self.model_config = self.model.typed
         self.tokenizer, self.special = self.model.tokenizer, self.model.special
-        # the loop's bans for a blank layout, so both decoders sample from the same distribution
-        self._bias = logit_bias(blank_layout(self.model_config.max_seq_len, self.special),
-                                self.model_config.vocab_size,
-                                banned_ids(self.special, getattr(self.tokenizer, "unk_token_id", None)),
-                                self.special.eos)
+        # the loop's bans for a blank layout (the same at every position), as the decode graphs apply them
+        self._bias = blank_bans(self.tokenizer, self.special, self.model_config.vocab_size,
+                                self.model_config.max_seq_len)[0]
 
     def generate(self, n: int = 1, **kwargs: Any) -> list[Sample]:
         return list(self.iter_generate(n, **kwargs))
@@ -202,7 +200,7 @@ class CausalGenerator:
             logits, _, past = self.model.run(token, np.full((active.size, 1), j, np.int64), past, valid)
             run_seconds = time.perf_counter() - started
             valid = np.concatenate([valid, np.ones((active.size, 1), bool)], 1)
-            token = rules.coupled_sample(logits[:, 0] + self._bias[j], temp, noise[:, j])
+            token = rules.coupled_sample(logits[:, 0] + self._bias, temp, noise[:, j])
             ids[active, j] = token
             calls[active] += 1
             self._time(timings, started, run_seconds, active.size)
@@ -232,10 +230,22 @@ class CausalGenerator:
         timings.run_lengths.append(1)
 
 
+def blank_bans(tokenizer, special, vocab_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bans of a causal decoder's exact tokens (the loop's for a blank layout, the same at every
+    position: MASK, PAD, UNK never) and of its drafts (EOS too: an EOS comes only from an exact token),
+    float32 [V] each."""
+    bias = logit_bias(blank_layout(length, special), vocab_size,
+                      banned_ids(special, getattr(tokenizer, "unk_token_id", None)), special.eos)[0].copy()
+    draft = bias.copy()
+    if special.eos is not None:
+        draft[special.eos] = -np.inf
+    return bias, draft
+
+
 def is_causal(meta: dict[str, str]) -> bool:
     from imadarem.runtime.modelfile import KEY_FORMAT
 
     return meta.get(KEY_FORMAT) == CAUSAL_FORMAT
 
 
-__all__ = ["CausalConfig", "CausalGenerator", "CausalModelFile", "is_causal", "load_causal_file"]
+__all__ = ["CausalConfig", "CausalGenerator", "CausalModelFile", "blank_bans", "is_causal", "load_causal_file"]

@@ -63,13 +63,17 @@ class CausalLoopState:
         self.noise = position_noise(keys, length, model.typed.vocab_size)
         self.eos_only = eos_only
         self.fed = 0  # tokens per row the last call fed (for timings)
-        self._no_eos_bias: np.ndarray | None = None
+        self._base: np.ndarray | None = None
+        self._tempered_noise: np.ndarray | None = None
+        self._tempered_at: float | None = None
 
     def keep(self, rows: np.ndarray) -> None:
         if rows.all():
             return
         self.past, self.valid = self.past[:, :, rows], self.valid[rows]
         self.cached, self.started, self.noise = self.cached[rows], self.started[rows], self.noise[rows]
+        if self._tempered_noise is not None:
+            self._tempered_noise = self._tempered_noise[rows]
 
     # -- one step ----------------------------------------------------------------------------------
     def advance(self, x: np.ndarray, frozen: np.ndarray, target_temperature: float, step_temperature: float,
@@ -125,7 +129,7 @@ class CausalLoopState:
         self._compact_cache()
 
         # 5. present: the draft heads after the resolved token, uniform beyond, EOS only where forced
-        shown = np.broadcast_to(self._no_eos(L, V, sp.eos) + bias, (b, L, V)).copy()
+        shown = np.broadcast_to(self._presented_bias(bias, sp.eos), (b, L, V)).copy()
         gate = np.zeros((b, L), dtype=np.float32)
         for m in range(D):
             at = r + 1 + m
@@ -135,18 +139,25 @@ class CausalLoopState:
                 shown[sel, at[sel]] += drafts[sel, k_r[sel], m]
                 gate[sel, at[sel]] = 1.0
         gate[new_frozen] = 0.0
-        proposals = rules.coupled_sample(shown, step_temperature, self.noise)
+        proposals = rules.coupled_argmax(shown, self._tempered(step_temperature))
         out = {"logits": shown, "proposals": proposals, "gate": gate, "critic": (~new_frozen).astype(np.float32)}
         return new_x, new_frozen, out, seconds
 
-    def _no_eos(self, L: int, V: int, eos: int | None) -> np.ndarray:
-        """[L, V] additive bias: EOS banned from what is presented, except in a template's EOS-only slot
-        (built once per batch)."""
-        if self._no_eos_bias is None:
-            self._no_eos_bias = np.zeros((L, V), dtype=np.float32)
+    def _presented_bias(self, bias: np.ndarray, eos: int | None) -> np.ndarray:
+        """[L, V]: the run's bans plus EOS banned from what is presented, except in a template's EOS-only
+        slot (built once per batch: the run's bans do not change between steps)."""
+        if self._base is None:
+            self._base = bias.copy()
             if eos is not None:
-                self._no_eos_bias[~self.eos_only, eos] = -np.inf
-        return self._no_eos_bias
+                self._base[~self.eos_only, eos] = -np.inf
+        return self._base
+
+    def _tempered(self, temperature: float) -> np.ndarray:
+        """T g over every row, position and token, computed once per step temperature (a selector may
+        anneal it) and compacted with the rows."""
+        if self._tempered_at != temperature:
+            self._tempered_noise, self._tempered_at = rules.tempered_noise(self.noise, temperature), temperature
+        return self._tempered_noise
 
     def _feed(self, x: np.ndarray, frozen: np.ndarray, sp, window: int
               ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from imadarem.runtime import rules
-from imadarem.runtime.causal import CausalConfig
+from imadarem.runtime.causal import CausalConfig, blank_bans
 from imadarem.runtime.errors import ModelFileError
 from imadarem.runtime.generator import LoopTimings, Sample, plain_request
 from imadarem.runtime.modelfile import CAUSAL_FORMAT, KEY_CONFIG, check_metadata, checked_fields, open_session
@@ -42,20 +42,6 @@ CONSTANTS = ("keys", "temperature")
 #: metadata: what the first call would compute from BOS (the same for every molecule), so that decoding
 #: starts after it: {"logits": [V], "drafts": [D][V], "kv": [layers][2][hidden]}
 KEY_START = "imadarem.decode_start"
-
-
-def decode_bias(tokenizer, special, vocab_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """The bans of a decode graph's exact tokens (the loop's for a blank layout: MASK, PAD, UNK never) and
-    of its drafts (EOS too: an EOS comes only from an exact token), float32 [V] each."""
-    from imadarem.runtime.generator import banned_ids, logit_bias
-    from imadarem.runtime.prompt import blank_layout
-
-    bias = logit_bias(blank_layout(length, special), vocab_size,
-                      banned_ids(special, getattr(tokenizer, "unk_token_id", None)), special.eos)[0].copy()
-    draft = bias.copy()
-    if special.eos is not None:
-        draft[special.eos] = -np.inf
-    return bias, draft
 
 
 def start_tokens(logits, drafts, keys, temperature, bias, draft_bias, eos):
@@ -128,7 +114,7 @@ class DecodeModelFile:
     @cached_property
     def bias(self) -> tuple[np.ndarray, np.ndarray]:
         c = self.typed
-        return decode_bias(self.tokenizer, self.special, c.vocab_size, c.max_seq_len)
+        return blank_bans(self.tokenizer, self.special, c.vocab_size, c.max_seq_len)
 
     def initial_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray | None = None,
                       caches: bool = True) -> dict[str, np.ndarray]:
@@ -146,12 +132,16 @@ class DecodeModelFile:
                  "done": done if padding is None else done | padding.astype(bool),
                  "calls": np.zeros(b, np.int64)}
         if caches:
+            state.update(self._caches(b))
             for i in range(c.num_layers):
                 for j, kv in enumerate("kv"):
-                    cache = np.zeros((b, c.num_heads, c.cache_len, c.head_dim), dtype=self.cache_dtype)
-                    cache[:, :, 0] = start["kv"][i, j].reshape(c.num_heads, c.head_dim)
-                    state[f"cache_{kv}{i}"] = cache
+                    state[f"cache_{kv}{i}"][:, :, 0] = start["kv"][i, j].reshape(c.num_heads, c.head_dim)
         return state
+
+    def _caches(self, b: int) -> dict[str, np.ndarray]:
+        c = self.typed
+        return {name: np.zeros((b, c.num_heads, c.cache_len, c.head_dim), dtype=self.cache_dtype)
+                for name in cache_names(c.num_layers)}
 
     def bos_state(self, padding: np.ndarray, caches: bool = True) -> dict[str, np.ndarray]:
         """The state before BOS, whose call the graph then runs itself (and writes cache slot 0): what a
@@ -164,8 +154,7 @@ class DecodeModelFile:
         state = {"fed": fed, "start": np.zeros(b, np.int64), "ids": np.full((b, c.max_seq_len), sp.pad, np.int64),
                  "done": padding.astype(bool), "calls": np.zeros(b, np.int64)}
         if caches:
-            for name in cache_names(c.num_layers):
-                state[name] = np.zeros((b, c.num_heads, c.cache_len, c.head_dim), dtype=self.cache_dtype)
+            state.update(self._caches(b))
         return state
 
     def start_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray, from_bos: bool,

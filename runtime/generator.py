@@ -92,11 +92,17 @@ def plain_request(n: Any, temperature: Any, seed: Any, batch_size: Any, default_
     """The checked arguments of a request to a decoder without selectors (``CausalGenerator``,
     ``DecodeGenerator``): n, the temperature, the batch size and the request's seed sequence."""
     n = _positive_int("n", n)
-    temp = default_temperature if temperature is None else _number("temperature", temperature)
-    if not temp >= 0:
-        raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
+    temp = _temperature(temperature, default_temperature)
     batch = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
     return n, temp, batch, np.random.SeedSequence(_check_seed(seed))
+
+
+def _temperature(value: Any, default: float) -> float:
+    """A request's sampling temperature: the model's default, or a finite number >= 0."""
+    temp = default if value is None else _number("temperature", value)
+    if not temp >= 0:
+        raise ImadaremError(f"temperature must be >= 0, got {value!r}")
+    return temp
 
 
 def _check_seed(seed: Any) -> int | None:
@@ -301,9 +307,7 @@ class Generator:
                  decode: bool = True) -> _Run:
         cfg = self.model_config  # checked when the file was opened: only the caller's values can be bad here
         num_steps = cfg.max_refinement_steps if steps is None else _positive_int("steps", steps, MAX_STEPS)
-        temp = cfg.sampling_temperature if temperature is None else _number("temperature", temperature)
-        if not temp >= 0:
-            raise ImadaremError(f"temperature must be >= 0, got {temperature!r}")
+        temp = _temperature(temperature, cfg.sampling_temperature)
         stop = cfg.stop_threshold if stop_threshold is None else _number("stop_threshold", stop_threshold)
         if not 0.0 <= stop <= 1.0:
             raise ImadaremError(f"stop_threshold must be in [0, 1], got {stop_threshold!r}")

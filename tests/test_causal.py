@@ -71,7 +71,7 @@ def test_the_left_to_right_decoder_samples_the_model(causal_file, ancestral):
     with torch.no_grad():
         past, valid = model.empty_cache(1)
         logits = model.step(torch.full((1, 1), model.special.mask), torch.zeros(1, 1, dtype=torch.long), past, valid)[0]
-    bias = CausalGenerator(path)._bias[0]  # the bans: MASK, PAD, UNK
+    bias = CausalGenerator(path)._bias  # the bans: MASK, PAD, UNK (the same at every position)
     p = torch.softmax(logits[0, 0].double() + torch.from_numpy(bias).double(), -1).numpy()
     counts = np.bincount([s.ids[0] for s in ancestral], minlength=len(p))
     expected = p * len(ancestral)

@@ -208,9 +208,9 @@ class DecodeStep(nn.Module):
                                              requires_grad=False)
             self.draft_bias_h = nn.Parameter(torch.cat([lin.bias for lin in heads]).detach(), requires_grad=False)
         # the runtime loop's bans for a blank layout (the same for every position), and no EOS in drafts
-        from imadarem.runtime.decode import decode_bias
+        from imadarem.runtime.causal import blank_bans
 
-        bias, draft_bias = decode_bias(model.tokenizer, sp, c.vocab_size, c.max_seq_len)
+        bias, draft_bias = blank_bans(model.tokenizer, sp, c.vocab_size, c.max_seq_len)
         self.register_buffer("bias", torch.from_numpy(bias), persistent=False)
         self.register_buffer("draft_bias", torch.from_numpy(draft_bias), persistent=False)
         D, T = self.drafts, self.drafts + 1
