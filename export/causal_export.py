@@ -24,10 +24,7 @@ from imadarem.export.onnx_export import (
     check_writable,
     write_with_metadata,
 )
-from imadarem.runtime import modelfile as mf
-
-INPUTS = ["tokens", "positions", "past", "past_valid"]
-OUTPUTS = ["logits", "drafts", "present"]
+from imadarem.runtime.formats.causal import FORMAT, INPUTS, OUTPUTS
 
 
 def _step_module(model):
@@ -67,12 +64,12 @@ def export_causal(model, out_path: str | os.PathLike, provenance: dict[str, Any]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_exporters():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "step.onnx"
-        program = torch.onnx.export(_step_module(model), (tokens, positions, past, valid), dynamo=True, input_names=INPUTS,
-                                    output_names=OUTPUTS, dynamic_shapes=dynamic, opset_version=OPSET,
+        program = torch.onnx.export(_step_module(model), (tokens, positions, past, valid), dynamo=True, input_names=list(INPUTS),
+                                    output_names=list(OUTPUTS), dynamic_shapes=dynamic, opset_version=OPSET,
                                     optimize=True, verbose=False)
         program.save(str(raw), external_data=False)
         proto = onnx.load(str(raw))
-    write_with_metadata(proto, out_path, build_metadata(model, info, mf.CAUSAL_FORMAT))
+    write_with_metadata(proto, out_path, build_metadata(model, info, FORMAT))
     return out_path
 
 

@@ -4,7 +4,7 @@
 One call of the graph is one draft-and-verify step of the gate selector (or, with ``drafts=0``, one
 left-to-right step), sampling and state update included, so the runtime only feeds the state back: on a
 GPU it binds two sets of device buffers alternately as inputs and outputs and replays the call as a
-CUDA graph (``runtime/decode.py``). Every dimension but the batch is fixed.
+CUDA graph (``runtime/formats/decode.py``). Every dimension but the batch is fixed.
 
 Variants: ``fp32``; ``int8`` (dynamic quantisation of the weight MatMuls, CPUs); ``fp16`` (the model in
 float16 with float16 caches, sampling in float32, GPUs; onnxruntime's transformer fusions applied).
@@ -28,19 +28,11 @@ from imadarem.export.onnx_export import (
     quantize_int8,
     write_with_metadata,
 )
-from imadarem.runtime import modelfile as mf
-from imadarem.runtime.decode import KEY_START
 from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.formats.decode import FORMAT, KEY_START, STATE, DecodeConfig, io_names, state_names
+from imadarem.runtime.metadata import KEY_CONFIG
 
 VARIANTS = ("fp32", "fp16", "int8")
-
-
-def decode_io(num_layers: int) -> tuple[list[str], list[str]]:
-    """The decode graph's input and output names, in order."""
-    from imadarem.training.causal import DECODE_CONSTANTS, DECODE_STATE, cache_names
-
-    state = list(DECODE_STATE) + cache_names(num_layers)
-    return state + list(DECODE_CONSTANTS), [f"{n}_next" for n in state] + ["active"]
 
 
 def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None, variant: str = "fp32",
@@ -60,18 +52,16 @@ def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None,
     if variant == "fp16":
         model = _half_copy(model)
     step = DecodeStep(model, drafts).eval()
-    inputs, outputs = decode_io(c.num_layers)
+    inputs, outputs = io_names(c.num_layers)
     batch = 3
     state = step.started_state(torch.arange(batch, dtype=torch.long), 1.0,
                                dtype=torch.float16 if variant == "fp16" else torch.float32)
-    from imadarem.training.causal import DECODE_STATE, cache_names
-
-    names = list(DECODE_STATE) + cache_names(c.num_layers)
+    names = state_names(c.num_layers)
     args = tuple(state[n] for n in names) + (torch.arange(batch, dtype=torch.long), torch.ones(1))
     B = torch.export.Dim("batch", min=1, max=1 << 20)
-    state_dims = tuple({0: B} for _ in DECODE_STATE)
-    dynamic = state_dims + (tuple({0: B} for _ in names[len(DECODE_STATE):]) + ({0: B}, None),)  # forward(*rest)
-    config = {**c.to_dict(), "num_drafts": step.drafts, "graph": "decode", "cache_len": step.slots}
+    state_dims = tuple({0: B} for _ in STATE)
+    dynamic = state_dims + (tuple({0: B} for _ in names[len(STATE):]) + ({0: B}, None),)  # forward(*rest)
+    config = DecodeConfig(**{**vars(c), "num_drafts": step.drafts, "cache_len": step.slots}).to_dict()
     info = {"tools": _versions(), "parameters": model.num_parameters(), **(provenance or {}), "variant": variant,
             "decode_drafts": step.drafts}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_exporters():
@@ -83,8 +73,8 @@ def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None,
                                         custom_translation_table={torch.ops.aten.div.Tensor_mode: _truncating_div})
         program.save(str(raw), external_data=False)
         proto = onnx.load(str(raw))
-        meta = build_metadata(model, info, mf.CAUSAL_FORMAT)
-        meta[mf.KEY_CONFIG] = json.dumps(config, sort_keys=True)
+        meta = build_metadata(model, info, FORMAT)
+        meta[KEY_CONFIG] = json.dumps(config, sort_keys=True)
         meta[KEY_START] = json.dumps(step.start_outputs())
         if variant == "fp16":
             proto = _gpu_fusions(proto, config)
@@ -120,16 +110,3 @@ def _gpu_fusions(proto, config: dict[str, Any]):
     from imadarem.export.onnx_export import _gpu_fusions as fuse
 
     return fuse(proto, config)
-
-
-def decode_from_file(path: str | os.PathLike, out_path: str | os.PathLike, drafts: int | None = None,
-                     variant: str = "fp32") -> Path:
-    """A decode file from a causal step file (format 2; an int8 one is dequantised first, as the bundled
-    model ships without its weights file)."""
-    from imadarem.export.onnx_import import causal_from_onnx
-
-    model, report = causal_from_onnx(path)
-    source = {"rebuilt_from": Path(path).name}
-    if report.quantized:
-        source["dequantized"] = True
-    return export_decode(model, out_path, drafts, variant, source)

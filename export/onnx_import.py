@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from imadarem.runtime import modelfile as mf
+from imadarem.runtime import metadata as mf
 from imadarem.runtime.errors import ModelFileError
+from imadarem.runtime.formats import open_model
 
 
 @dataclass
@@ -154,7 +155,7 @@ def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: floa
     from imadarem.training.model import ImplicitRefinementModel
 
     path = Path(path)
-    mfile = mf.load_model_file(path)  # the runtime's own checks on the metadata and the graph
+    mfile = open_model(path, expect="refine")  # the runtime's own checks on the metadata and the graph
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
     config = ImplicitRefinementConfig.from_dict(json.loads(meta[mf.KEY_CONFIG]))
@@ -195,18 +196,17 @@ def causal_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: flo
     dequantised: its weights, with onnxruntime's activation quantisation left out."""
     import onnx
     import torch
-    from imadarem.runtime.causal import load_causal_file
+    from imadarem.runtime.formats.causal import CausalConfig
     from imadarem.runtime.registry import tokenizer_from_json
-    from imadarem.training.causal import CausalConfig, CausalLM
+    from imadarem.training.causal import CausalLM
 
     path = Path(path)
-    cfile = load_causal_file(path)  # the runtime's own checks on the metadata and the graph
+    cfile = open_model(path, expect="causal")  # the runtime's own checks on the metadata and the graph
     proto = onnx.load(str(path))
     _strip_prefix(proto, "model.")
     meta = {p.key: p.value for p in proto.metadata_props}
-    config = dict(json.loads(meta[mf.KEY_CONFIG]))
-    config.pop("kind", None)
-    model = CausalLM(CausalConfig(**config), tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
+    model = CausalLM(CausalConfig.from_dict(json.loads(meta[mf.KEY_CONFIG]), str(path)),
+                     tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
     quantized = _load_weights(model, proto, path, _causal_forward)
     diff = float("nan")
     if check:

@@ -12,11 +12,11 @@ def parity_report(checkpoint, model_path: Path, weights: str = "ema", batches=((
                   seed: int = 0) -> dict[str, Any]:
     """max |logits difference| over random batches/lengths, and greedy-refinement token agreement."""
     import torch
-    from imadarem.runtime.modelfile import load_model_file
+    from imadarem.runtime.formats import open_model
     from imadarem.training.checkpoint import build_model, load_checkpoint
 
     model = build_model(load_checkpoint(checkpoint), weights).eval()
-    mfile = load_model_file(model_path)
+    mfile = open_model(model_path, expect="refine")
     cfg = model.config
     rng = np.random.default_rng(seed)
     worst = {"logits": 0.0, "gate": 0.0, "cond_next": 0.0}
@@ -47,7 +47,7 @@ def greedy_agreement(model, mfile, n: int = 16) -> float:
 def _ort_greedy(mfile, n: int, steps: int) -> np.ndarray:
     from imadarem.runtime.generator import Generator
 
-    gen = Generator.from_model_file(mfile)
+    gen = Generator(mfile)
     samples = gen.generate(n, selector="gate", steps=steps, temperature=0.0, seed=0)
     out = np.full((n, mfile.max_seq_len), mfile.special.pad, dtype=np.int64)
     for i, s in enumerate(samples):

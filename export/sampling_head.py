@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from imadarem.runtime import rules
-from imadarem.runtime.modelfile import SAMPLING_INPUTS, SAMPLING_OUTPUTS
+from imadarem.runtime.formats.refine import SAMPLING_INPUTS, SAMPLING_OUTPUTS
 
 #: the step-graph values the head reads (inputs and outputs of the step, by name)
 _SHARED = ("logits", "tokens")

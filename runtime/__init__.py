@@ -1,8 +1,9 @@
 """Imadarem's deployment side: numpy + onnxruntime only (never torch, onnx or RDKit).
 
-``Generator`` runs the refinement loop over a model file; the registry finds selector, tokenizer and
-command plugins through the ``imadarem`` entry points. onnxruntime itself is imported only when a
-Generator is built, so plugin listing and ``--help`` stay instant. docs/ARCHITECTURE.md has the contract.
+``Generator`` runs one batch loop over a model file of any format (``runtime/formats/``: each format's
+contract and decoding strategy); the registry finds selector, tokenizer and command plugins through the
+``imadarem`` entry points. onnxruntime itself is imported only when a model is opened, so plugin listing
+and ``--help`` stay instant. docs/ARCHITECTURE.md has the contract.
 """
 
 from imadarem.runtime.errors import (
@@ -31,18 +32,17 @@ from imadarem.runtime.selector import Decision, Selector, StepState
 from imadarem.runtime.tokenizer import SpecialIds, TokenizerAdapter, VocabularyTokenizer, resolve_special_ids
 
 #: importing these loads the loop (and with it onnxruntime's Python side only on first use)
-_LAZY = {"Generator": "generator", "Sample": "generator", "TrajectoryStep": "generator",
-         "LoopTimings": "generator", "open_generator": "generator", "ModelConfig": "modelfile",
-         "ModelFile": "modelfile", "load_model_file": "modelfile", "CausalGenerator": "causal",
-         "DecodeGenerator": "decode"}
+_LAZY = {"Generator": "generator", "Cancelled": "generator", "Sample": "results", "TrajectoryStep": "results",
+         "LoopTimings": "results", "BatchResult": "results", "ModelFile": "formats", "open_model": "formats",
+         "describe_model": "formats"}
 
 __all__ = [
-    "CausalGenerator", "CheckpointError", "DataError", "Decision", "DecodeGenerator", "Generator", "ImadaremError", "LoopTimings", "ModelConfig",
-    "ModelFile", "ModelFileError", "PluginError", "PromptError", "Sample", "Selector", "SelectorError",
-    "SpecialIds", "StepState", "TokenizerAdapter", "TokenizerError", "TrajectoryStep", "UnknownPluginError",
-    "VocabularyTokenizer", "create_selector", "get_selector_class", "get_tokenizer_class", "hookimpl",
-    "hookspec", "list_plugins", "load_model_file", "open_generator", "plugin_problems", "resolve_special_ids",
-    "tokenizer_from_json", "tokenizer_to_json",
+    "BatchResult", "Cancelled", "CheckpointError", "DataError", "Decision", "Generator", "ImadaremError",
+    "LoopTimings", "ModelFile", "ModelFileError", "PluginError", "PromptError", "Sample", "Selector",
+    "SelectorError", "SpecialIds", "StepState", "TokenizerAdapter", "TokenizerError", "TrajectoryStep",
+    "UnknownPluginError", "VocabularyTokenizer", "create_selector", "describe_model", "get_selector_class",
+    "get_tokenizer_class", "hookimpl", "hookspec", "list_plugins", "open_model", "plugin_problems",
+    "resolve_special_ids", "tokenizer_from_json", "tokenizer_to_json",
 ]
 
 

@@ -117,9 +117,9 @@ HELP = {"help_option_names": ["-h", "--help"]}
 
 
 @click.command("run", context_settings=HELP)
-@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.argument("model", required=False)
 @click.option("-n", "--num", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Sequences to generate.")
-@click.option("--selector", help="Selector plugin (see `imadarem plugins`) [default: gate].")
+@click.option("--selector", help="Selector plugin (see `imadarem plugins`) [default: the model's, gate].")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Refinement steps K [default: the model's].")
 @click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature [default: the model's].")
 @click.option("--stop-threshold", type=click.FloatRange(0, 1), help="Early-stop change ratio [default: the model's].")
@@ -131,25 +131,28 @@ HELP = {"help_option_names": ["-h", "--help"]}
               "fragment or SELFIES, then blanks), or a plain prefix to continue.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
               help="Sequences per model call; memory grows with it, never with -n.")
+@click.option("--drafts", type=click.IntRange(min=0),
+              help="Causal models: draft heads a call may use [default: all]; 0 decodes one token per call.")
 @click.option("-o", "--option", "options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
               help="Selector option, repeatable (e.g. -o schedule=linear).")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
 @click.option("--trajectory", is_flag=True, help="Show each step: refined positions, change ratio, early stop.")
 def run_command(model, n, selector, steps, temperature, stop_threshold, seed, provider, threads, prompt,
-                batch_size, options, fmt, trajectory):
-    """Generate sequences with MODEL (an Imadarem .onnx file; default: the bundled model).
+                batch_size, drafts, options, fmt, trajectory):
+    """Generate sequences with MODEL: an Imadarem .onnx file or a bundled model's name (see `imadarem
+    models`; default: the bundled default model).
 
     Samples are printed as each batch finishes; a progress bar shows on stderr when it is a terminal.
     On Ctrl-C what was printed stays, and the exit status is 130.
     """
-    from imadarem.runtime.generator import open_generator
+    from imadarem.runtime.generator import Generator
 
-    gen = open_generator(model, provider=provider, threads=threads)
+    gen = Generator(model, provider=provider, threads=threads)
     if selector is not None:
         options["selector"] = selector
     samples = gen.iter_generate(n, steps=steps, temperature=temperature,
                                 stop_threshold=stop_threshold, seed=seed, prompt=prompt, batch_size=batch_size,
-                                trajectory=trajectory, **options)
+                                trajectory=trajectory, drafts=drafts, **options)
     with _progress(n) as progress:
         for i, sample in enumerate(samples):
             try:
@@ -219,24 +222,19 @@ def plugins_command(as_json):
 
 
 @click.command("inspect")
-@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.argument("model", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_command(model, as_json):
-    """Show MODEL's metadata, inputs/outputs and parameter count (default: the bundled model)."""
-    from imadarem.runtime.errors import ModelFileError
-    from imadarem.runtime.modelfile import default_model_path, describe_model_file
+    """Show MODEL's metadata, inputs/outputs and parameter count (a file or a bundled model's name;
+    default: the bundled default model)."""
+    from imadarem.runtime.formats import describe_model
 
-    if model is None:
-        model = default_model_path()
-        if model is None:
-            raise ModelFileError("no MODEL given and this installation has no bundled default model")
-
-    info = describe_model_file(model)
+    info = describe_model(model)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     cfg = info["config"]
-    click.echo(f"model file   {info['path']}  ({info['bytes']:,} bytes, format {info['format']})")
+    click.echo(f"model file   {info['path']}  ({info['bytes']:,} bytes, format {info['format']}: {info['kind']})")
     click.echo(f"parameters   {info['parameters']:,}" if info["parameters"] is not None else "parameters   unknown")
     click.echo(f"tokenizer    {info['tokenizer']['adapter']} ({cfg['vocab_size']} tokens), special ids {info['special_ids']}")
     click.echo("config       " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())))
@@ -270,9 +268,33 @@ def cli():
     """Imadarem: train, export and run iterative-refinement sequence generators."""
 
 
+@click.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_command(as_json):
+    """List the bundled models: name, format, size and measured quality (pass a name as MODEL)."""
+    from imadarem.runtime.models import bundled, bundled_path
+
+    rows = []
+    for name, entry in sorted(bundled().items()):
+        path = bundled_path(name)
+        rows.append({"name": name, "file": str(path), "bytes": path.stat().st_size, **entry})
+    if not rows:
+        click.echo("this installation has no bundled model", err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        q = row.get("quality", {})
+        measured = ", ".join(f"{k} {v}" for k, v in q.items())
+        click.echo(f"{row['name']:<10} {row.get('format', '?'):<7} {row['bytes'] / 1e6:5.1f} MB  {row['summary']}")
+        if measured:
+            click.echo(f"{'':<10} measured: {measured}")
+
+
 cli.add_command(run_command)
 cli.add_command(plugins_command)
 cli.add_command(inspect_command)
+cli.add_command(models_command)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -76,7 +76,7 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
 
     ids: list[int] = []
     fixed: list[bool] = []
-    for i, (kind, value) in enumerate(pieces):
+    for i, (kind, value) in enumerate(pieces):  # every marker holds at most max_len blanks (checked above)
         if kind == "text":
             enc = _encode(tokenizer, value, first=i == 0, open_end=i + 1 < len(pieces))  # type: ignore[arg-type]
             ids += enc
@@ -84,8 +84,6 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         else:
             ids += [special.mask] * int(value)  # type: ignore[arg-type]
             fixed += [False] * int(value)  # type: ignore[arg-type]
-        if len(ids) > max_len:
-            break  # too long already: reported below, without building more
     total = len(ids) + (1 if special.eos is not None else 0)
     if total > max_len:
         raise PromptError(f"prompt template needs {total} positions (end token included); "

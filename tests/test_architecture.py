@@ -1,7 +1,8 @@
-"""The one-way flow of docs/ARCHITECTURE.md, checked on the source: training -> export -> model file ->
-runtime <- plugins, and the public names each part promises."""
+"""The one-way flow of docs/ARCHITECTURE.md, checked on the source with import-linter (the contracts live in
+pyproject.toml): training -> export -> model file -> runtime <- plugins, the bench on top, no cycles inside a
+package; and the public names each part promises."""
 
-import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,40 +10,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"runtime": "imadarem.runtime", "plugins": "imadarem.plugins", "training": "imadarem.training",
-         "export": "imadarem.export"}
-#: what each part may import of the others (the runtime's contracts are everyone's)
-ALLOWED = {
-    "runtime": {"imadarem.runtime"},
-    "plugins": {"imadarem.runtime", "imadarem.plugins"},
-    "training": {"imadarem.runtime", "imadarem.plugins", "imadarem.training"},
-    "export": {"imadarem.runtime", "imadarem.plugins", "imadarem.training", "imadarem.export"},
-}
-HEAVY = {"torch", "onnx", "onnxscript", "rdkit", "fcd", "x_transformers"}
+PARTS = ("runtime", "plugins", "training", "export", "bench")
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), str(path))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+def _lint(tmp_path: Path, plant: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """import-linter's contracts of pyproject.toml on the source tree (copied into a regular package
+    ``imadarem``, so that an editable or a regular install both check these very files), with ``plant``
+    (file -> a line appended) added first."""
+    pkg = tmp_path / "imadarem"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for part in PARTS:
+        shutil.copytree(ROOT / part, pkg / part, ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    for file, line in (plant or {}).items():
+        with open(pkg / file, "a") as fh:
+            fh.write(f"\n\ndef _planted():\n    {line}\n")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", code, str(ROOT / "pyproject.toml")], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
 
 
-@pytest.mark.parametrize("part", sorted(PARTS))
-def test_parts_import_only_downstream(part):
-    bad = []
-    for path in sorted((ROOT / part).rglob("*.py")):
-        for name in _imports(path):
-            top = ".".join(name.split(".")[:2])
-            if top.startswith("imadarem.") and top not in ALLOWED[part]:
-                bad.append(f"{path.relative_to(ROOT)} imports {name}")
-            if part in ("runtime", "plugins") and name.split(".")[0] in HEAVY:
-                bad.append(f"{path.relative_to(ROOT)} imports {name}")
-    assert not bad, "\n".join(bad)
+def test_the_layers_and_no_cycles_hold(tmp_path):
+    pytest.importorskip("importlinter")
+    r = _lint(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.stdout.count("KEPT") == 3
+
+
+@pytest.mark.parametrize("file,line,contract", [
+    ("runtime/rules.py", "import imadarem.training.model", "training -> export -> runtime"),
+    ("plugins/selectors/gate.py", "import torch", "never import torch"),
+    ("runtime/results.py", "from imadarem.runtime.generator import Generator", "no import cycle"),
+    ("export/parity.py", "import imadarem.bench.runner", "training -> export -> runtime"),
+])
+def test_a_violation_inside_a_function_breaks_a_contract(tmp_path, file, line, contract):
+    pytest.importorskip("importlinter")
+    r = _lint(tmp_path, {file: line})
+    assert r.returncode != 0 and contract in r.stdout and "BROKEN" in r.stdout, r.stdout[-2000:]
 
 
 def test_public_names_resolve():

@@ -48,7 +48,7 @@ def test_rebuilding_a_foreign_graph_is_refused(tiny_onnx, tmp_path):
 
 def test_bench_runs_every_cpu_engine(tiny_run, tmp_path):
     pytest.importorskip("x_transformers")
-    from imadarem.export.bench.runner import Bench, BenchArgs
+    from imadarem.bench.runner import Bench, BenchArgs
 
     args = BenchArgs(checkpoint=str(tiny_run), batch_sizes=(1, 3), repeats=2, agreement_n=8, out_dir=str(tmp_path))
     result = Bench(args).run()
@@ -101,8 +101,8 @@ def causal_model_file(tmp_path_factory):
 
 def test_bench_of_a_causal_model_sets_each_refinement_row_beside_its_left_to_right_baseline(causal_model_file,
                                                                                            tmp_path, monkeypatch):
-    import imadarem.export.bench.causal as bc
-    from imadarem.export.bench.runner import Bench, BenchArgs
+    import imadarem.bench.causal as bc
+    from imadarem.bench.runner import Bench, BenchArgs
 
     monkeypatch.setattr(bc, "_scorer", lambda: (lambda smiles: {"valid": 1.0, "fcd": 0.5}))  # no MOSES download here
     engines = ("ort-loop-fp32", "ort-l2r-fp32", "ort-decode-fp32", "ort-decode-l2r-fp32", "ort-decode-int8",
@@ -133,7 +133,7 @@ def test_bench_of_a_causal_model_sets_each_refinement_row_beside_its_left_to_rig
 
 
 def test_bench_of_a_causal_model_refuses_unknown_engines(causal_model_file, tmp_path):
-    from imadarem.export.bench.runner import Bench, BenchArgs
+    from imadarem.bench.runner import Bench, BenchArgs
 
     for name in ("ort-decode-bf16", "torch-decode-int8", "ort-loop-fp16-nograph", "warp"):
         with pytest.raises(ImadaremError, match="unknown engine"):

@@ -11,11 +11,13 @@ import torch
 from conftest import rewrite_metadata
 from imadarem.export.causal_export import causal_parity, export_causal
 from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
-from imadarem.runtime import ImadaremError, ModelFileError, SelectorError
-from imadarem.runtime.causal import CausalGenerator
-from imadarem.runtime.generator import Generator, LoopTimings, open_generator
-from imadarem.runtime.modelfile import KEY_CONFIG
-from imadarem.training.causal import CausalConfig, CausalLM, load_research_checkpoint
+from imadarem.runtime import ImadaremError, ModelFileError
+from imadarem.runtime.bans import blank_bans
+from imadarem.runtime.formats.causal import CausalConfig
+from imadarem.runtime.generator import Generator
+from imadarem.runtime.metadata import KEY_CONFIG
+from imadarem.runtime.results import LoopTimings
+from imadarem.training.causal import CausalLM
 
 SYMBOLS = ["[C]", "[N]", "[O]", "[=C]", "[=O]", "[Branch1]", "[Ring1]", "[F]"]
 
@@ -49,7 +51,7 @@ def test_the_file_matches_pytorch_whole_and_through_the_cache(causal_file):
 
 def test_greedy_draft_and_verify_is_exactly_greedy_left_to_right(causal_file):
     loop = Generator(causal_file[1]).generate(64, temperature=0.0, seed=1)  # gate: draft-and-verify
-    l2r = CausalGenerator(causal_file[1]).generate(64, temperature=0.0, seed=1)
+    l2r = Generator(causal_file[1]).generate(64, temperature=0.0, seed=1, drafts=0)
     assert ids(loop) == ids(l2r)
     assert np.mean([s.steps for s in loop]) < np.mean([s.steps for s in l2r])
 
@@ -61,7 +63,7 @@ def token_frequencies(samples, j, V):
 
 @pytest.fixture(scope="module")
 def ancestral(causal_file):
-    return CausalGenerator(causal_file[1]).generate(4000, seed=3, decode=False)
+    return Generator(causal_file[1]).generate(4000, seed=3, decode=False, drafts=0)
 
 
 def test_the_left_to_right_decoder_samples_the_model(causal_file, ancestral):
@@ -71,7 +73,8 @@ def test_the_left_to_right_decoder_samples_the_model(causal_file, ancestral):
     with torch.no_grad():
         past, valid = model.empty_cache(1)
         logits = model.step(torch.full((1, 1), model.special.mask), torch.zeros(1, 1, dtype=torch.long), past, valid)[0]
-    bias = CausalGenerator(path)._bias  # the bans: MASK, PAD, UNK (the same at every position)
+    tok = model.tokenizer  # the bans: MASK, PAD, UNK (the same at every position)
+    bias = blank_bans(tok, model.special, tok.vocab_size, model.config.max_seq_len)[0]
     p = torch.softmax(logits[0, 0].double() + torch.from_numpy(bias).double(), -1).numpy()
     counts = np.bincount([s.ids[0] for s in ancestral], minlength=len(p))
     expected = p * len(ancestral)
@@ -97,10 +100,10 @@ def test_every_selector_gives_the_left_to_right_molecules_token_for_token(causal
 
 
 def test_greedy_and_annealed_runs_keep_the_identity(causal_file):
-    gen, l2r = Generator(causal_file[1]), CausalGenerator(causal_file[1])
-    assert ids(gen.generate(50, seed=6, temperature=0.7)) == ids(l2r.generate(50, seed=6, temperature=0.7))
+    gen = Generator(causal_file[1])
+    assert ids(gen.generate(50, seed=6, temperature=0.7)) == ids(gen.generate(50, seed=6, temperature=0.7, drafts=0))
     annealed = gen.generate(50, selector="maskgit", seed=6, anneal_temperature=True)  # drafts at other T
-    assert ids(annealed) == ids(l2r.generate(50, seed=6))
+    assert ids(annealed) == ids(gen.generate(50, seed=6, drafts=0))
 
 
 def test_the_gate_commits_the_most_per_call(causal_file):
@@ -120,10 +123,11 @@ def test_a_call_verifies_at_most_the_draft_window_whatever_the_selector(causal_f
 
 
 def test_same_seed_same_molecules_for_any_batch_size(causal_file):
-    for gen in (Generator(causal_file[1]), CausalGenerator(causal_file[1])):
-        whole = ids(gen.generate(9, seed=4, batch_size=9))
-        assert ids(gen.generate(9, seed=4, batch_size=2)) == whole
-        assert ids(gen.generate(5, seed=4)) == whole[:5]
+    gen = Generator(causal_file[1])
+    for drafts in (None, 1, 0):
+        whole = ids(gen.generate(9, seed=4, batch_size=9, drafts=drafts))
+        assert ids(gen.generate(9, seed=4, batch_size=2, drafts=drafts)) == whole
+        assert ids(gen.generate(5, seed=4, drafts=drafts)) == whole[:5]
 
 
 def test_a_prompt_prefix_is_kept_and_continued(causal_file):
@@ -139,8 +143,10 @@ def test_a_step_budget_below_what_rows_need_still_ends_every_row(causal_file):
 
 
 def test_bad_requests_are_one_line_errors(causal_file):
-    gen = CausalGenerator(causal_file[1])
-    for kwargs, error, message in (({"selector": "gate"}, SelectorError, "left to right only"),
+    gen = Generator(causal_file[1])
+    for kwargs, error, message in (({"drafts": 3}, ImadaremError, "has 2 draft heads"),
+                                   ({"drafts": -1}, ImadaremError, "drafts must be an integer >= 0"),
+                                   ({"selector": "nope"}, ImadaremError, "nope"),
                                    ({"seed": -1}, ImadaremError, "seed"),
                                    ({"temperature": -1.0}, ImadaremError, "temperature")):
         with pytest.raises(error, match=message):
@@ -160,7 +166,7 @@ def test_bad_causal_files_are_refused(causal_file, tmp_path, change, message):
 
     path = rewrite_metadata(causal_file[1], tmp_path / "bad.onnx", edit)
     with pytest.raises(ModelFileError, match=message):
-        open_generator(path)
+        Generator(path)
 
 
 def test_the_command_line_runs_and_inspects_a_causal_file(causal_file):
@@ -178,23 +184,6 @@ def test_the_command_line_runs_and_inspects_a_causal_file(causal_file):
     assert info["format"] == "2" and info["config"]["kind"] == "causal" and info["parameters"] > 0
 
 
-def test_research_weights_load_and_export_from_the_command_line(tmp_path):
-    model = tiny_model(drafts=1, seed=5)
-    weights, vocab = tmp_path / "w.pt", tmp_path / "vocab.json"
-    torch.save({k: v.half() for k, v in model.state_dict().items()}, weights)  # as the research scripts --save
-    vocab.write_text(json.dumps(model.tokenizer.tokens))
-    back = load_research_checkpoint(weights, vocab, max_seq_len=12, hidden_size=32, num_layers=2, num_heads=2)
-    assert back.config.num_drafts == 1
-    out = tmp_path / "m.onnx"
-    r = subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "export-causal", str(weights), "--vocab",
-                        str(vocab), "-o", str(out), "--max-seq-len", "12", "--hidden-size", "32", "--layers", "2",
-                        "--heads", "2"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    summary = json.loads(r.stdout)
-    assert summary["drafts"] == 1 and summary["max_abs_diff"]["logits_through_cache"] < 1e-2  # fp16 weights
-    assert len(open_generator(out).generate(3, seed=0)) == 3
-
-
 def test_int4_weight_only_file_is_smaller_and_decodes(causal_file, tmp_path):
     import onnx
     from imadarem.export.onnx_export import quantize_int4
@@ -203,6 +192,6 @@ def test_int4_weight_only_file_is_smaller_and_decodes(causal_file, tmp_path):
     small = quantize_int4(path, tmp_path / "int4.onnx")
     ops = {node.op_type for node in onnx.load(str(small)).graph.node}
     assert "MatMulNBits" in ops and small.stat().st_size < 0.7 * path.stat().st_size  # ~0.18x for the real model
-    gen = CausalGenerator(small)
-    assert gen.model_config == CausalGenerator(path).model_config
+    gen = Generator(small)
+    assert gen.model.typed == Generator(path).model.typed
     assert all(s.ids for s in gen.generate(8, seed=0))

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imadarem.runtime import Generator, PluginError, PromptError
 from imadarem.runtime.cli import invoke, run_command
-from imadarem.runtime.modelfile import KEY_CONFIG, KEY_PROVENANCE, KEY_TOKENIZER_ORIGIN, default_model_path
+from imadarem.runtime.metadata import KEY_CONFIG, KEY_PROVENANCE, KEY_TOKENIZER_ORIGIN
+from imadarem.runtime.models import default_model_path
 from imadarem.runtime.selector import Decision, Selector
 
 BUNDLED = default_model_path()
@@ -63,13 +64,15 @@ def test_batch_invariance_with_the_sampling_head(tiny_run, tmp_path):
 def test_iter_generate_yields_a_batch_before_running_the_next(tiny_onnx, monkeypatch):
     gen = Generator(tiny_onnx)
     calls = []
-    original = Generator._refine
+    from imadarem.runtime.refinement import RefinementPlan
+
+    original = RefinementPlan.start
 
     def counting(self, n, *args, **kwargs):
         calls.append(n)
         return original(self, n, *args, **kwargs)
 
-    monkeypatch.setattr(Generator, "_refine", counting)
+    monkeypatch.setattr(RefinementPlan, "start", counting)
     stream = gen.iter_generate(10, batch_size=4, seed=0)
     first = next(stream)
     assert first.ids and calls == [4]

@@ -13,10 +13,9 @@ from conftest import rewrite_metadata
 from imadarem.export.causal_export import export_causal
 from imadarem.export.decode_export import export_decode
 from imadarem.runtime import Generator, ImadaremError, ModelFileError
-from imadarem.runtime.causal import CausalGenerator
-from imadarem.runtime.decode import DecodeGenerator, _bucket
-from imadarem.runtime.generator import LoopTimings
-from imadarem.runtime.modelfile import KEY_CONFIG
+from imadarem.runtime.formats.decode import GPU_START_ROWS, KEY_START, _bucket
+from imadarem.runtime.metadata import KEY_CONFIG
+from imadarem.runtime.results import LoopTimings
 from imadarem.training.reference import torch_decode
 from test_causal import tiny_model
 
@@ -45,10 +44,10 @@ def same(a, b):
 
 def test_decode_files_give_the_left_to_right_molecules(files):
     model, paths = files
-    want = CausalGenerator(paths["step"]).generate(300, seed=7, batch_size=64)
+    want = Generator(paths["step"]).generate(300, seed=7, batch_size=64, drafts=0)
     loop = Generator(paths["step"]).generate(300, seed=7, batch_size=64)
-    dv = DecodeGenerator(paths["dv"]).generate(300, seed=7, batch_size=64)
-    l2r = DecodeGenerator(paths["l2r"]).generate(300, seed=7, batch_size=64)
+    dv = Generator(paths["dv"]).generate(300, seed=7, batch_size=64)
+    l2r = Generator(paths["l2r"]).generate(300, seed=7, batch_size=64)
     assert same(dv, want) >= 0.99 and same(l2r, want) >= 0.99 and same(loop, want) >= 0.99
     calls = {name: np.mean([s.steps for s in s_]) for name, s_ in (("dv", dv), ("l2r", l2r), ("loop", loop))}
     # the same draft-and-verify, call for call, but for the BOS call, which a decode file starts after
@@ -59,13 +58,13 @@ def test_decode_files_give_the_left_to_right_molecules(files):
 
 def test_seeds_batches_and_temperature(files):
     _, paths = files
-    gen = DecodeGenerator(paths["dv"])
+    gen = Generator(paths["dv"])
     whole = ids(gen.generate(10, seed=3, batch_size=10))
     assert ids(gen.generate(10, seed=3, batch_size=3)) == whole
     assert ids(gen.generate(4, seed=3)) == whole[:4]
     greedy = ids(gen.generate(6, seed=1, temperature=0.0))
     assert greedy == ids(gen.generate(6, seed=2, temperature=0.0))  # argmax: the seed does not matter
-    assert greedy == ids(CausalGenerator(paths["step"]).generate(6, seed=9, temperature=0.0))
+    assert greedy == ids(Generator(paths["step"]).generate(6, seed=9, temperature=0.0, drafts=0))
 
 
 def test_starting_from_bos_in_the_graph_gives_the_same_molecules_one_call_later(files):
@@ -73,9 +72,9 @@ def test_starting_from_bos_in_the_graph_gives_the_same_molecules_one_call_later(
     the first tokens from the file's start outputs."""
     _, paths = files
     for name in ("dv", "l2r"):
-        host = DecodeGenerator(paths[name])
-        graph = DecodeGenerator(paths[name])
-        graph.graph_start_rows = 1
+        host = Generator(paths[name])
+        graph = Generator(paths[name])
+        graph.model.graph_start_rows = 1
         want, got = host.generate(60, seed=2, batch_size=30), graph.generate(60, seed=2, batch_size=30)
         assert same(got, want) >= 0.99, name
         assert [s.steps for s in got] == [s.steps + 1 for s in want]
@@ -83,16 +82,16 @@ def test_starting_from_bos_in_the_graph_gives_the_same_molecules_one_call_later(
 
 def test_int8_and_fp16_decode_files_sample_nearly_the_same_molecules(files):
     _, paths = files
-    want = DecodeGenerator(paths["dv"]).generate(200, seed=5)
+    want = Generator(paths["dv"]).generate(200, seed=5)
     for name in ("dv8", "dv16"):
-        got = DecodeGenerator(paths[name]).generate(200, seed=5)
+        got = Generator(paths[name]).generate(200, seed=5)
         assert same(got, want) >= 0.8, name  # rounding flips a near tie now and then; the rest follows
 
 
 def test_the_pytorch_loop_is_the_same_decoder(files):
     model, paths = files
-    want = DecodeGenerator(paths["dv"]).generate(40, seed=2, decode=False)
-    for drafts, ref in ((None, want), (0, DecodeGenerator(paths["l2r"]).generate(40, seed=2, decode=False))):
+    want = Generator(paths["dv"]).generate(40, seed=2, decode=False)
+    for drafts, ref in ((None, want), (0, Generator(paths["l2r"]).generate(40, seed=2, decode=False))):
         got, calls = torch_decode(model, 40, drafts, seed=2, batch_size=16)
         rows = [list(r[: len(s.ids)]) for r, s in zip(got, ref)]
         assert rows == ids(ref)
@@ -102,8 +101,8 @@ def test_the_pytorch_loop_is_the_same_decoder(files):
 def test_generator_runs_a_decode_file_and_refuses_what_it_cannot_do(files):
     _, paths = files
     gen = Generator(paths["dv"])
-    assert ids(gen.generate(5, seed=0)) == ids(DecodeGenerator(paths["dv"]).generate(5, seed=0))
     for kwargs, word in (({"selector": "maskgit"}, "--selector maskgit"), ({"steps": 3}, "--steps"),
+                         ({"drafts": 1}, "--drafts 1"),
                          ({"prompt": "[C]<mask:3>"}, "--prompt"), ({"trajectory": True}, "--trajectory"),
                          ({"threshold": 0.3}, "selector options")):
         with pytest.raises(ImadaremError, match=word):
@@ -124,14 +123,15 @@ def test_the_command_line_runs_inspects_and_exports_decode_files(files, tmp_path
                                      text=True).stdout)
     assert info["config"]["graph"] == "decode" and info["config"]["cache_len"] == 12 + 1 + 2
     out = tmp_path / "from-step.onnx"
-    r = subprocess.run(cli + ["export-causal", str(paths["step"]), "--decode", "--drafts", "1", "-o", str(out)],
+    r = subprocess.run(cli + ["export", str(paths["step"]), "--decode", "--drafts", "1", "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["drafts"] == 1, r.stderr
-    one = DecodeGenerator(out).generate(50, seed=1)
-    assert same(one, CausalGenerator(paths["step"]).generate(50, seed=1)) >= 0.98
-    for args, message in ((["--fp16"], "add --decode"), (["--decode", "--drafts", "5"], "has 2 draft heads"),
-                          (["--decode", "--quantize", "int4"], "int8 or fp16")):
-        r = subprocess.run(cli + ["export-causal", str(paths["step"]), "-o", str(tmp_path / "x.onnx"), *args],
+    one = Generator(out).generate(50, seed=1)
+    assert same(one, Generator(paths["step"]).generate(50, seed=1, drafts=0)) >= 0.98
+    for args, message in ((["--dtype", "fp16"], "add --decode"), (["--decode", "--drafts", "5"], "has 2 draft heads"),
+                          (["--decode", "--dtype", "int4"], "int8 or fp16"), (["--sampling"], "for refine models"),
+                          (["--drafts", "3"], "has 2 draft heads")):
+        r = subprocess.run(cli + ["export", str(paths["step"]), "-o", str(tmp_path / "x.onnx"), *args],
                            capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
@@ -151,8 +151,6 @@ def test_bad_decode_files_are_refused(files, tmp_path, change, message):
 
 
 def test_a_decode_file_without_its_start_outputs_is_refused(files, tmp_path):
-    from imadarem.runtime.decode import KEY_START
-
     def drop(meta):
         meta[KEY_START] = json.dumps({"logits": [0.0] * 3, "drafts": [], "kv": []})
 
@@ -170,28 +168,27 @@ def test_buckets_are_powers_of_two():
 @pytest.mark.parametrize("name", ["dv", "l2r", "dv16"])
 def test_cuda_graphs_give_the_cpu_molecules(files, name):
     _, paths = files
-    want = DecodeGenerator(paths[name]).generate(300, seed=4, batch_size=128)
-    graphs = DecodeGenerator(paths[name], provider="cuda")
+    want = Generator(paths[name]).generate(300, seed=4, batch_size=128)
+    graphs = Generator(paths[name], provider="cuda")
     timings = LoopTimings()
     got = graphs.generate(300, seed=4, batch_size=128, timings=timings)  # 128, 128, then 44 in a bucket of 64
     assert same(got, want) >= 0.95, name
-    assert sorted(graphs._cuda) == [64, 128]
+    assert sorted(graphs.model.cuda_buckets) == [(64, True), (128, True)]
     again = graphs.generate(300, seed=4, batch_size=128)  # replays of the captured graphs
     assert ids(again) == ids(got)
-    plain = DecodeGenerator(paths[name], provider="cuda", cuda_graphs=False).generate(300, seed=4, batch_size=128)
+    plain = Generator(paths[name], provider="cuda")
+    plain.model.cuda_graphs = False
+    plain = plain.generate(300, seed=4, batch_size=128)
     assert same(plain, got) >= 0.99
     assert max(timings.active_rows) <= 128 and timings.outside_run_fraction() < 0.9  # (first-token EOS rows start done)
 
 
 @pytest.mark.cuda
 def test_large_cuda_batches_start_from_bos_on_the_gpu(files):
-    from imadarem.runtime.decode import GPU_START_ROWS
-
     _, paths = files
     for name in ("dv", "l2r"):
-        want = DecodeGenerator(paths[name]).generate(GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
-        got = DecodeGenerator(paths[name], provider="cuda").generate(GPU_START_ROWS, seed=8,
-                                                                     batch_size=GPU_START_ROWS)
+        want = Generator(paths[name]).generate(GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
+        got = Generator(paths[name], provider="cuda").generate(GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
         assert same(got, want) >= 0.97, name  # the first token from the graph's own BOS call
         assert np.mean([s.steps for s in got]) == pytest.approx(np.mean([s.steps for s in want]) + 1, abs=0.05)
 
@@ -200,4 +197,4 @@ def test_large_cuda_batches_start_from_bos_on_the_gpu(files):
 def test_cuda_generator_dispatches_to_the_decode_graphs(files):
     _, paths = files
     gen = Generator(paths["dv16"], provider="cuda")
-    assert same(gen.generate(20, seed=1), DecodeGenerator(paths["dv16"]).generate(20, seed=1)) >= 0.9
+    assert same(gen.generate(20, seed=1), Generator(paths["dv16"]).generate(20, seed=1)) >= 0.9

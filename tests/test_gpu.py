@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from imadarem.runtime import Generator
-from imadarem.runtime.generator import LoopTimings
+from imadarem.runtime.results import LoopTimings
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_cuda_loop_agrees_with_cpu(tiny_onnx, device_state_onnx, which):
 
 @pytest.mark.cuda
 def test_cuda_state_stays_on_the_device(device_state_onnx):
-    from imadarem.runtime.generator import _DeviceCond
+    from imadarem.runtime.formats.refine import _DeviceCond
 
     gen = Generator(device_state_onnx, provider="cuda")
     state = _DeviceCond(gen.model, 4, 16)
@@ -61,7 +61,8 @@ def head_onnx(tiny_run):
 
 @pytest.mark.cuda
 def test_cuda_sampling_head_keeps_logits_on_the_device(head_onnx):
-    from imadarem.runtime.generator import _DeviceCond, logit_bias
+    from imadarem.runtime.bans import run_bias
+    from imadarem.runtime.formats.refine import _DeviceCond
     from imadarem.runtime.prompt import blank_layout
 
     gen = Generator(head_onnx, provider="cuda")
@@ -69,7 +70,7 @@ def test_cuda_sampling_head_keeps_logits_on_the_device(head_onnx):
     L, n = gen.model.max_seq_len, 4096
     state = _DeviceCond(gen.model, n, L)
     rng = np.random.default_rng(0)
-    bias = logit_bias(blank_layout(L, gen.special), gen.model.vocab_size, gen._banned, gen.special.eos)
+    bias = run_bias(blank_layout(L, gen.special), gen.tokenizer, gen.special, gen.model.vocab_size)
     sampling = (rng.random((n, L), dtype=np.float32), np.full(n, 1.3, np.float32), bias)
     out = state.run(np.full((n, L), gen.special.mask, dtype=np.int64), np.zeros(n, dtype=np.int64), sampling)
     assert out["logits"].device_name() == "cuda" and isinstance(out["proposals"], np.ndarray)

@@ -24,7 +24,7 @@ def test_runtime_import_leaves_torch_and_onnx_out():
                                   ["inspect", "BUNDLED"], ["run", "-n", "2", "--seed", "0"],
                                   ["run", "-n", "2", "--selector", "maskgit", "--format", "jsonl"]])
 def test_cli_paths_do_not_import_torch(args):
-    code = ("from imadarem.runtime.cli import main\nfrom imadarem.runtime.modelfile import default_model_path\n"
+    code = ("from imadarem.runtime.cli import main\nfrom imadarem.runtime.models import default_model_path\n"
             f"args = [str(default_model_path()) if a == 'BUNDLED' else a for a in {args!r}]\n"
             "try:\n    main(args)\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code")
     assert not _imported_after(code) & set(HEAVY)

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imadarem.plugins.tokenizers import CharTokenizer
 from imadarem.runtime import Generator, PromptError, SelectorError, UnknownPluginError
-from imadarem.runtime.modelfile import ModelFile
+from imadarem.runtime.formats.refine import RefineConfig, RefineFile
+from imadarem.runtime.metadata import Common
 from imadarem.runtime.tokenizer import resolve_special_ids
 
 TOK = CharTokenizer.from_corpus(["abcdefgh"])  # ids: 0 pad, 1 mask, 2 eos, 3 unk, 4.. letters
@@ -45,7 +46,9 @@ def fake_generator(seed=0, eos_bias=0.0, critic=True, steps=6):
     cfg = {"vocab_size": V, "hidden_size": H, "max_seq_len": L, "max_refinement_steps": steps, "stop_threshold": 0.02,
            "sampling_temperature": 1.0, "min_refine_uncertainty": 0.1, "use_refine_gate": True}
     outputs = ["logits", "gate", "cond_next"] + (["critic"] if critic else [])
-    return Generator.from_model_file(ModelFile("fake.onnx", FakeSession(seed, eos_bias, critic), cfg, TOK, SP, outputs))
+    common = Common(cfg, RefineConfig.from_dict(cfg), TOK, SP, {})
+    return Generator(RefineFile("fake.onnx", FakeSession(seed, eos_bias, critic), {}, common,
+                                extra={"inputs": ["tokens", "step", "cond"], "outputs": outputs}))
 
 
 SELECTORS = ["gate", "entropy", "maskgit", "overwrite", "critic", "uniform", "l2r"]
@@ -223,8 +226,9 @@ def test_molecule_metrics_on_known_smiles():
     assert 0 < m["intdiv"] < 1 and m["filters"] == 1.0
 
 
-def test_trimming_trailing_padding_changes_no_token(tiny_onnx):
-    from imadarem.runtime.generator import LoopTimings
+def test_trimming_trailing_padding_changes_no_token(tiny_onnx, monkeypatch):
+    from imadarem.runtime.formats.refine import SelfConditionedStep
+    from imadarem.runtime.results import LoopTimings
 
     gen = Generator(tiny_onnx)
     timings = LoopTimings()
@@ -232,7 +236,7 @@ def test_trimming_trailing_padding_changes_no_token(tiny_onnx):
     assert min(timings.run_lengths) < gen.model.max_seq_len, "the model never ran on fewer positions"
     assert len(timings.step_seconds) == len(timings.run_seconds) == len(timings.active_rows) > 0
     assert 0.0 <= timings.outside_run_fraction() < 1.0
-    gen.trim_padding = False
+    monkeypatch.setattr(SelfConditionedStep, "trim_padding", False)
     full = gen.generate(32, seed=5)
     assert [s.ids for s in trimmed] == [s.ids for s in full]
     assert [s.edits for s in trimmed] == [s.edits for s in full]
@@ -267,3 +271,16 @@ def test_ids_only_generation_skips_decoding_and_nothing_else(tiny_onnx):
     assert all(s.text is None for s in raw) and all(isinstance(s.text, str) for s in decoded)
     assert [s.ids for s in raw] == [s.ids for s in decoded]
     assert [s.edits for s in raw] == [s.edits for s in decoded] and all(len(s.edits) == s.steps for s in raw)
+
+
+def test_a_model_trained_without_its_gate_defaults_to_the_gate_off_rule():
+    """``use_refine_gate`` false in the config: the untrained gate is never the default selector; the
+    gate-off rule (entropy, threshold ``min_refine_uncertainty``) is."""
+    from imadarem.runtime.request import Request
+
+    gen = fake_generator()
+    assert gen.model.plan(Request.checked(2, None, None, None, None, 0, None, None, False, None, {}))._first.name == "gate"
+    gen.model.common.config["use_refine_gate"] = False
+    plan = gen.model.plan(Request.checked(2, None, None, None, None, 0, None, None, False, None, {}))
+    assert plan._first.name == "entropy"
+    assert [s.ids for s in gen.generate(4, seed=1)] == [s.ids for s in gen.generate(4, seed=1, selector="entropy")]

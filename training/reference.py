@@ -1,222 +1,294 @@
-"""The refinement loop written directly in PyTorch (gate or entropy selector).
+"""The PyTorch loops: strategies that the runtime's one Generator drives (``imadarem bench``'s PyTorch rows).
 
-What a PyTorch user would write: every tensor stays on the model's device. It is the reference the
-onnxruntime loop is tested against (same seed, same tokens: both draw their Gumbel noise from the same
-numpy generator in the same shapes) and the "PyTorch eager" row of ``imadarem bench``. Its rules are the
-runtime's own (``imadarem.runtime.rules``), applied to tensors; its phases are the runtime loop's.
+What a PyTorch user would write: every tensor stays on the model's device, one call per step. They plug
+into ``imadarem.runtime.Generator`` exactly as a model-file format does (``runtime/formats/base.py``:
+:class:`Model` -> :class:`Plan` -> :class:`Decoding`), so batching, per-sample seeds and timings are the
+runtime's own and only the per-call work is PyTorch:
+
+- :class:`TorchRefinement`: the refinement loop of an ImplicitRefinementModel with the gate or entropy
+  rule (the runtime's rules on tensors). With ``noise="numpy"`` it draws each sample's uniforms from the
+  runtime's per-sample streams, so it samples the onnxruntime loop's tokens for the same seed: the
+  reference the exported file is tested against.
+- :class:`TorchDecode`: a causal model's fused decoder (``training/causal.py: DecodeStep``, caches written
+  in place, SDPA attention): draft-and-verify, or left to right with ``drafts=0``; each sample's counter
+  noise makes its molecules the runtime's.
+
+``torch_refine`` and ``torch_decode`` are the thin drivers of those through the Generator.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from imadarem.runtime import rules
-from imadarem.runtime.generator import LoopTimings, banned_ids
+from imadarem.runtime.bans import banned_ids
+from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.generator import Generator
 from imadarem.runtime.randomness import SampleStreams
+from imadarem.runtime.request import Request
+from imadarem.runtime.results import BatchResult, CallReport, LoopTimings
+from imadarem.runtime.strategy import Decoding, Model, Plan
 
 SELECTORS = ("gate", "entropy")
 NOISE_SOURCES = ("numpy", "torch")
 
 
-@dataclass
-class _Knobs:
-    """One call's settings, resolved against the model's config."""
-
-    num_steps: int
-    temperature: float
-    stop_threshold: float
-    selector: str
-    threshold: float
-    noise: str
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
-def _resolve(cfg, steps, temperature, stop_threshold, selector, threshold, noise) -> _Knobs:
-    if selector not in SELECTORS:
-        raise ValueError(f"the PyTorch reference loop implements 'gate' and 'entropy', not {selector!r}")
-    if noise not in NOISE_SOURCES:
-        raise ValueError(f"noise must be 'numpy' or 'torch', not {noise!r}")
-    default_threshold = 0.5 if selector == "gate" else cfg.min_refine_uncertainty
-    return _Knobs(num_steps=steps or cfg.max_refinement_steps,
-                  temperature=cfg.sampling_temperature if temperature is None else temperature,
-                  stop_threshold=cfg.stop_threshold if stop_threshold is None else stop_threshold,
-                  selector=selector, threshold=default_threshold if threshold is None else threshold,
-                  noise=noise)
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-class _Uniforms:
-    """The uniforms behind Gumbel sampling: from the runtime's per-sample streams (same seed, same tokens
-    as the onnxruntime loop) or from a torch generator on the model's device (no host-to-device copy)."""
+class _TorchModel(Model):
+    """A PyTorch model as the Generator sees it: its tokenizer, special ids, config and length."""
 
-    def __init__(self, seed: int | None, n: int, source: str, device: torch.device):
-        self.device = device
-        self.streams = SampleStreams.for_request(seed, 0, n)
-        self.torch = None
-        if source == "torch":
-            state = int(np.random.SeedSequence(seed).generate_state(1)[0])
-            self.torch = torch.Generator(device=device).manual_seed(state)
+    def __init__(self, model):
+        self.net = model
+        self.tokenizer, self.special = model.tokenizer, model.special
+        self.config = model.config.to_dict()
 
-    def __call__(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """[len(rows), *shape] uniforms for the active ``rows``."""
-        if self.torch is not None:
-            return torch.rand((rows.numel(), *shape), generator=self.torch, device=self.device)
-        return torch.from_numpy(self.streams.uniforms(rows.cpu().numpy(), shape)).to(self.device)
+    @property
+    def max_seq_len(self) -> int:
+        return self.net.config.max_seq_len
 
 
-def _sample(logits, first, banned: list[int], eos: int | None, temperature: float, uniforms: _Uniforms, rows):
-    """Proposals from the logits with the runtime's bans (in place): banned ids, and no EOS before a
-    row's committed EOS."""
-    logits[..., banned] = float("-inf")
-    if first is not None:
-        logits[..., eos] = logits[..., eos].masked_fill(rules.eos_banned(first, logits.shape[1]), float("-inf"))
-    if temperature <= rules.GREEDY_TEMPERATURE:
-        return logits.argmax(-1)
-    return rules.gumbel_max(logits, temperature, uniforms(rows, tuple(logits.shape[1:])))
+# -- the refinement loop of an ImplicitRefinementModel ---------------------------------------------------
+class TorchRefinement(_TorchModel):
+    """An ImplicitRefinementModel as a Generator model: the gate or entropy rule, every step on its device.
+
+    ``autocast="bf16"`` runs the model under bf16 autocast (the fast PyTorch path on GPUs); ``noise="torch"``
+    draws the uniforms with torch on the model's device instead of from the host's per-sample streams
+    (what a PyTorch user would do on a GPU; the tokens then no longer match the onnxruntime loop's)."""
+
+    def __init__(self, model, noise: str = "numpy", autocast: str | None = None):
+        if noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be 'numpy' or 'torch', not {noise!r}")
+        super().__init__(model.eval())
+        self.noise, self.autocast = noise, autocast
+
+    def plan(self, request: Request) -> Plan:
+        name = "gate" if request.selector is None else request.selector
+        if name not in SELECTORS:
+            raise ImadaremError(f"the PyTorch reference loop implements 'gate' and 'entropy', not {name!r}")
+        unknown = set(request.selector_options) - {"threshold"}
+        if unknown or request.prompt is not None or request.trajectory or request.drafts is not None:
+            raise ImadaremError("the PyTorch reference loop takes no prompt, trajectory, drafts or selector "
+                                f"option but threshold (got {sorted(unknown)})")
+        cfg = self.net.config
+        threshold = request.selector_options.get("threshold")
+        if threshold is None:
+            threshold = 0.5 if name == "gate" else cfg.min_refine_uncertainty
+        return _RefinePlan(self, name, float(threshold),
+                           cfg.max_refinement_steps if request.steps is None else request.steps,
+                           cfg.sampling_temperature if request.temperature is None else request.temperature,
+                           cfg.stop_threshold if request.stop_threshold is None else request.stop_threshold)
 
 
-def _select_and_apply(x, fz, proposals, logits, gate, knobs: _Knobs, mask_id: int, last: bool):
-    """The gate or entropy rule; frozen positions never change, leftover masks resolve at the last step."""
-    is_mask = x == mask_id
-    if knobs.selector == "gate":
-        update = rules.gate_update(gate, knobs.threshold)
-    else:
-        update = rules.entropy_update(is_mask, rules.entropy(logits), knobs.threshold)
-    update &= ~fz
-    if last:
-        update |= is_mask & ~fz
-    return torch.where(update, proposals, x)
+class _RefinePlan(Plan):
+    def __init__(self, owner: TorchRefinement, selector: str, threshold: float, steps: int, temperature: float,
+                 stop_threshold: float):
+        self.owner, self.selector, self.threshold = owner, selector, threshold
+        self.steps, self.temperature, self.stop_threshold = steps, temperature, stop_threshold
+
+    def start(self, size: int, streams: SampleStreams) -> Decoding:
+        return _RefineDecoding(self, size, streams)
 
 
-@torch.no_grad()
+class _RefineDecoding(Decoding):
+    """One batch: the runtime loop's phases on tensors (run, sample, select, apply, freeze EOS, stop,
+    compact), the model only up to the last committed EOS of the active rows."""
+
+    def __init__(self, plan: _RefinePlan, n: int, streams: SampleStreams):
+        owner = plan.owner
+        self.plan, self.net, self.sp = plan, owner.net, owner.special
+        cfg = self.net.config
+        self.device = _device(self.net)
+        self.sync = _sync(self.device)
+        self.streams = streams
+        self.generator = None
+        if owner.noise == "torch":
+            state = int(np.random.SeedSequence(streams.root.entropy, spawn_key=(*streams.root.spawn_key, streams.first,
+                                                                                streams.count, 1)).generate_state(1)[0])
+            self.generator = torch.Generator(device=self.device).manual_seed(state)
+        self.amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if owner.autocast == "bf16"
+                    else torch.autocast(self.device.type, enabled=False))
+        self.banned = banned_ids(self.sp, getattr(owner.tokenizer, "unk_token_id", None)).tolist()
+        L, K = cfg.max_seq_len, plan.steps
+        d = self.device
+        self.tokens = torch.full((n, L), self.sp.mask, dtype=torch.long, device=d)
+        self.frozen = torch.zeros(n, L, dtype=torch.bool, device=d)
+        self.steps_used = torch.zeros(n, dtype=torch.long, device=d)
+        self.edits = torch.full((n, K), -1, dtype=torch.long, device=d)
+        self.early = torch.zeros(n, dtype=torch.bool, device=d)
+        self.rows = torch.arange(n, device=d)
+        self.cond = torch.zeros(n, L, cfg.hidden_size, device=d)
+        self.cut, self.t = L, 0
+
+    @property
+    def active(self) -> int:
+        return int(self.rows.numel()) if self.t < self.plan.steps else 0
+
+    def _uniforms(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.generator is not None:
+            return torch.rand((self.rows.numel(), *shape), generator=self.generator, device=self.device)
+        return torch.from_numpy(self.streams.uniforms(self.rows.cpu().numpy(), shape)).to(self.device)
+
+    @torch.no_grad()
+    def step(self) -> CallReport:
+        p, sp, cfg = self.plan, self.sp, self.net.config
+        t, K, L = self.t, p.steps, cfg.max_seq_len
+        x, fz = self.tokens[self.rows], self.frozen[self.rows]
+        first = rules.first_eos(x, sp.eos) if sp.eos is not None else None
+        if first is not None:  # the model runs up to the last committed EOS: the rest is padding
+            self.cut = min(self.cut, int(first.max()) + 1)
+        step = torch.full((x.shape[0],), rules.model_step(t, K, cfg.max_refinement_steps), dtype=torch.long,
+                          device=self.device)
+        self.sync()
+        started = time.perf_counter()
+        with self.amp:
+            logits, gate, cond_next = (o.float() for o in self.net(x[:, : self.cut], step, self.cond[:, : self.cut])[:3])
+        self.sync()
+        seconds = time.perf_counter() - started
+        if self.cut < L:
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, L - self.cut))
+            gate = torch.nn.functional.pad(gate, (0, L - self.cut))
+        # sample, with the runtime's bans: banned ids, no EOS before a row's committed EOS
+        logits[..., self.banned] = float("-inf")
+        if first is not None:
+            logits[..., sp.eos] = logits[..., sp.eos].masked_fill(rules.eos_banned(first, L), float("-inf"))
+        if p.temperature <= rules.GREEDY_TEMPERATURE:
+            proposals = logits.argmax(-1)
+        else:
+            proposals = rules.gumbel_max(logits, p.temperature, self._uniforms(tuple(logits.shape[1:])))
+        # select and apply: frozen positions never change, leftover masks resolve at the last step
+        is_mask = x == sp.mask
+        if p.selector == "gate":
+            update = rules.gate_update(gate, p.threshold)
+        else:
+            update = rules.entropy_update(is_mask, rules.entropy(logits), p.threshold)
+        update &= ~fz
+        if t == K - 1:
+            update |= is_mask & ~fz
+        new, new_fz = torch.where(update, proposals, x), fz
+        if sp.eos is not None:
+            new, new_fz = rules.freeze_after_eos(new, fz.clone(), sp.eos, sp.pad)
+        # stop, record, compact
+        _, ratio = rules.change_ratio(new, x, fz)
+        changed = rules.edits(new, x, fz, sp.pad)
+        masks_left = ((new == sp.mask) & ~new_fz).any(-1)
+        done = rules.finished(t, ratio, p.stop_threshold, masks_left, new_fz.all(-1))
+        self.tokens[self.rows], self.frozen[self.rows] = new, new_fz
+        self.steps_used[self.rows] = t + 1
+        self.edits[self.rows, t] = changed
+        if t < K - 1:
+            self.early[self.rows[done]] = True
+        ran = int(self.rows.numel())
+        keep = ~done
+        self.rows, self.cond = self.rows[keep], cond_next[keep]
+        self.sync()
+        self.t += 1
+        return CallReport(ran, seconds, self.cut)
+
+    def result(self) -> BatchResult:
+        edits = self.edits.cpu().numpy()
+        return BatchResult(self.tokens.cpu().numpy(), self.steps_used.cpu().numpy(),
+                           [[int(e) for e in row if e >= 0] for row in edits], self.early.cpu().numpy())
+
+
 def torch_refine(model, n: int, steps: int | None = None, temperature: float | None = None, seed: int | None = 0,
                  stop_threshold: float | None = None, selector: str = "gate", threshold: float | None = None,
                  return_stats: bool = False, timings: LoopTimings | None = None, autocast: str | None = None,
                  noise: str = "numpy"):
-    """Generate ``n`` sequences; returns [n, max_seq_len] ids (and per-sequence steps used).
-
-    With ``return_stats`` the second value is a dict: ``steps`` used, ``edits`` (changed tokens of
-    each step, -1 once a row has left) and ``early`` stop flags. ``timings`` gets per-step wall times
-    (the model call is the whole of ``run_seconds``). ``autocast="bf16"`` runs the model under bf16
-    autocast (the fast PyTorch path on GPUs). ``noise="torch"`` draws the uniforms with torch on the
-    model's device at every step instead of numpy on the host (what a PyTorch user would do on a GPU;
-    the tokens then no longer match the onnxruntime loop's).
-    """
-    started = time.perf_counter()
-    cfg, sp = model.config, model.special
-    device = next(model.parameters()).device
-    knobs = _resolve(cfg, steps, temperature, stop_threshold, selector, threshold, noise)
-    K, L = knobs.num_steps, cfg.max_seq_len
-    uniforms = _Uniforms(seed, n, knobs.noise, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
-           else torch.autocast(device.type, enabled=False))
-    banned = banned_ids(sp, getattr(model.tokenizer, "unk_token_id", None)).tolist()
-
-    tokens = torch.full((n, L), sp.mask, dtype=torch.long, device=device)
-    frozen = torch.zeros(n, L, dtype=torch.bool, device=device)
-    steps_used = torch.zeros(n, dtype=torch.long, device=device)
-    edits = torch.full((n, K), -1, dtype=torch.long, device=device)
-    early = torch.zeros(n, dtype=torch.bool, device=device)
-    active = torch.arange(n, device=device)
-    cond = torch.zeros(n, L, cfg.hidden_size, device=device)
-    cut = L  # positions the model runs on
-    model.eval()
-    for t in range(K):
-        if active.numel() == 0:
-            break
-        step_started = time.perf_counter()
-        x, fz = tokens[active], frozen[active]
-        # run the model (only up to the last committed EOS of the active rows: the rest is padding)
-        first = rules.first_eos(x, sp.eos) if sp.eos is not None else None
-        if first is not None:
-            cut = min(cut, int(first.max()) + 1)
-        step = torch.full((x.shape[0],), rules.model_step(t, K, cfg.max_refinement_steps), dtype=torch.long,
-                          device=device)
-        if timings is not None:
-            sync()
-        run_started = time.perf_counter()
-        with amp:
-            logits, gate, cond_next = (o.float() for o in model(x[:, :cut], step, cond[:, :cut])[:3])
-        if timings is not None:
-            sync()
-        run_seconds = time.perf_counter() - run_started
-        if cut < L:
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, L - cut))
-            gate = torch.nn.functional.pad(gate, (0, L - cut))
-        proposals = _sample(logits, first, banned, sp.eos, knobs.temperature, uniforms, active)
-        new = _select_and_apply(x, fz, proposals, logits, gate, knobs, sp.mask, last=t == K - 1)
-        new_fz = fz
-        if sp.eos is not None:
-            new, new_fz = rules.freeze_after_eos(new, fz.clone(), sp.eos, sp.pad)
-        # stop
-        _, ratio = rules.change_ratio(new, x, fz)
-        changed = rules.edits(new, x, fz, sp.pad)
-        masks_left = ((new == sp.mask) & ~new_fz).any(-1)
-        done = rules.finished(t, ratio, knobs.stop_threshold, masks_left, new_fz.all(-1))
-        tokens[active], frozen[active] = new, new_fz
-        steps_used[active] = t + 1
-        edits[active, t] = changed
-        if t < K - 1:
-            early[active[done]] = True
-        # compact
-        keep = ~done
-        rows_run = active.numel()
-        active = active[keep]
-        cond = cond_next[keep]
-        if timings is not None:
-            sync()
-            timings.active_rows.append(int(rows_run))
-            timings.run_lengths.append(cut)
-            timings.run_seconds.append(run_seconds)
-            timings.step_seconds.append(time.perf_counter() - step_started)
-    out = tokens.cpu().numpy()
-    if timings is not None:
-        timings.total_seconds += time.perf_counter() - started
+    """Generate ``n`` sequences in one batch; returns [n, max_seq_len] ids, and with ``return_stats`` a
+    dict of ``steps`` used, ``edits`` (per row, per step run) and ``early`` stop flags."""
+    options: dict[str, Any] = {} if threshold is None else {"threshold": threshold}
+    gen = Generator(TorchRefinement(model, noise, autocast))
+    result = _one(gen.iter_results(n, selector=selector, steps=steps, temperature=temperature,
+                                   stop_threshold=stop_threshold, seed=seed, batch_size=n, timings=timings, **options))
     if not return_stats:
-        return out
-    return out, {"steps": steps_used.cpu().numpy(), "edits": edits.cpu().numpy(), "early": early.cpu().numpy()}
+        return result.ids
+    return result.ids, {"steps": result.steps, "edits": result.edits, "early": result.early}
 
 
-@torch.no_grad()
+# -- a causal model's fused decoder -------------------------------------------------------------------
+class TorchDecode(_TorchModel):
+    """A CausalLM's DecodeStep in PyTorch eager as a Generator model (``drafts`` heads; 0: left to right)."""
+
+    def __init__(self, model, drafts: int | None = None):
+        from imadarem.training.causal import DecodeStep
+
+        super().__init__(model)
+        self.step_module = DecodeStep(model, drafts, inplace=True).to(_device(model)).eval()
+
+    def plan(self, request: Request) -> Plan:
+        name = getattr(request.selector, "name", request.selector)
+        if name not in (None, "gate") or request.prompt is not None or request.steps is not None \
+                or request.trajectory or request.selector_options \
+                or request.drafts not in (None, self.step_module.drafts):
+            raise ImadaremError("the PyTorch decode loop runs its drafts as the gate selector does: it takes no "
+                                "selector, prompt, steps, trajectory or other draft count")
+        temp = self.net.config.sampling_temperature if request.temperature is None else request.temperature
+        return _DecodePlan(self, temp)
+
+
+class _DecodePlan(Plan):
+    def __init__(self, owner: TorchDecode, temperature: float):
+        self.owner, self.temperature = owner, temperature
+
+    def start(self, size: int, streams: SampleStreams) -> Decoding:
+        return _TorchDecoding(self.owner, streams.keys(), self.temperature)
+
+
+class _TorchDecoding(Decoding):
+    """One batch: the state on the device, one host sync per call (the count of active rows)."""
+
+    def __init__(self, owner: TorchDecode, keys: np.ndarray, temperature: float):
+        from imadarem.runtime.formats.decode import state_names
+
+        step = owner.step_module
+        self.step_module, self.device = step, _device(owner.net)
+        self.sync = _sync(self.device)
+        self.keys = torch.from_numpy(keys).to(self.device)
+        dtype = owner.net.tok.weight.dtype
+        self.state = step.started_state(self.keys, temperature, dtype)
+        self.names = state_names(owner.net.config.num_layers)
+        self.temp = torch.tensor([temperature], dtype=torch.float32, device=self.device)
+        self.left = int((~self.state["done"]).sum().item())
+        self.calls, self.limit = 0, owner.net.config.max_seq_len + 1
+
+    @property
+    def active(self) -> int:
+        return self.left if self.calls < self.limit else 0
+
+    @torch.no_grad()
+    def step(self) -> CallReport:
+        started = time.perf_counter()
+        out = self.step_module(*(self.state[n] for n in self.names), self.keys, self.temp)
+        rows = self.left
+        self.state = dict(zip(self.names, out[:-1]))
+        self.left = int(out[-1].item())  # the call's one host sync
+        self.calls += 1
+        seconds = time.perf_counter() - started
+        return CallReport(rows, seconds, 0)
+
+    def result(self) -> BatchResult:
+        return BatchResult(self.state["ids"].cpu().numpy(), self.state["calls"].cpu().numpy())
+
+
 def torch_decode(model, n: int, drafts: int | None = None, temperature: float | None = None, seed: int | None = 0,
                  batch_size: int | None = None, timings: LoopTimings | None = None):
-    """A causal model's fused decoder in PyTorch eager (``training/causal.py: DecodeStep``, caches written in
-    place): draft-and-verify with ``drafts`` draft heads (default all), or left to right with 0. What a
-    PyTorch user would write on a GPU: every tensor stays on the model's device, one host sync per call
-    (the count of active rows). Each sample's noise is its counter noise (``rules.counter_gumbel``), so the
-    molecules are the runtime's for the same seed. Returns [n, max_seq_len] ids and calls per molecule."""
-    from imadarem.runtime.randomness import SampleStreams
-    from imadarem.training.causal import DecodeStep, decode_with
+    """Draft-and-verify (``drafts`` heads, default all; 0: left to right) in PyTorch eager through the
+    Generator; returns [n, max_seq_len] ids and calls per molecule."""
+    gen = Generator(TorchDecode(model, drafts))
+    results = list(gen.iter_results(n, temperature=temperature, seed=seed, batch_size=batch_size or n, timings=timings))
+    return np.concatenate([r.ids for r in results]), np.concatenate([r.steps for r in results])
 
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    step = DecodeStep(model, drafts, inplace=True).to(device).eval()
-    temp = model.config.sampling_temperature if temperature is None else temperature
-    root = np.random.SeedSequence(seed)
-    batch = batch_size or n
-    ids, calls = [], []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for first in range(0, n, batch):
-        size = min(batch, n - first)
-        keys = torch.from_numpy(SampleStreams(root, first, size).keys()).to(device)
-        clock = {"t": time.perf_counter(), "rows": size}
 
-        def on_call(active: int, clock=clock) -> None:  # the call ends with the .item() sync in decode_with
-            if timings is not None:
-                now = time.perf_counter()
-                timings.step_seconds.append(now - clock["t"])
-                timings.run_seconds.append(now - clock["t"])
-                timings.active_rows.append(clock["rows"])
-                timings.run_lengths.append(0)
-            clock["t"], clock["rows"] = time.perf_counter(), active
-
-        sync()
-        clock["t"] = time.perf_counter()
-        state = decode_with(step, keys, temp, on_call=on_call)
-        ids.append(state["ids"].cpu().numpy())
-        calls.append(state["calls"].cpu().numpy())
-    if timings is not None:
-        timings.total_seconds += time.perf_counter() - started
-    return np.concatenate(ids), np.concatenate(calls)
+def _one(results) -> BatchResult:
+    (result,) = list(results)
+    return result

@@ -5,13 +5,15 @@ Every file is built here from the one model (an int8 file is dequantised first),
 same weights and the same engineering:
 
 - ``ort-loop-<p>``: the refinement loop (``Generator``, ``--selector``, default gate: draft-and-verify) over
-  the step file, sampling and verification in numpy; ``ort-l2r-<p>``: the left-to-right decoder
-  (``CausalGenerator``) over the same model's step file without draft heads (the baseline);
+  the step file, sampling and verification in numpy; ``ort-l2r-<p>``: the left-to-right decoder (one token
+  per call) over the same model's step file without draft heads (the baseline);
 - ``ort-decode-<p>``: the decode file (``export/decode_export.py``): draft-and-verify with every step inside
   one graph; ``ort-decode-l2r-<p>``: the decode file of the left-to-right decoder (the baseline). On CUDA
   they run with IO binding and CUDA graphs; ``-nograph`` the same without CUDA graphs;
 - ``torch-decode-<p>`` / ``torch-decode-l2r-<p>``: the same fused step in PyTorch eager
-  (``training/reference.py: torch_decode``), caches written in place: the PyTorch loop.
+  (``training/reference.py: TorchDecode``), caches written in place: the PyTorch loop.
+
+Every engine, the PyTorch one included, is driven by the runtime's one Generator loop.
 
 ``<p>`` is the precision: int8 and int4 (weight-only ``MatMulNBits``) on the CPU, fp16 on CUDA, fp32 on both.
 For the same seed all of them give the same molecules, up to the rounding of their precision (every exact
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.generator import LoopTimings
+from imadarem.runtime.results import LoopTimings
 
 #: a timed run generates at least this many molecules (in batches of the row's batch size)
 MIN_MOLECULES = 32
@@ -171,45 +173,32 @@ class CausalBench:
 
     # -- one engine at one batch size -------------------------------------------------------------
     def _runner(self, engine: Engine, provider: str, batch: int) -> Callable[[LoopTimings, int, int], tuple]:
-        a = self.args
-        if engine.family.startswith("torch"):
-            from imadarem.training.reference import torch_decode
-
-            device = torch.device(provider)
-            dtype = torch.float16 if engine.precision == "fp16" else torch.float32
-            model = _copy_to(self.model, device, dtype)
-            drafts = 0 if engine.left_to_right else None
-
-            def run(tm: LoopTimings, seed: int, n: int) -> tuple:
-                return torch_decode(model, n, drafts, seed=seed, batch_size=batch, timings=tm)
-            return run
+        """Every engine runs through the runtime's one Generator: the onnxruntime files as they are, the
+        PyTorch loop as a strategy (``training/reference.py: TorchDecode``). Each returns ids arrays and
+        calls per molecule, before any Sample is built."""
         gen = self._generator(engine, provider)
-        if engine.family in ("ort-decode", "ort-decode-l2r"):  # ids arrays, as the PyTorch loop returns them
-
-            def run(tm: LoopTimings, seed: int, n: int) -> tuple:
-                parts = list(gen.iter_arrays(n, seed=seed, batch_size=batch, timings=tm))
-                return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-            return run
-        options = {"selector": a.selector} if engine.family == "ort-loop" else {}
+        options = {"selector": self.args.selector} if engine.family == "ort-loop" else {}
 
         def run(tm: LoopTimings, seed: int, n: int) -> tuple:
-            samples = gen.generate(n, seed=seed, batch_size=batch, timings=tm, decode=False, **options)
-            return _pad_ids(samples, self.model.config.max_seq_len), np.array([s.steps for s in samples])
+            parts = list(gen.iter_results(n, seed=seed, batch_size=batch, timings=tm, **options))
+            return np.concatenate([p.ids for p in parts]), np.concatenate([p.steps for p in parts])
         return run
 
     def _generator(self, engine: Engine, provider: str):
-        from imadarem.runtime.causal import CausalGenerator
-        from imadarem.runtime.decode import DecodeGenerator
         from imadarem.runtime.generator import Generator
 
         key = (engine.family, engine.precision, provider, engine.graphs)
         if key not in self._generators:
-            path = self.files[f"{engine.family}-{engine.precision}"]
-            if engine.family in ("ort-decode", "ort-decode-l2r"):
-                gen = DecodeGenerator(path, provider=provider, threads=self.threads, cuda_graphs=engine.graphs)
+            if engine.family.startswith("torch"):
+                from imadarem.training.reference import TorchDecode
+
+                dtype = torch.float16 if engine.precision == "fp16" else torch.float32
+                model = _copy_to(self.model, torch.device(provider), dtype)
+                gen = Generator(TorchDecode(model, 0 if engine.left_to_right else None))
             else:
-                make = Generator if engine.family == "ort-loop" else CausalGenerator
-                gen = make(path, provider=provider, threads=self.threads)
+                gen = Generator(self.files[f"{engine.family}-{engine.precision}"], provider=provider,
+                                threads=self.threads)
+                gen.model.cuda_graphs = engine.graphs  # decode files on CUDA (-nograph: kernels one by one)
             self._generators[key] = gen
         return self._generators[key]
 
@@ -348,13 +337,6 @@ def _copy_to(model, device: torch.device, dtype: torch.dtype):
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()
 
 
-def _pad_ids(samples, length: int) -> np.ndarray:
-    out = np.zeros((len(samples), length), dtype=np.int64)
-    for i, s in enumerate(samples):
-        out[i, : len(s.ids)] = s.ids
-    return out
-
-
 def _trim(row: np.ndarray, special) -> list[int]:
     ids = row.tolist()
     if special.eos is not None and special.eos in ids:
@@ -365,13 +347,13 @@ def _trim(row: np.ndarray, special) -> list[int]:
 
 
 def _machine_info(threads: int) -> dict[str, Any]:
-    from imadarem.export.bench.runner import _machine
+    from imadarem.bench.report import _machine
 
     return _machine(threads)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from imadarem.export.bench.runner import _fmt, machine_line
+    from imadarem.bench.report import _fmt, machine_line
 
     lines = ["# imadarem bench (causal model)", "", machine_line(result["machine"]),
              f"- model: {result['source']}; {result['parameters']:,} parameters, {result['drafts']} draft heads, "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from imadarem.bench.report import _fmt, _machine, machine_line
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.generator import Generator, LoopTimings
+from imadarem.runtime.generator import Generator
+from imadarem.runtime.results import LoopTimings
 
 ENGINES = ("ort-fp32", "ort-int8", "ort-fp16", "ort-fp32-head", "ort-fp16-head", "torch", "torch-bf16", "xt-nar",
            "xt-ar-kv")
@@ -110,7 +111,7 @@ def _summarise(engine: str, provider: str, batch: int, runs: list[tuple[LoopTimi
 class Bench:
     def __init__(self, args: BenchArgs):
         self.args = args
-        self.causal = not args.checkpoint and _is_causal_file(args.model)
+        self.causal = not args.checkpoint and _model_kind(args.model) == "causal"
         if not self.causal:
             unknown = sorted(set(args.engines or ()) - set(ENGINES))
             if unknown:
@@ -125,7 +126,7 @@ class Bench:
         self.threads = args.threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         if self.causal:
-            from imadarem.export.bench.causal import CausalBench
+            from imadarem.bench.causal import CausalBench
 
             args.model = str(args.model or _default_model())
             self.causal_bench = CausalBench(args, self.threads)  # checks the engine names
@@ -152,9 +153,9 @@ class Bench:
                                          device_state="cuda" in a.providers)
         else:
             from imadarem.export.onnx_import import model_from_onnx
-            from imadarem.runtime.modelfile import default_model_path
+            from imadarem.runtime.models import resolve_model
 
-            path = Path(a.model) if a.model else default_model_path()
+            path = resolve_model(a.model)
             if path is None:
                 raise ImadaremError("no --model or --checkpoint given and there is no bundled model")
             model, report = model_from_onnx(path)
@@ -202,10 +203,9 @@ class Bench:
                 tokens, stats = torch_refine(model, batch, steps=self.steps, seed=seed, selector=a.selector,
                                              return_stats=True, timings=tm, noise=noise,
                                              autocast="bf16" if engine == "torch-bf16" else None)
-                edits = [[int(e) for e in row if e >= 0] for row in stats["edits"]]
-                return {"steps": stats["steps"], "edits": edits, "early": stats["early"], "tokens": tokens}
+                return {"steps": stats["steps"], "edits": stats["edits"], "early": stats["early"], "tokens": tokens}
             return run
-        from imadarem.export.bench.baselines import AutoregressiveBaseline, NonAutoregressiveBaseline
+        from imadarem.bench.baselines import AutoregressiveBaseline, NonAutoregressiveBaseline
 
         sp = self.model.special
         base = (NonAutoregressiveBaseline(self.config, sp.mask, self.steps, device) if engine == "xt-nar"
@@ -242,7 +242,7 @@ class Bench:
     # -- all of it --------------------------------------------------------------------------------
     def run(self, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
         a = self.args
-        if self.causal:  # e.g. the bundled model: export/bench/causal.py
+        if self.causal:  # e.g. the bundled model: bench/causal.py
             return self.causal_bench.run(progress)
         with tempfile.TemporaryDirectory() as tmp:
             self.prepare(Path(tmp))
@@ -310,54 +310,21 @@ def _pad_ids(samples, config) -> np.ndarray:
     return out
 
 
-def _machine(threads: int) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": threads, "python": platform.python_version()}
-    for name in ("torch", "onnxruntime", "onnxruntime-gpu", "x-transformers", "numpy"):
-        try:
-            info[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
-
-
 def _default_model() -> Path:
-    from imadarem.runtime.modelfile import default_model_path
+    from imadarem.runtime.models import resolve_model
 
-    path = default_model_path()
-    if path is None:
-        raise ImadaremError("no --model or --checkpoint given and there is no bundled model")
-    return path
+    return resolve_model(None)
 
 
-def _is_causal_file(model: str | None) -> bool:
-    """A causal step file (format 2): the bundled model is one."""
-    from imadarem.runtime.causal import is_causal
-    from imadarem.runtime.decode import is_decode
-    from imadarem.runtime.modelfile import default_model_path, open_session
+def _model_kind(model: str | None) -> str:
+    """The format of the file benched (the bundled default's when none is given): each has its bench."""
+    from imadarem.runtime.formats import open_model
 
-    path = model or default_model_path()
-    if path is None or not Path(path).is_file():
-        return False
-    meta = open_session(path)[1]
-    if is_decode(meta):
-        raise ImadaremError(f"{path} is a decode file: bench the step file it was exported from (the decode "
+    kind = open_model(model).format_name
+    if kind == "decode":
+        raise ImadaremError(f"{model} is a decode file: bench the step file it was exported from (the decode "
                             "files are built from it)")
-    return is_causal(meta)
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    return (f"- machine: {m['processor']}, {m['cpu_count']} CPUs ({m['threads']} threads used)"
-            + (f", {m['gpu']}" if "gpu" in m else "") + f"; torch {m.get('torch')}, onnxruntime "
-            f"{m.get('onnxruntime-gpu') or m.get('onnxruntime')}")
+    return kind
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import time
 
 import torch
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.generator import LoopTimings
+from imadarem.runtime.results import LoopTimings
 
 
 def _xt():

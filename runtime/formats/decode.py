@@ -1,0 +1,379 @@
+"""Decode files (format 2, config ``"graph": "decode"``): the gate selector's whole draft-and-verify step,
+or one left-to-right step, inside one graph (written by ``imadarem export --decode``).
+
+**Contract.** Config: :class:`DecodeConfig` (the causal config plus ``cache_len`` = max_seq_len + 1 + D
+and ``"graph": "decode"``). State inputs ``fed`` int64 [B, D+1] (the newest exact token and D drafts),
+``start`` int64 [B] (their first model position), ``ids`` int64 [B, L] (committed tokens, PAD beyond),
+``done`` bool [B], ``calls`` int64 [B] and per layer ``cache_k{i}`` / ``cache_v{i}`` [B, heads, cache_len,
+head_dim] (slot = model position; float32, or float16 in an fp16 file), each returned as ``<name>_next``;
+per batch ``keys`` int64 [B] (each sample's counter key) and ``temperature`` float32 [1]; output
+``active`` int64 [1], the rows still decoding. Every dimension but the batch is fixed. Metadata
+``imadarem.decode_start`` holds what the BOS call computes, the same for every molecule (first-token and
+draft logits, BOS's keys and values), so a row can start after BOS.
+
+**Decoding** (:class:`DecodePlan`): feed the state back until no row is active. On the CPU with
+``session.run``, the first tokens drawn on the host with each row's noise (``start_tokens``). On CUDA per
+batch bucket (a power of two, or the request's batch size) one session with the batch fixed, two sets of
+device buffers bound alternately as inputs and outputs (IO binding: between calls one int64 comes back),
+and one captured CUDA graph per direction (``gpu_graph_id`` 1 and 2); buckets of ``GPU_START_ROWS`` rows
+or more run the BOS call on the GPU instead of drawing the first tokens on the host. Padding rows start
+done. The molecules are the causal step's for the same seed: every exact token is drawn with the noise of
+its sample and position. A decode file takes no selector but ``gate``, no prompt, step budget or trajectory,
+and only its own number of drafts: each is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from imadarem.runtime import rules
+from imadarem.runtime.bans import blank_bans
+from imadarem.runtime.errors import ImadaremError, ModelFileError
+from imadarem.runtime.formats.base import Format, ModelFile
+from imadarem.runtime.formats.causal import FORMAT, CausalConfig
+from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields, config_of
+from imadarem.runtime.randomness import SampleStreams
+from imadarem.runtime.request import Request
+from imadarem.runtime.results import BatchResult, CallReport
+from imadarem.runtime.session import import_onnxruntime, providers_for, run_failure, session_options
+from imadarem.runtime.strategy import Decoding, Plan
+
+GRAPH = "decode"
+STATE = ("fed", "start", "ids", "done", "calls")
+CONSTANTS = ("keys", "temperature")
+#: metadata: what the first call would compute from BOS (the same for every molecule), so that decoding
+#: starts after it: {"logits": [V], "drafts": [D][V], "kv": [layers][2][hidden]}
+KEY_START = "imadarem.decode_start"
+#: on CUDA a batch bucket of at least this many rows starts from BOS on the GPU: the host's draw of every
+#: row's first tokens (the counter hash over [rows, drafts + 1, vocab] in numpy) cost more than the extra
+#: call from 256 rows on (an H200 and its host: 10-16% of the wall time at 1024-4096 rows)
+GPU_START_ROWS = 256
+
+
+def cache_names(num_layers: int) -> list[str]:
+    return [f"cache_{kv}{i}" for i in range(num_layers) for kv in ("k", "v")]
+
+
+def state_names(num_layers: int) -> list[str]:
+    """The state inputs, in order (each comes back as ``<name>_next``)."""
+    return list(STATE) + cache_names(num_layers)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in order."""
+    state = state_names(num_layers)
+    return state + list(CONSTANTS), [f"{n}_next" for n in state] + ["active"]
+
+
+@dataclass(frozen=True)
+class DecodeConfig(CausalConfig):
+    """The typed view of a decode file's config: the causal config, plus the cache's slots."""
+
+    cache_len: int = field(default=0, metadata={"max": 1 << 16})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "graph": GRAPH}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], path: str = "model") -> DecodeConfig:
+        base = CausalConfig.from_dict(config, path)  # "kind" and heads, checked once
+        slots = checked_fields(cls, config, path)["cache_len"]
+        if slots != base.max_seq_len + 1 + base.num_drafts:
+            raise ModelFileError(f"{path}: model config cache_len {slots} is not max_seq_len + 1 + num_drafts "
+                                 f"({base.max_seq_len + 1 + base.num_drafts})")
+        return cls(**{**asdict(base), "cache_len": slots})
+
+
+def matches(meta: dict[str, str]) -> bool:
+    return meta.get(KEY_FORMAT) == FORMAT and (config_of(meta) or {}).get("graph") == GRAPH
+
+
+def start_tokens(logits, drafts, keys, temperature, bias, draft_bias, eos):
+    """Each sample's first token (ids index 0) and first D drafts (1 .. D) from the logits after BOS,
+    drawn with its counter noise: what a decode graph's first call would draw (numpy or torch)."""
+    D, V = drafts.shape[0], logits.shape[-1]
+    positions = keys[:, None] * 0 + rules._positions(keys, D + 1)[None, :]
+    noise = rules.counter_gumbel(keys, positions, V)
+    first = rules.coupled_sample(logits + bias, temperature, noise[:, 0])
+    guesses = rules.coupled_sample(drafts + draft_bias, temperature, noise[:, 1:])
+    done = first == eos if eos is not None else first < 0
+    return first, guesses, done
+
+
+class DecodeFile(ModelFile):
+    """A checked decode file."""
+
+    format_name = "decode"
+    outputs: list[str] = []
+    #: on CUDA, capture each call as a CUDA graph (off: the same IO binding, kernels launched one by one)
+    cuda_graphs = True
+
+    @property
+    def start(self) -> dict[str, np.ndarray]:
+        """``imadarem.decode_start``'s arrays: logits [V], drafts [D, V], kv [layers, 2, hidden]."""
+        return self.extra["start"]
+
+    @property
+    def state_names(self) -> list[str]:
+        return state_names(self.typed.num_layers)
+
+    @cached_property
+    def cache_dtype(self):
+        return np.float16 if self.extra["cache_type"] == "tensor(float16)" else np.float32
+
+    @cached_property
+    def bias(self) -> tuple[np.ndarray, np.ndarray]:
+        c = self.typed
+        return blank_bans(self.tokenizer, self.special, c.vocab_size, c.max_seq_len)
+
+    @cached_property
+    def graph_start_rows(self) -> int | None:
+        """Batches of at least this many rows start from BOS, whose call the graph runs (None: never; the
+        host draws the first tokens); the same molecules either way, one call more per molecule."""
+        return GPU_START_ROWS if self.provider == "cuda" else None
+
+    def plan(self, request: Request) -> Plan:
+        name = getattr(request.selector, "name", request.selector)
+        drafts = self.typed.num_drafts
+        asked = request.asked(**{
+            f"--selector {name}": name not in (None, "gate"), "--steps": request.steps is not None,
+            "--stop-threshold": request.stop_threshold is not None, "--prompt": request.prompt is not None,
+            "--trajectory": request.trajectory, "selector options": bool(request.selector_options),
+            f"--drafts {request.drafts} (it drafts {drafts})": request.drafts not in (None, drafts)})
+        if asked:
+            raise ImadaremError(f"{self.name} is a decode file: its graph runs the gate selector's draft-and-verify "
+                                f"loop itself, so it takes no {', '.join(asked)} (use the step file it was exported "
+                                "from for those)")
+        temp = self.typed.sampling_temperature if request.temperature is None else request.temperature
+        return DecodePlan(self, temp, request.batch_size)
+
+    # -- the state --------------------------------------------------------------------------------
+    def initial_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray | None = None,
+                      caches: bool = True) -> dict[str, np.ndarray]:
+        """The state after BOS for one row per key: the first token and drafts drawn with each sample's
+        noise from the file's ``start`` outputs, BOS's keys and values in cache slot 0 (``caches`` False
+        leaves the caches out: on a GPU slot 0 is written once per session). Rows marked ``padding``
+        start done."""
+        c, sp, start = self.typed, self.special, self.start
+        b = keys.shape[0]
+        first, guesses, done = start_tokens(start["logits"], start["drafts"], keys, temperature, *self.bias, sp.eos)
+        ids = np.full((b, c.max_seq_len), sp.pad, np.int64)
+        ids[:, 0] = first
+        state = {"fed": np.concatenate([first[:, None], guesses], 1).astype(np.int64),
+                 "start": np.ones(b, np.int64), "ids": ids,
+                 "done": done if padding is None else done | padding.astype(bool),
+                 "calls": np.zeros(b, np.int64)}
+        if caches:
+            state.update(self._caches(b))
+            for i in range(c.num_layers):
+                for j, kv in enumerate("kv"):
+                    state[f"cache_{kv}{i}"][:, :, 0] = start["kv"][i, j].reshape(c.num_heads, c.head_dim)
+        return state
+
+    def _caches(self, b: int) -> dict[str, np.ndarray]:
+        c = self.typed
+        return {name: np.zeros((b, c.num_heads, c.cache_len, c.head_dim), dtype=self.cache_dtype)
+                for name in cache_names(c.num_layers)}
+
+    def bos_state(self, padding: np.ndarray, caches: bool = True) -> dict[str, np.ndarray]:
+        """The state before BOS, whose call the graph then runs itself (and writes cache slot 0). Rows
+        marked ``padding`` start done."""
+        c, sp = self.typed, self.special
+        b = padding.shape[0]
+        fed = np.full((b, c.num_drafts + 1), sp.pad, np.int64)
+        fed[:, 0] = sp.mask  # BOS; the PAD drafts are never right
+        state = {"fed": fed, "start": np.zeros(b, np.int64), "ids": np.full((b, c.max_seq_len), sp.pad, np.int64),
+                 "done": padding.astype(bool), "calls": np.zeros(b, np.int64)}
+        if caches:
+            state.update(self._caches(b))
+        return state
+
+    def start_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray, caches: bool = True
+                    ) -> dict[str, np.ndarray]:
+        """``bos_state`` for large enough GPU buckets, else ``initial_state``: the same molecules."""
+        rows = padding.shape[0]
+        if self.graph_start_rows is not None and rows >= self.graph_start_rows:
+            return self.bos_state(padding, caches)
+        return self.initial_state(keys, temperature, padding, caches)
+
+    @cached_property
+    def cuda_buckets(self) -> dict[tuple[int, bool], _CudaGraphs]:
+        """Per (batch bucket, CUDA graphs on): its session, buffers and bindings, made on first use."""
+        return {}
+
+
+class DecodePlan(Plan):
+    def __init__(self, model: DecodeFile, temperature: float, batch: int):
+        self.model, self.temperature, self.batch = model, temperature, batch
+
+    def start(self, size: int, streams: SampleStreams) -> Decoding:
+        keys = streams.keys()
+        if self.model.provider != "cuda":
+            return HostDecoding(self.model, keys, self.temperature)
+        bucket = self.batch if size == self.batch else _bucket(size)
+        key = (bucket, self.model.cuda_graphs)
+        graphs = self.model.cuda_buckets.get(key)
+        if graphs is None:
+            graphs = self.model.cuda_buckets[key] = _CudaGraphs(self.model, bucket, self.model.threads,
+                                                                 self.model.cuda_graphs)
+        return graphs.decoding(keys, self.temperature)
+
+
+class HostDecoding(Decoding):
+    """The CPU: ``session.run``, the state fed back as numpy arrays."""
+
+    def __init__(self, model: DecodeFile, keys: np.ndarray, temperature: float):
+        self.model = model
+        self.names = model.state_names
+        self.outputs = [f"{n}_next" for n in self.names] + ["active"]
+        self.state = model.start_state(keys, temperature, np.zeros(keys.shape[0], bool))
+        self.constants = {"keys": keys, "temperature": np.array([temperature], np.float32)}
+        self.left = int((~self.state["done"]).sum())
+        self.calls = 0
+
+    @property
+    def active(self) -> int:
+        return self.left if self.calls < self.model.typed.max_seq_len else 0
+
+    def step(self) -> CallReport:
+        started = time.perf_counter()
+        out = self.model.session.run(self.outputs, {**self.state, **self.constants})
+        seconds = time.perf_counter() - started
+        rows = self.left
+        self.state = dict(zip(self.names, out[:-1]))
+        self.left = int(out[-1][0])
+        self.calls += 1
+        return CallReport(rows, seconds, 0)
+
+    def result(self) -> BatchResult:
+        return BatchResult(self.state["ids"], self.state["calls"])
+
+
+def _bucket(rows: int) -> int:
+    """The fixed batch a CUDA graph is captured for: the next power of two."""
+    return 1 << max(0, int(rows - 1).bit_length())
+
+
+class _CudaGraphs:
+    """One session of a decode file for a fixed batch (``add_free_dimension_override_by_name``: every
+    shape static, so onnxruntime places every node on the GPU and may capture it), two sets of device
+    buffers A and B, and two IO bindings: A -> B (graph 1) and B -> A (graph 2). Between calls nothing is
+    copied; the host reads one int64, the number of rows still active."""
+
+    def __init__(self, model: DecodeFile, batch: int, threads: int | None, graphs: bool = True):
+        ort = import_onnxruntime()
+        self.ort, self.model, self.batch = ort, model, batch
+        options = session_options(threads or 1)  # the CPU runs nothing of the graph: no spinning thread pool
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_free_dimension_override_by_name("batch", batch)
+        provider_options = [{"enable_cuda_graph": "1" if graphs else "0"}, {}]
+        self.session = ort.InferenceSession(model.path, sess_options=options, providers=providers_for("cuda"),
+                                            provider_options=provider_options)
+        names = model.state_names
+        first = model.initial_state(np.zeros(batch, np.int64), 1.0)  # BOS in cache slot 0, for good
+        self.buffers = [{n: ort.OrtValue.ortvalue_from_numpy(first[n], "cuda", 0) for n in names} for _ in range(2)]
+        self.keys = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), "cuda", 0)
+        self.temperature = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32), "cuda", 0)
+        self.active = [ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64), "cuda", 0) for _ in range(2)]
+        self.bindings, self.run_options = [], []
+        for direction in range(2):
+            binding = self.session.io_binding()
+            src, dst = self.buffers[direction], self.buffers[1 - direction]
+            for n in names:
+                binding.bind_ortvalue_input(n, src[n])
+                binding.bind_ortvalue_output(f"{n}_next", dst[n])
+            binding.bind_ortvalue_input("keys", self.keys)
+            binding.bind_ortvalue_input("temperature", self.temperature)
+            binding.bind_ortvalue_output("active", self.active[direction])
+            run_options = ort.RunOptions()
+            if graphs:
+                run_options.add_run_config_entry("gpu_graph_id", str(direction + 1))
+            self.bindings.append(binding)
+            self.run_options.append(run_options)
+
+    def decoding(self, keys: np.ndarray, temperature: float) -> CudaDecoding:
+        return CudaDecoding(self, keys, temperature)
+
+
+class CudaDecoding(Decoding):
+    """One batch on a bucket's captured graphs: the start state written in place (the captured graphs keep
+    these addresses; stale cache slots past 0 are written before they are read), then one replay a call."""
+
+    def __init__(self, graphs: _CudaGraphs, keys: np.ndarray, temperature: float):
+        self.g, self.rows = graphs, keys.shape[0]
+        padded = np.zeros(graphs.batch, np.int64)
+        padded[: self.rows] = keys
+        start = graphs.model.start_state(padded, temperature, np.arange(graphs.batch) >= self.rows, caches=False)
+        for name, value in start.items():
+            graphs.buffers[0][name].update_inplace(value)
+        graphs.keys.update_inplace(padded)
+        graphs.temperature.update_inplace(np.array([temperature], np.float32))
+        self.direction, self.left, self.calls = 0, int((~start["done"]).sum()), 0
+
+    @property
+    def active(self) -> int:
+        return self.left if self.calls < self.g.model.typed.max_seq_len else 0
+
+    def step(self) -> CallReport:
+        g, d = self.g, self.direction
+        started = time.perf_counter()
+        g.session.run_with_iobinding(g.bindings[d], g.run_options[d])
+        seconds = time.perf_counter() - started
+        rows = self.left
+        self.left = int(g.active[d].numpy()[0])
+        self.direction, self.calls = 1 - d, self.calls + 1
+        return CallReport(rows, seconds, 0)
+
+    def result(self) -> BatchResult:
+        final = self.g.buffers[self.direction]
+        return BatchResult(final["ids"].numpy()[: self.rows], final["calls"].numpy()[: self.rows])
+
+
+# -- opening a file ----------------------------------------------------------------------------------
+def _start_outputs(meta: dict[str, str], typed: DecodeConfig, path: str) -> dict[str, np.ndarray]:
+    want = {"logits": (typed.vocab_size,), "drafts": (typed.num_drafts, typed.vocab_size),
+            "kv": (typed.num_layers, 2, typed.hidden_size)}
+    try:
+        raw = json.loads(meta[KEY_START])
+        out = {k: np.asarray(raw[k], dtype=np.float32).reshape(shape) for k, shape in want.items()}
+    except (KeyError, ValueError, TypeError):
+        raise ModelFileError(f"{path}: a decode file needs metadata {KEY_START!r} with logits, drafts and kv of "
+                             f"shapes {', '.join(str(list(v)) for v in want.values())}") from None
+    if not all(np.isfinite(v).all() for v in out.values()):
+        raise ModelFileError(f"{path}: metadata {KEY_START!r} holds a value that is not finite")
+    return out
+
+
+def open_file(path: str, session, meta: dict[str, str], provider: str = "cpu", threads: int | None = None) -> DecodeFile:
+    """Check the metadata, the graph's inputs and outputs, and run one probe call."""
+    common = check_metadata(meta, path, FORMAT, DecodeConfig.from_dict)
+    typed = common.typed
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    want_in, want_out = io_names(typed.num_layers)
+    missing = [n for n in want_in if n not in inputs] + [n for n in want_out if n not in outputs]
+    if missing:
+        raise ModelFileError(f"{path}: a decode graph needs the inputs {', '.join(want_in)} and the outputs "
+                             f"{', '.join(want_out)} (missing {', '.join(missing)})")
+    model = DecodeFile(path, session, meta, common, provider, threads,
+                       {"cache_type": inputs["cache_k0"].type, "start": _start_outputs(meta, typed, path)})
+    probe = model.initial_state(np.zeros(1, np.int64), 1.0)
+    try:
+        out = session.run(["fed_next", "ids_next", "active"],
+                          {**probe, "keys": np.zeros(1, np.int64), "temperature": np.ones(1, np.float32)})
+    except Exception as exc:
+        raise run_failure(path, "the decode graph does not run with its config", exc) from None
+    if out[0].shape != (1, typed.num_drafts + 1) or out[1].shape != (1, typed.max_seq_len):
+        raise ModelFileError(f"{path}: the probe call gave fed_next {list(out[0].shape)} and ids_next "
+                             f"{list(out[1].shape)}; the config says [1, {typed.num_drafts + 1}] and "
+                             f"[1, {typed.max_seq_len}]")
+    return model
+
+
+SPEC = Format("decode", matches, open_file,
+              "a causal model's whole draft-and-verify step in one graph, fixed shapes but the batch (format 2)")
