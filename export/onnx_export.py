@@ -19,8 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from imadarem.runtime import modelfile as mf
+from imadarem.runtime import metadata as mf
 from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.formats.refine import FORMAT
 from imadarem.runtime.registry import tokenizer_origin, tokenizer_to_json
 
 INPUT_NAMES = ["tokens", "step", "cond"]
@@ -37,7 +38,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_metadata(model, provenance: dict[str, Any], fmt: str = mf.FORMAT_VERSION) -> dict[str, str]:
+def build_metadata(model, provenance: dict[str, Any], fmt: str = FORMAT) -> dict[str, str]:
     """The model file's metadata_props for an ImplicitRefinementModel (format 1) or a CausalLM (format 2)."""
     if model.tokenizer is None:
         raise ImadaremError("the model has no tokenizer: build it as ImplicitRefinementModel(config, tokenizer) "
@@ -216,10 +217,19 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
 
 
 def check_writable(out_path: str | os.PathLike) -> None:
-    """Refuse an output path that cannot be written before minutes of export, not after."""
+    """Refuse an output path that cannot be written before minutes of export, not after: a folder, a device
+    node, a FIFO or anything else but a regular file or a new path (the file is then replaced atomically,
+    which would swap a device node for a regular file)."""
+    import stat
+
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ImadaremError(f"{out_path} is a directory; give the model file's path")
+    if out_path.exists() or out_path.is_symlink():
+        mode = os.stat(out_path).st_mode if out_path.exists() else 0
+        if not stat.S_ISREG(mode):
+            raise ImadaremError(f"{out_path} exists and is not a regular file; give a new path or a model file "
+                                "to replace")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".imadarem-write-test-"):
@@ -244,21 +254,31 @@ def _quiet_exporters():
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike, weights: str = "ema",
                       variant: str = "fp32", device_state: bool | None = None, sampling: bool | None = None) -> Path:
-    """``imadarem export``: checkpoint -> model file (``variant``: fp32, fp16 or int8).
-
-    ``device_state`` and ``sampling`` (the sampling head, ``sampling_head.py``) default to on for the
-    fp16 file, which is meant for GPUs, and off otherwise.
-    """
+    """A refinement checkpoint -> model file (``variant``: fp32, fp16 or int8; ``imadarem export`` takes any
+    family's checkpoint: ``export/exporters.py``)."""
     from imadarem.training.checkpoint import build_model, load_checkpoint
 
-    if variant not in ("fp32", "fp16", "int8"):
-        raise ImadaremError(f"unknown variant {variant!r} (fp32, fp16, int8)")
     check_writable(out_path)
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, weights)
-    provenance = {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.file_hash(), "training_step": ckpt.step,
-                  "weights": weights, "variant": variant, "tools": _versions(),
-                  "data_sha256": ckpt.state.get("data_sha256"), "parameters": model.num_parameters()}
+    return export_refine(model, out_path, variant, device_state, sampling, checkpoint_provenance(ckpt, weights))
+
+
+def checkpoint_provenance(ckpt, weights: str) -> dict[str, Any]:
+    """Where a file's weights came from: the checkpoint, its hash and step, and the training data's hash."""
+    return {"checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.file_hash(), "training_step": ckpt.step,
+            "weights": weights, "data_sha256": ckpt.state.get("data_sha256"), "family": ckpt.state.get("family", "refine"),
+            "preset": (ckpt.state.get("args") or {}).get("preset")}
+
+
+def export_refine(model, out_path: str | os.PathLike, variant: str = "fp32", device_state: bool | None = None,
+                  sampling: bool | None = None, provenance: dict[str, Any] | None = None) -> Path:
+    """An ImplicitRefinementModel -> a refinement-step file (format 1). ``device_state`` and ``sampling`` (the
+    sampling head, ``sampling_head.py``) default to on for the fp16 file, which is meant for GPUs."""
+    if variant not in ("fp32", "fp16", "int8"):
+        raise ImadaremError(f"a refinement model exports as fp32, fp16 or int8, not {variant!r}")
+    provenance = {**(provenance or {}), "variant": variant, "tools": _versions(),
+                  "parameters": model.num_parameters()}
     out_path = Path(out_path)
     if device_state is None:  # the fp16 file is meant for GPUs: keep the loop's state there
         device_state = variant == "fp16"

@@ -38,7 +38,8 @@ def tiny_args(out_dir, data=MOSES_SAMPLE, steps=120, **model):
     cfg = dict(hidden_size=32, num_layers=2, num_heads=2, max_seq_len=64, dropout=0.0, use_critic=True,
                ema_decay=0.9)
     cfg.update(model)
-    return TrainArgs(data=str(data), out_dir=str(out_dir), steps=steps, batch_size=32, lr=3e-3, warmup_steps=10,
+    return TrainArgs(family="refine", data=str(data), out_dir=str(out_dir), steps=steps, batch_size=32, lr=3e-3,
+                     warmup_steps=10,
                      val_fraction=0.1, eval_interval=10_000, checkpoint_interval=10_000, log_interval=1,
                      progress=False, cache_dir=str(Path(out_dir).parent / "cache"), model=cfg)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import rewrite_metadata
 from imadarem.runtime import Generator, ModelFileError
-from imadarem.runtime import modelfile as mf
+from imadarem.runtime import metadata as mf
 from imadarem.training.checkpoint import build_model, load_checkpoint
 from imadarem.training.reference import torch_refine
 
@@ -22,7 +22,7 @@ def _ref_model(run, weights="ema"):
 def test_metadata_and_signature(tiny_run, tiny_onnx):
     gen = Generator(tiny_onnx)
     meta = gen.model.metadata
-    assert meta[mf.KEY_FORMAT] == mf.FORMAT_VERSION
+    assert meta[mf.KEY_FORMAT] == "1"
     cfg = json.loads(meta[mf.KEY_CONFIG])
     assert cfg["hidden_size"] == 32 and cfg["use_critic"] is True
     prov = json.loads(meta[mf.KEY_PROVENANCE])
@@ -160,7 +160,7 @@ def test_export_refuses_an_unwritable_output_first_and_is_quiet(tiny_run, tmp_pa
     assert r.returncode == 2 and "cannot write" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert time.perf_counter() - started < 20  # refused before exporting
     r = subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "export", str(tiny_run), "-o",
-                        str(tmp_path / "m.onnx"), "--fp16", "--no-check"], capture_output=True, text=True)
+                        str(tmp_path / "m.onnx"), "--dtype", "fp16", "--no-check"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr  # no exporter chatter (torchvision, shape inference)
 
 

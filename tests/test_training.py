@@ -105,10 +105,9 @@ def test_bundled_model_predicts_held_out_molecules_and_drafts_well_enough_to_sav
     measured), draft heads' top-1 accuracy (0.72 / 0.64 / 0.57 for 1, 2, 3 tokens ahead), and
     draft-and-verify committing well over two tokens per call."""
     from imadarem.runtime import Generator
-    from imadarem.runtime.causal import load_causal_file
-    from imadarem.runtime.modelfile import default_model_path
+    from imadarem.runtime.formats import open_model
 
-    model = load_causal_file(str(default_model_path()))
+    model = open_model(None, expect="causal")
     tok, sp = model.tokenizer, model.special
     nll, tokens, hits, heads = 0.0, 0, np.zeros(model.typed.num_drafts), np.zeros(model.typed.num_drafts)
     for smi in MOSES_SAMPLE.read_text().split()[1:201]:
@@ -188,10 +187,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU) gives the loss curve of one process with the same global batch."""
+@pytest.mark.parametrize("family", [["--family", "causal", "--drafts", "2"], ["--family", "refine", "--dropout", "0"]])
+def test_ddp_two_processes_match_one(tmp_path, family):
+    """torchrun --nproc_per_node 2 (gloo, CPU) gives the loss curve of one process with the same global batch,
+    for every family (the trainer is one)."""
     common = ["--data", str(MOSES_SAMPLE), "--steps", "6", "--batch-size", "16", "--hidden-size", "32",
-              "--layers", "1", "--heads", "2", "--dropout", "0", "--log-interval", "1", "--no-progress",
+              "--layers", "1", "--heads", "2", *family, "--log-interval", "1", "--no-progress",
               "--cache-dir", str(tmp_path / "c"), "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "imadarem.training", "--out-dir", str(tmp_path / "one"), *common],

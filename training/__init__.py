@@ -22,12 +22,16 @@ _LAZY = {
     "Trainer": "imadarem.training.trainer",
     "train": "imadarem.training.trainer",
     "torch_refine": "imadarem.training.reference",
+    "torch_decode": "imadarem.training.reference",
+    "TorchRefinement": "imadarem.training.reference",
+    "TorchDecode": "imadarem.training.reference",
     "load_checkpoint": "imadarem.training.checkpoint",
     "build_model": "imadarem.training.checkpoint",
     # the causal family (a left-to-right model with draft heads; exported as model format 2)
-    "CausalConfig": "imadarem.training.causal",
+    "CausalConfig": "imadarem.runtime.formats.causal",
     "CausalLM": "imadarem.training.causal",
-    "load_research_checkpoint": "imadarem.training.causal",
+    "get_family": "imadarem.training.families",
+    "PRESETS": "imadarem.training.presets",
     # the tokenizer contract, shared with the runtime
     "TokenizerAdapter": "imadarem.runtime.tokenizer",
     "VocabularyTokenizer": "imadarem.runtime.tokenizer",

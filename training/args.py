@@ -23,9 +23,15 @@ def knob(default: Any, help: str, *, low: float | None = None, high: float | Non
     return field(default=default, metadata=meta)
 
 
+#: the model families (``training/families/``), named here without importing torch
+FAMILIES = ("causal", "refine")
+
+
 @dataclass
 class TrainArgs:
-    data: str = knob("", "Training file: text lines, SMILES .csv(.gz)/.smi, .selfies.", path="file")
+    family: str = knob("causal", "Model family: causal (left to right with draft heads) or refine (Imadarem V).",
+                       choices=FAMILIES)
+    data: str = knob("", "Training file: text lines, SMILES .csv(.gz)/.smi, .selfies; or moses (MOSES train).")
     out_dir: str = knob("runs/imadarem", "Run folder (checkpoints, logs).", path="dir")
     data_format: str = knob("auto", "How to read --data.", choices=("auto", "text", "smiles", "selfies"))
     tokenizer: str = knob("auto", "Tokenizer plugin: auto (selfies for molecules, else char), char, selfies, hf.")
@@ -48,11 +54,14 @@ class TrainArgs:
     keep_checkpoints: int = knob(2, "Checkpoints kept in the run folder.", low=1)
     device: str = knob("auto", "auto, cpu, cuda or cuda:N.")
     precision: str = knob("auto", "auto = bf16 autocast on CUDA, fp32 on CPU.", choices=("auto", "fp32", "bf16"))
+    compile: bool = knob(False, "torch.compile the training forward (GPUs: fewer kernel launches; the same loss).")
     workers: int | None = knob(None, "Processes for SMILES -> SELFIES conversion.", kind=int, low=1)
     cache_dir: str | None = knob(None, "Encoded-data cache [default: ~/.cache/imadarem].", kind=str, path="dir")
     progress: bool = knob(True, "Show a progress bar.")
     time_limit: float | None = knob(None, "Seconds of wall time, then checkpoint and stop cleanly.", kind=float, low=1)
-    #: ImplicitRefinementConfig overrides (the model's own fields hold their defaults)
+    #: the preset the run started from (recorded in run.json; ``--preset`` on the command line)
+    preset: str | None = field(default=None, metadata={"help": "", "cli": False})
+    #: the family's config overrides (its own fields hold their defaults)
     model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

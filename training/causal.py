@@ -1,11 +1,11 @@
-"""The causal (left-to-right) model family: a small GPT with optional draft heads, one step with a KV cache.
+"""The causal (left-to-right) model: a small GPT with optional draft heads, one step with a KV cache.
 
-The quality experiments (training/recipes/quality/) found that a left-to-right transformer with D draft
-heads, decoded by draft-and-verify (speculative sampling), matches the left-to-right model's quality at a
-third of its sequential calls. This module is that model as Imadarem exports it: the same parameter names
-as the research scripts' ``Net`` / ``DraftNet`` (so their checkpoints load as they are), and a ``step`` that
-takes the new tokens, their positions and the KV cache of everything before them, which is what the
-runtime (``runtime/causal.py``) calls once per decoding step.
+The quality experiments (experiments/quality/) found that a left-to-right transformer with D draft
+heads, decoded by draft-and-verify, matches the left-to-right model's quality at a third of its
+sequential calls. ``CausalLM`` is that model: ``teacher_forcing`` is what the trainer runs
+(``training/families/causal.py``), ``step`` (the new tokens, their positions and the KV cache of everything
+before them) is what a causal model file holds (``runtime/formats/causal.py``), and ``DecodeStep`` is the
+whole draft-and-verify call of a decode file.
 
 Head k at a position predicts the token k + 1 places after it (k = 0 is the next token); draft heads are a
 residual Linear + GELU on the final hidden state, sharing the tied output embedding.
@@ -13,32 +13,13 @@ residual Linear + GELU on the final hidden state, sharing the tied output embedd
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+from imadarem.runtime import rules
+from imadarem.runtime.bans import blank_bans
+from imadarem.runtime.formats.causal import CausalConfig
+from imadarem.runtime.formats.decode import cache_names, start_tokens, state_names
 from torch import nn
-
-
-@dataclass
-class CausalConfig:
-    vocab_size: int
-    max_seq_len: int = 56  # tokens after BOS; position embeddings cover BOS + max_seq_len
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_heads: int = 8
-    num_drafts: int = 0
-    sampling_temperature: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "causal", **asdict(self)}
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
 
 class _Block(nn.Module):
@@ -114,6 +95,24 @@ class CausalLM(nn.Module):
             drafts = logits.new_zeros(b, t, 0, logits.shape[-1])
         return logits, drafts, torch.stack(present)
 
+    def teacher_forcing(self, tokens):
+        """Training's forward: ``tokens`` [B, T] (BOS, then the sequence shifted right) in one causal pass;
+        ``logits`` [B, T, V] and ``drafts`` [B, T, D, V] at every position (no cache)."""
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
+        x = self.tok(tokens) + self.pos(positions)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()[None, None]
+        empty = x.new_zeros(b, self.config.num_heads, 0, self.config.head_dim)
+        for blk in self.blocks:
+            x, _, _ = blk(x, empty, empty, causal)
+        hid = self.ln(x)
+        logits = hid @ self.tok.weight.t()
+        if self.draft:
+            drafts = torch.stack([(hid + F.gelu(lin(hid))) @ self.tok.weight.t() for lin in self.draft], 2)
+        else:
+            drafts = logits.new_zeros(b, t, 0, logits.shape[-1])
+        return logits, drafts
+
     def without_drafts(self, keep: int = 0) -> CausalLM:
         """The same model with only its first ``keep`` draft heads (0: the plain left-to-right model of
         equal size and weights, the baseline draft-and-verify is measured against)."""
@@ -131,44 +130,6 @@ class CausalLM(nn.Module):
         c = self.config
         past = torch.zeros(c.num_layers, 2, batch, c.num_heads, 1, c.head_dim)
         return past, torch.zeros(batch, 1, dtype=torch.bool)
-
-
-def load_research_checkpoint(weights: str | Path, vocab: str | Path, max_seq_len: int = 56, hidden_size: int = 256,
-                             num_layers: int = 6, num_heads: int = 8) -> CausalLM:
-    """A ``Net`` / ``DraftNet`` state dict saved by the research scripts (``--save``), with the vocabulary
-    JSON (the token list) it was trained on, as a CausalLM with a SELFIES tokenizer."""
-    from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
-    from imadarem.runtime.errors import CheckpointError
-
-    try:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-        tokens = json.loads(Path(vocab).read_text())
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read {weights} with {vocab}: {exc}") from None
-    state = {k: v.float() for k, v in state.items() if not k.startswith("gate.")}
-    drafts = len({k.split(".")[1] for k in state if k.startswith("draft.")})
-    tokenizer = SelfiesTokenizer(tokens[4:])
-    if tokenizer.tokens != tokens:
-        raise CheckpointError(f"{vocab}: expected [PAD], [MASK], [EOS], [UNK] then the symbols")
-    config = CausalConfig(vocab_size=len(tokens), max_seq_len=max_seq_len, hidden_size=hidden_size,
-                          num_layers=num_layers, num_heads=num_heads, num_drafts=drafts)
-    model = CausalLM(config, tokenizer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: not a research Net/DraftNet of this shape "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()
-
-
-#: the decode graph's state, in the order of its inputs (each comes back as ``<name>_next``); the
-#: per-layer caches ``cache_k{i}`` / ``cache_v{i}`` follow these
-DECODE_STATE = ("fed", "start", "ids", "done", "calls")
-#: the decode graph's per-batch constants
-DECODE_CONSTANTS = ("keys", "temperature")
-
-
-def cache_names(num_layers: int) -> list[str]:
-    return [f"cache_{kv}{i}" for i in range(num_layers) for kv in ("k", "v")]
 
 
 class DecodeStep(nn.Module):
@@ -208,8 +169,6 @@ class DecodeStep(nn.Module):
                                              requires_grad=False)
             self.draft_bias_h = nn.Parameter(torch.cat([lin.bias for lin in heads]).detach(), requires_grad=False)
         # the runtime loop's bans for a blank layout (the same for every position), and no EOS in drafts
-        from imadarem.runtime.causal import blank_bans
-
         bias, draft_bias = blank_bans(model.tokenizer, sp, c.vocab_size, c.max_seq_len)
         self.register_buffer("bias", torch.from_numpy(bias), persistent=False)
         self.register_buffer("draft_bias", torch.from_numpy(draft_bias), persistent=False)
@@ -263,8 +222,6 @@ class DecodeStep(nn.Module):
         sample's noise, BOS's keys and values in cache slot 0, calls 0."""
         start = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.start_outputs().items()}
         start["drafts"] = start["drafts"].reshape(self.drafts, -1 if self.drafts else start["logits"].shape[0])
-        from imadarem.runtime.decode import start_tokens
-
         first, drafts, done = start_tokens(start["logits"], start["drafts"], keys.cpu(), temperature,
                                            self.bias.cpu(), self.draft_bias.cpu(), self.eos)
         device, c = keys.device, self.model.config
@@ -278,8 +235,6 @@ class DecodeStep(nn.Module):
         return state
 
     def forward(self, fed, start, ids, done, calls, *rest):
-        from imadarem.runtime import rules
-
         m, c = self.model, self.model.config
         caches, (keys, temperature) = rest[: 2 * c.num_layers], rest[2 * c.num_layers:]
         b, T, D, L, V = fed.shape[0], self.drafts + 1, self.drafts, self.length, c.vocab_size
@@ -373,7 +328,7 @@ def decode_with(step: DecodeStep, keys: torch.Tensor, temperature: float, max_ca
     device = keys.device
     dtype = step.model.tok.weight.dtype
     state = state or step.started_state(keys, temperature, dtype)
-    names = list(DECODE_STATE) + cache_names(c.num_layers)
+    names = state_names(c.num_layers)
     temp = torch.tensor([temperature], dtype=torch.float32, device=device)
     for _ in range(max_calls or c.max_seq_len + 1):
         out = step(*(state[n] for n in names), keys, temp)

@@ -51,8 +51,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, state: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write a complete checkpoint for ``step`` and point ``latest`` at it; keep the newest ``keep``."""
+                    keep: int = 2, ema=None) -> Path:
+    """Write a complete checkpoint for ``step`` (the model, its EMA weights as ``ema.*``) and point
+    ``latest`` at it; keep the newest ``keep``."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -60,8 +61,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, sta
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.teacher is not None:
-        weights.update({EMA_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.teacher.state_dict().items()})
+    if ema is not None:
+        weights.update({EMA_PREFIX + k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -143,15 +144,25 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     return LoadedCheckpoint(ckpt, state, weights)
 
 
-def build_model(ckpt: LoadedCheckpoint, weights: str = "raw"):
-    """An ImplicitRefinementModel with the checkpoint's config, tokenizer and chosen weights."""
-    from imadarem.runtime.registry import tokenizer_from_json
-    from imadarem.training.config import ImplicitRefinementConfig
-    from imadarem.training.model import ImplicitRefinementModel
+def family_of(ckpt: LoadedCheckpoint):
+    """The checkpoint's model family (checkpoints from before the families are Imadarem V's, ``refine``)."""
+    from imadarem.training.families import get_family
 
-    config = ImplicitRefinementConfig.from_dict(ckpt.state["config"])
-    tokenizer = tokenizer_from_json(ckpt.state["tokenizer"])
-    model = ImplicitRefinementModel(config, tokenizer)
+    return get_family(ckpt.state.get("family", "refine"))
+
+
+def build_model(ckpt: LoadedCheckpoint, weights: str = "raw"):
+    """The checkpoint's model (its family's class) with its config, tokenizer and chosen weights."""
+    from imadarem.runtime.errors import ImadaremError
+    from imadarem.runtime.registry import tokenizer_from_json
+
+    family = family_of(ckpt)
+    try:
+        config = family.config_from_dict(ckpt.state["config"])
+        tokenizer = tokenizer_from_json(ckpt.state["tokenizer"])
+    except ImadaremError as exc:
+        raise CheckpointError(f"{ckpt.path}: {exc}") from None
+    model = family.build(config, tokenizer)
     try:
         model.load_state_dict(ckpt.model_weights(weights))
     except RuntimeError as exc:

@@ -45,7 +45,7 @@ def _click_type(f: dataclasses.Field, default: Any):
 
 def train_args_options(func):
     """One click option per TrainArgs field, its default and help taken from the field."""
-    for f in reversed([f for f in dataclasses.fields(TrainArgs) if f.name != "model"]):
+    for f in reversed([f for f in dataclasses.fields(TrainArgs) if f.name != "model" and f.metadata.get("cli", True)]):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             func = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
@@ -56,53 +56,84 @@ def train_args_options(func):
     return func
 
 
-#: ImplicitRefinementConfig fields with their own flags (their defaults live in the config class)
+#: model-config flags: (flag, config field, type, help); each family accepts those its config has
 MODEL_OPTIONS = (
     ("--hidden-size", "hidden_size", click.IntRange(min=8), None),
     ("--layers", "num_layers", click.IntRange(min=1), None),
     ("--heads", "num_heads", click.IntRange(min=1), None),
-    ("--dropout", "dropout", click.FloatRange(0, 1, max_open=True), None),
-    ("--max-seq-len", "max_seq_len", click.IntRange(min=2), None),
-    ("--refine-steps", "max_refinement_steps", click.IntRange(min=1), "K, the model's step count."),
-    ("--schedule", "corruption_schedule", click.Choice(["linear", "cosine"]), None),
+    ("--max-seq-len", "max_seq_len", click.IntRange(min=2), "Longest sequence in tokens, EOS included."),
+    ("--drafts", "num_drafts", click.IntRange(0, 16), "causal: draft heads (tokens 2.. D+1 ahead)."),
+    ("--dropout", "dropout", click.FloatRange(0, 1, max_open=True), "refine: dropout."),
+    ("--refine-steps", "max_refinement_steps", click.IntRange(min=1), "refine: K, the model's step count."),
+    ("--schedule", "corruption_schedule", click.Choice(["linear", "cosine"]), "refine: corruption schedule."),
 )
+FLAG_OF = {name: flag for flag, name, _, _ in MODEL_OPTIONS} | {"use_critic": "--critic/--no-critic",
+                                                                 "use_refine_gate": "--gate/--no-gate"}
 
 
 def model_options(func):
     for flag, name, kind, help_text in reversed(MODEL_OPTIONS):
-        func = click.option(flag, name, type=kind, help=help_text or f"Model config {name} [default: the config's].")(func)
-    func = click.option("--critic/--no-critic", "use_critic", default=None, help="Train a token-critic head.")(func)
-    func = click.option("--gate/--no-gate", "use_refine_gate", default=None, help="Train the refinement gate.")(func)
+        func = click.option(flag, name, type=kind, help=help_text or f"Model config {name} [default: the family's].")(func)
+    func = click.option("--critic/--no-critic", "use_critic", default=None, help="refine: train a token-critic head.")(func)
+    func = click.option("--gate/--no-gate", "use_refine_gate", default=None, help="refine: train the refinement gate.")(func)
     return click.option("--set", "config_set", multiple=True, callback=parse_options, metavar="KEY=VALUE",
-                        help="Any other ImplicitRefinementConfig field, e.g. --set ema_decay=0.9995.")(func)
+                        help="Any other field of the family's config, e.g. --set ema_decay=0.9995.")(func)
+
+
+def _check_family_flags(family: str, model: dict[str, Any]) -> None:
+    """A model flag the family's config does not have is one line, before any data is read."""
+    from imadarem.training.families import get_family
+
+    fields = set(get_family(family).flags.values())
+    for name in model:
+        if name in FLAG_OF and name not in fields:
+            raise ImadaremError(f"{FLAG_OF[name]} is not a setting of the {family} family")
 
 
 @click.command("train", context_settings={"show_default": True})
 @click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint.")
+@click.option("--preset", help="A named recipe shipped with Imadarem (see --list-presets); flags given win over it.")
+@click.option("--list-presets", is_flag=True, help="List the presets and exit.")
 @click.option("--max-new-steps", type=click.IntRange(min=1), help="Stop after this many steps in this call (chunked training).")
 @train_args_options
 @model_options
 @click.pass_context
-def train_command(ctx, resume, max_new_steps, config_set, **values):
-    """Train an Imadarem V model; checkpoints go to OUT_DIR and --resume continues a stopped run.
+def train_command(ctx, resume, preset, list_presets, max_new_steps, config_set, **values):
+    """Train a model of a family (--family causal: left to right with draft heads; refine: Imadarem V);
+    checkpoints go to OUT_DIR and --resume continues a stopped run.
 
     Runs under `torchrun --nproc_per_node N` with DDP (NCCL on GPUs, gloo on CPU).
     """
+    from imadarem.training import presets
+
+    if list_presets:
+        for name, entry in sorted(presets.PRESETS.items()):
+            click.echo(f"{name:<14} {entry['summary']}")
+        return 0
     require_torch("imadarem train")
     from imadarem.training.trainer import train
 
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     given = {k for k in values if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     if resume:
+        if preset or config_set or any(k not in fields and values[k] is not None for k in values):
+            raise ImadaremError("--resume continues a run with its own settings: give no --preset, model flags or --set")
         overrides = {k: values[k] for k in given if k in fields and k != "out_dir"}
         result = train(TrainArgs(out_dir=values["out_dir"]), resume=True, max_new_steps=max_new_steps,
                        overrides=overrides)
     else:
-        if not values["data"]:
-            raise ImadaremError("--data is required (or --resume to continue a run)")
-        model = {k: v for k, v in values.items() if k not in fields and v is not None}
+        chosen = presets.preset(preset) if preset else {"args": {}, "model": {}}
+        args = {k: v for k, v in values.items() if k in fields}
+        args.update({k: v for k, v in chosen["args"].items() if k not in given})
+        model = dict(chosen["model"])
+        model.update({k: v for k, v in values.items() if k not in fields and v is not None})
         model.update(config_set)
-        args = TrainArgs(**{k: v for k, v in values.items() if k in fields}, model=model)
+        if preset:
+            args["preset"] = preset
+        if not args["data"]:
+            raise ImadaremError("--data is required (or --preset, or --resume to continue a run)")
+        _check_family_flags(args["family"], {k: v for k, v in values.items() if k not in fields and v is not None})
+        args = TrainArgs(**{k: v for k, v in args.items() if k in fields or k == "preset"}, model=model)
         if (Path(args.out_dir) / "latest").exists():
             raise ImadaremError(f"{args.out_dir} already holds a run: use --resume to continue it or another --out-dir")
         result = train(args, max_new_steps=max_new_steps)
@@ -148,9 +179,12 @@ def eval_group():
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES.")
-@click.option("--intdiv-sample", default=5000, show_default=True, type=click.IntRange(min=2))
+@click.option("--intdiv-sample", type=click.IntRange(min=2),
+              help="IntDiv and IntDiv2 on this many random valid molecules [default: all of them, as MOSES].")
+@click.option("--jobs", "n_jobs", type=click.IntRange(min=1),
+              help="Processes for RDKit's per-molecule work [default: every CPU core].")
 @click.option("--fcd/--no-fcd", "with_fcd", default=None,
-              help="FCD/Test with the fcd package's ChemNet [default: when the fcd extra is installed].")
+              help="FCD/Test and FCD/TestSF with the fcd package's ChemNet [default: when the fcd extra is installed].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write quality-vs-steps figure (PNG).")
 @click.option("--samples", "score_files", is_flag=True,
@@ -158,20 +192,21 @@ def eval_group():
                    "instead of generating.")
 @click.argument("sample_files", nargs=-1, type=click.Path(dir_okay=False))
 def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
-                           intdiv_sample, with_fcd, json_path, plot_path, score_files, sample_files):
-    """Validity, Unique@1k/10k, Novelty, IntDiv, Filters and FCD/Test of generated molecules (RDKit,
-    MOSES splits)."""
+                           intdiv_sample, n_jobs, with_fcd, json_path, plot_path, score_files, sample_files):
+    """MOSES's metrics of generated molecules, under MOSES's names: valid, unique@1000/10000, FCD, SNN, Frag and
+    Scaf against Test and TestSF, IntDiv, IntDiv2, Filters, Novelty, and the Wasserstein distances of logP, SA,
+    QED and weight to Test (RDKit; MOSES's splits and reference statistics). The reference sets' descriptors
+    are computed on first use (minutes) and cached."""
     from imadarem.training.evaluation import molecules as em
 
-    cols = ["selector", "steps", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
-            "heavy_atoms", "steps_used", "edits_per_step", "early_stop", "seconds"]
+    metrics = [m for m in em.MOSES_METRICS if with_fcd is not False or not m.startswith("FCD/")]
+    cols = ["selector", "steps", *metrics, "steps_used", "edits_per_step", "early_stop", "seconds"]
     if bool(score_files) != bool(sample_files):
         raise ImadaremError("give --samples and the SMILES files to score, or neither")
     if sample_files:
         if model or selectors or steps_list or plot_path:
             raise ImadaremError("--samples scores files: it takes no --model, --selector, --steps or --plot")
-        cols = ["samples", "n", "valid", "unique@1k", "unique@10k", "novelty", "intdiv", "filters", "fcd",
-                "heavy_atoms"]
+        cols = ["samples", "n", *metrics]
     shown = []
 
     def show(row):
@@ -183,10 +218,15 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
         click.echo("| " + " | ".join(cells) + " |")
 
     if sample_files:
-        rows = em.evaluate_samples(list(sample_files), moses_cache, intdiv_sample, progress=show, with_fcd=with_fcd)
+        rows = em.evaluate_samples(list(sample_files), moses_cache, intdiv_sample, progress=show, with_fcd=with_fcd,
+                                   n_jobs=n_jobs)
     else:
         rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
-                           moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd)
+                           moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd, n_jobs=n_jobs)
+    sampled = sorted({r["IntDiv_molecules"] for r in rows if intdiv_sample and "IntDiv_molecules" in r})
+    if sampled:
+        click.echo(f"\nIntDiv, IntDiv2: on {', '.join(map(str, sampled))} random valid molecules "
+                   "(--intdiv-sample; MOSES uses all)")
     em.write(rows, json_path)
     if plot_path:
         em.plot(rows, plot_path)

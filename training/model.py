@@ -12,7 +12,6 @@ Attention is written with ``scaled_dot_product_attention`` and a key-padding mas
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -131,7 +130,6 @@ class ImplicitRefinementModel(nn.Module):
         nn.init.zeros_(self.self_cond.weight)  # self-conditioning starts as a no-op
         nn.init.zeros_(self.self_cond.bias)
         nn.init.constant_(self.gate_head.bias, config.gate_bias_init)  # sigmoid(2) = 0.88: refine at first
-        self._teacher: ImplicitRefinementModel | None = None
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -183,29 +181,6 @@ class ImplicitRefinementModel(nn.Module):
 
     def zero_cond(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.zeros(*tokens.shape, self.config.hidden_size, device=tokens.device)
-
-    # -- EMA teacher ----------------------------------------------------------------------------
-    def init_teacher(self) -> ImplicitRefinementModel:
-        """Create the EMA teacher (a frozen copy, not a submodule: its weights are saved as ``ema.*``)."""
-        teacher = copy.deepcopy(self)
-        teacher._teacher = None
-        teacher.eval()
-        teacher.requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher)
-        return teacher
-
-    @property
-    def teacher(self) -> ImplicitRefinementModel | None:
-        return self._teacher
-
-    @torch.no_grad()
-    def update_teacher(self, step: int) -> None:
-        """EMA update after an optimiser step; the decay warms up as (1 + s) / (10 + s)."""
-        if self._teacher is None:
-            return
-        decay = min(self.config.ema_decay, (1 + step) / (10 + step))
-        for p_t, p in zip(self._teacher.parameters(), self.parameters()):
-            p_t.lerp_(p.detach(), 1.0 - decay)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -16,6 +16,7 @@ process with the whole batch, and a resumed run repeats an uninterrupted one exa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from imadarem.runtime import rules
 from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.config import ImplicitRefinementConfig
+from imadarem.training.distributed import global_sum
 
 
 @dataclass
@@ -97,7 +99,7 @@ def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementC
 
     prev_step = (noise.t - 1).clamp(min=0)
     zeros = torch.zeros(B, L, cfg.hidden_size, device=clean.device)
-    with autocast() if autocast else _null():
+    with autocast() if autocast else contextlib.nullcontext():
         first = teacher.forward_train(inputs, prev_step, zeros)
     logits0 = first["logits"].float()
     logits0[..., [special.mask, special.pad]] = float("-inf")
@@ -117,25 +119,10 @@ def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementC
     return Corrupted(inputs, targets, noise.t, cond, prev_gate, corrupted & valid, valid)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _global_sum(x: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-    return x
-
-
 def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, special: SpecialIds,
                     world_size: int = 1, autocast=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one (rank's share of a) batch; ``model_fn`` is the (DDP-wrapped) forward_train."""
-    with autocast() if autocast else _null():
+    with autocast() if autocast else contextlib.nullcontext():
         out = model_fn(batch.inputs, batch.step, batch.cond)
     logits = out["logits"].float()
     V = logits.shape[-1]
@@ -163,7 +150,7 @@ def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, s
     if "critic_logits" in out:
         critic = F.binary_cross_entropy_with_logits(out["critic_logits"].float(), wrong.float(), reduction="none")
         sums["critic"] = (critic * committed).sum()
-    counts = _global_sum(counts).clamp(min=1.0)
+    counts = global_sum(counts).clamp(min=1.0)
     n_loss, n_masked, n_valid, n_later, n_committed = counts.unbind()
 
     loss = sums["ce"] / n_loss + cfg.diversity_weight * sums["diversity"] / n_masked
@@ -177,13 +164,13 @@ def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, s
     loss = loss * world_size
     detached = {k: v.detach() for k, v in sums.items()}
     stats = torch.stack([detached["ce"], detached["gate_bce"], detached["gate_correct"], detached["diversity"]])
-    stats = _global_sum(stats)
-    metrics = {
-        "loss": float(_global_sum(loss.detach()) / world_size),  # the global-batch loss
-        "ce": float(stats[0] / n_loss),
-        "gate_bce": float(stats[1] / n_valid),
-        "gate_acc": float(stats[2] / n_committed),
-        "diversity": float(stats[3] / n_masked),
-        "tokens": float(n_valid),
+    stats = global_sum(stats)
+    metrics = {  # tensors: the trainer reads them (a host sync) only when it logs
+        "loss": global_sum(loss.detach()) / world_size,  # the global-batch loss
+        "ce": stats[0] / n_loss,
+        "gate_bce": stats[1] / n_valid,
+        "gate_acc": stats[2] / n_committed,
+        "diversity": stats[3] / n_masked,
+        "tokens": n_valid,
     }
     return loss, metrics

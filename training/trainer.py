@@ -1,16 +1,20 @@
-"""The training loop: AdamW (or Ranger21), warmup + cosine LR, clipping, EMA, bf16 on CUDA, DDP, resume.
+"""The one trainer of every model family: AdamW (or Ranger21), warmup + cosine LR, clipping, EMA with
+warm-up, validation, bf16 on CUDA, DDP, resume, time limits, progress.
 
-Everything random is a function of (seed, step): the batch order (one seeded permutation per epoch),
-the corruption noise and dropout. So a run resumed from a checkpoint continues exactly as if it had
+A family (``training/families/``) gives the config, the model and the loss of one batch; everything else
+is here. Everything random is a function of (seed, step): the batch order (one seeded permutation per
+epoch), the family's noise and dropout. So a run resumed from a checkpoint continues exactly as if it had
 never stopped, and ``torchrun --nproc_per_node N`` gives the loss of one process with the whole batch.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,8 @@ from imadarem.runtime.registry import tokenizer_to_json
 from imadarem.runtime.tokenizer import resolve_special_ids
 from imadarem.training import checkpoint as ckpt_io
 from imadarem.training.args import TrainArgs
-from imadarem.training.config import ImplicitRefinementConfig
-from imadarem.training.data import encode_file, iter_batches, split_validation
-from imadarem.training.model import ImplicitRefinementModel
-from imadarem.training.objective import corrupt, draw_noise, refinement_loss
+from imadarem.training.data import encode_file, iter_batches, resolve_data, split_validation
+from imadarem.training.families import LossInput, get_family
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -41,17 +43,6 @@ def _dist_info() -> tuple[int, int, int]:
 
 def _step_seed(seed: int, step: int, salt: int) -> int:
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
-
-
-class _TrainView(torch.nn.Module):
-    """Makes ``forward_train`` the forward DDP wraps (DDP hooks only ``forward``)."""
-
-    def __init__(self, model: ImplicitRefinementModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, step, cond):
-        return self.model.forward_train(tokens, step, cond)
 
 
 class Trainer:
@@ -81,6 +72,13 @@ class Trainer:
         a = self.args
         if a.batch_size < 1 or a.steps < 1:
             raise ImadaremError("--batch-size and --steps must be >= 1")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "val_fraction"):
+            value = getattr(a, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ImadaremError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        if not (a.device in ("auto", "cpu", "cuda") or (a.device.startswith("cuda:") and a.device[5:].isdigit())):
+            raise ImadaremError(f"--device must be auto, cpu, cuda or cuda:N, got {a.device!r}")
+        get_family(a.family)
         if a.batch_size % self.world:
             raise ImadaremError(f"--batch-size {a.batch_size} must be divisible by the {self.world} processes")
         if a.optimizer not in ("adamw", "ranger21"):
@@ -88,7 +86,8 @@ class Trainer:
         if a.precision not in ("auto", "fp32", "bf16"):
             raise ImadaremError(f"--precision must be auto, fp32 or bf16, got {a.precision!r}")
 
-    RESUMABLE_OVERRIDES = ("steps", "device", "progress", "workers", "cache_dir", "data", "time_limit")
+    RESUMABLE_OVERRIDES = ("steps", "device", "progress", "workers", "cache_dir", "data", "time_limit",
+                           "eval_interval", "checkpoint_interval", "log_interval")
 
     def _load_run_args(self, overrides: dict[str, Any]) -> TrainArgs:
         """The stored arguments of the run; only how long, where and with what display may change."""
@@ -96,6 +95,7 @@ class Trainer:
         if not run_json.is_file():
             raise CheckpointError(f"nothing to resume in {self.run_dir} (no run.json)")
         stored = json.loads(run_json.read_text())["args"]
+        stored.setdefault("family", "refine")  # runs from before the families
         args = TrainArgs(**stored)
         for key, value in overrides.items():
             if key not in self.RESUMABLE_OVERRIDES:
@@ -126,54 +126,73 @@ class Trainer:
     def prepare(self) -> None:
         a = self.args
         self.ckpt = ckpt_io.load_checkpoint(self.run_dir) if self.resume else None
-        data = encode_file(a.data, a.data_format, a.tokenizer, a.tokenizer_file, a.cache_dir, a.workers)
+        self.family = get_family(a.family)
+        data = encode_file(resolve_data(a.data, a.cache_dir), a.data_format, a.tokenizer, a.tokenizer_file,
+                           a.cache_dir, a.workers)
         self.tokenizer = data.tokenizer
         if self.ckpt is not None and tokenizer_to_json(self.tokenizer) != self.ckpt.state["tokenizer"]:
             raise CheckpointError(f"{a.data} no longer gives the tokenizer this run was trained with")
         self.special = resolve_special_ids(self.tokenizer)
-        cfg_fields = dict(a.model)
-        cfg_fields.setdefault("max_seq_len", 64)
         if self.ckpt is not None:
-            self.config = ImplicitRefinementConfig.from_dict(self.ckpt.state["config"])
+            self.config = self.family.config_from_dict(self.ckpt.state["config"])
         else:
-            self.config = ImplicitRefinementConfig(vocab_size=self.tokenizer.vocab_size, **cfg_fields)
-        packed, too_long = data.pack(self.config.max_seq_len)
+            self.config = self.family.make_config(self.tokenizer.vocab_size, dict(a.model))
+        length = self.family.max_seq_len(self.config)
+        packed, too_long = data.pack(length)
         if a.val_data:
-            val = encode_file(a.val_data, a.data_format, self.tokenizer, None, a.cache_dir, a.workers)
-            self.train_data, self.val_data = packed, val.pack(self.config.max_seq_len)[0]
+            val = encode_file(resolve_data(a.val_data, a.cache_dir), a.data_format, self.tokenizer, None, a.cache_dir,
+                              a.workers)
+            self.train_data, self.val_data = packed, val.pack(length)[0]
         else:
             self.train_data, self.val_data = split_validation(packed, a.val_fraction, a.seed)
         if len(self.train_data) == 0:
-            raise DataError(f"{a.data}: no sequence fits max_seq_len {self.config.max_seq_len}")
+            raise DataError(f"{a.data}: no sequence fits max_seq_len {length}")
         self.data_hash = data.source_hash
         self.data_report = {"sequences": len(data.sequences), "unreadable": data.skipped, "too_long": too_long,
                             "train": len(self.train_data), "val": len(self.val_data)}
 
         torch.manual_seed(a.seed)
-        self.model = ImplicitRefinementModel(self.config, self.tokenizer).to(self.device)
-        self.model.init_teacher()
+        self.model = self.family.build(self.config, self.tokenizer).to(self.device)
+        self.ema = self._frozen_copy(self.model)
         self.optimizer = self._make_optimizer()
         self.step = 0
         if self.ckpt is not None:
             self.model.load_state_dict(self.ckpt.model_weights("raw"))
-            self.model.teacher.load_state_dict(self.ckpt.model_weights("ema"))
+            self.ema.load_state_dict(self.ckpt.model_weights("ema"))
             if (self.ckpt.path / "optimizer.safetensors").is_file():
                 self.optimizer.load_state_dict(self.ckpt.optimizer_state())
             elif self.is_main:  # e.g. weights carried between machines without the optimiser moments
-                import sys
-
                 print(f"imadarem train: warning: {self.ckpt.path} has no optimizer state; resuming with fresh "
                       "optimiser moments (the run will not repeat an uninterrupted one exactly)", file=sys.stderr)
             self.step = self.ckpt.step
-        self.train_fn = _TrainView(self.model)
+        self.train_fn = self.family.train_module(self.model)
+        if a.compile:
+            self.train_fn = torch.compile(self.train_fn)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_fn = DDP(self.train_fn, device_ids=ids, find_unused_parameters=not self.config.use_refine_gate)
+            self.train_fn = DDP(self.train_fn, device_ids=ids,
+                                find_unused_parameters=self.family.unused_parameters(self.config))
         if self.is_main and not self.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_json()
+
+    @staticmethod
+    def _frozen_copy(model):
+        """The EMA weights: a copy that gets no gradient, in eval mode (what export uses by default)."""
+        ema = copy.deepcopy(model)
+        ema.eval()
+        ema.requires_grad_(False)
+        return ema
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """EMA update after an optimiser step; the decay warms up as (1 + s) / (10 + s), so a short run's
+        EMA weights are its recent weights, never its initial ones."""
+        decay = min(self.family.ema_decay(self.config), (1 + step) / (10 + step))
+        for p_e, p in zip(self.ema.parameters(), self.model.parameters()):
+            p_e.lerp_(p.detach(), 1.0 - decay)
 
     def _make_optimizer(self):
         a = self.args
@@ -191,68 +210,69 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
 
     def _write_run_json(self) -> None:
-        info = {"args": self.args.to_dict(), "config": self.config.to_dict(),
+        info = {"args": self.args.to_dict(), "family": self.family.name, "config": self.config.to_dict(),
                 "tokenizer": tokenizer_to_json(self.tokenizer), "data_sha256": self.data_hash,
                 "data": self.data_report, "parameters": self.model.num_parameters(), "world_size": self.world,
                 "versions": _versions()}
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=1))
 
     # -- the loop ------------------------------------------------------------------------------
-    def _batch(self, rows: np.ndarray, data: np.ndarray, step: int, salt: int):
-        B, L = len(rows), data.shape[1]
+    def _loss_input(self, rows: np.ndarray, data: np.ndarray, step: int, salt: int, forward, ema) -> LossInput:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(_step_seed(self.args.seed, step, salt))
-        noise = draw_noise(gen, B, L, self.config, self.special, self.device)
-        share = B // self.world
+        share = len(rows) // self.world
         mine = slice(self.rank * share, (self.rank + 1) * share)
         clean = torch.from_numpy(data[rows[mine]]).to(self.device)
-        batch = corrupt(clean, noise.rows(mine), self.model.teacher, self.config, self.special, self._autocast())
-        return batch
+        return LossInput(clean, gen, len(rows), mine, forward, ema, self.special, self.world, self._autocast())
 
     def train_step(self, step: int, rows: np.ndarray) -> dict[str, float]:
         a = self.args
         torch.manual_seed(_step_seed(a.seed, step, 1))  # dropout: reproducible per step
         self.model.train()
-        batch = self._batch(rows, self.train_data, step, salt=2)
+        batch = self._loss_input(rows, self.train_data, step, 2, self.train_fn, self.ema)
         if a.optimizer == "adamw":
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, a)
-        loss, metrics = refinement_loss(self.train_fn, batch, self.config, self.special, self.world, self._autocast())
+        loss, metrics = self.family.loss(self.config, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
         self.optimizer.step()
-        self.model.update_teacher(step)
-        metrics["grad_norm"] = float(grad_norm)
+        self.update_ema(step)
+        metrics["grad_norm"] = grad_norm.detach()
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
+        """The EMA weights' loss on the validation rows, with the same noise at every evaluation."""
         if len(self.val_data) == 0:
             return {}
-        self.model.eval()
         bs = self.args.batch_size
         totals: dict[str, float] = {}
-        n = 0
-        for i in range(self.args.eval_batches):
-            rows = np.arange(i * bs, (i + 1) * bs) % len(self.val_data)
-            batch = self._batch(rows, self.val_data, 10_000_000 + i, salt=3)  # same noise at every eval
-            fn = self.model.teacher.forward_train
-            _, m = refinement_loss(fn, batch, self.config, self.special, 1, self._autocast())
-            for k in ("loss", "ce", "gate_acc"):
-                totals[k] = totals.get(k, 0.0) + m[k]
-            n += 1
-        return {f"val_{k}": v / n for k, v in totals.items()}
+        forward = self.family.train_module(self.ema)
+        world, self.world = self.world, 1  # every rank evaluates the whole validation batch
+        try:
+            for i in range(self.args.eval_batches):
+                rows = np.arange(i * bs, (i + 1) * bs) % len(self.val_data)
+                batch = self._loss_input(rows, self.val_data, 10_000_000 + i, 3, forward, self.ema)
+                batch.rows, batch.clean = slice(0, bs), torch.from_numpy(self.val_data[rows]).to(self.device)
+                _, m = self.family.loss(self.config, batch)
+                for k in self.family.shown:
+                    totals[k] = totals.get(k, 0.0) + float(m[k])
+        finally:
+            self.world = world
+        return {f"val_{k}": v / self.args.eval_batches for k, v in totals.items()}
 
     def save(self) -> Path | None:
         if not self.is_main:
             return None
-        state = {"config": self.config.to_dict(), "tokenizer": tokenizer_to_json(self.tokenizer),
+        state = {"family": self.family.name, "config": self.config.to_dict(),
+                 "tokenizer": tokenizer_to_json(self.tokenizer),
                  "args": self.args.to_dict(), "data_sha256": self.data_hash, "versions": _versions(),
                  "parameters": self.model.num_parameters()}
         return ckpt_io.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                       keep=self.args.keep_checkpoints)
+                                       keep=self.args.keep_checkpoints, ema=self.ema)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:
@@ -267,6 +287,15 @@ class Trainer:
         lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln).get("step", -1) < self.step]
         log.write_text("".join(ln + "\n" for ln in kept))
+
+    def _all_agree(self, stop: bool) -> bool:
+        """Whether any rank wants to stop (a signal, the time limit): under DDP every rank must stop at the
+        same step, or the others wait for it forever."""
+        if not self.distributed:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_requested = True
@@ -292,10 +321,10 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if _main_thread() else {}
         bar = None
-        if a.progress and self.is_main:
+        if a.progress and self.is_main and sys.stderr.isatty():  # never bars in a log file
             from tqdm import tqdm
 
-            bar = tqdm(total=a.steps, initial=self.step, desc="train", dynamic_ncols=True)
+            bar = tqdm(total=a.steps, initial=self.step, desc=f"train {self.family.name}", dynamic_ncols=True)
         last: dict[str, Any] = {}
         interrupted = False
         tokens_seen, t0 = 0.0, time.perf_counter()
@@ -306,25 +335,27 @@ class Trainer:
                     break
                 metrics = self.train_step(step, rows)
                 self.step = step + 1
-                tokens_seen += metrics["tokens"]
-                record = {"step": step, **{k: round(v, 6) for k, v in metrics.items()}}
-                if self.step % a.eval_interval == 0 or self.step == a.steps:
-                    record.update(self.evaluate(step))
-                if step % a.log_interval == 0 or "val_loss" in record or self.step == end:
+                tokens_seen = tokens_seen + metrics["tokens"]  # on the device: no host sync per step
+                evaluated = self.step % a.eval_interval == 0 or self.step == a.steps
+                if step % a.log_interval == 0 or evaluated or self.step == end:
+                    record = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+                    if evaluated:
+                        record.update(self.evaluate(step))
                     elapsed = time.perf_counter() - t0
-                    record["tokens_per_s"] = round(tokens_seen / max(elapsed, 1e-9), 1)
+                    record["seconds"] = round(elapsed, 2)  # since this call started
+                    record["tokens_per_s"] = round(float(tokens_seen) / max(elapsed, 1e-9), 1)
                     self._log(record)
-                last = record
+                    last = record
+                    if bar is not None:
+                        bar.set_postfix(**{k: f"{record[k]:.3f}" for k in self.family.shown},
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", gate_acc=f"{metrics['gate_acc']:.3f}",
-                                    tok_s=f"{tokens_seen / max(time.perf_counter() - t0, 1e-9):.0f}")
                 if self.step % a.checkpoint_interval == 0 and self.step < end:
                     self.save()
-                if self._stop_requested:
-                    interrupted = True
-                    break
-                if a.time_limit and time.perf_counter() - started > a.time_limit:
+                over_time = bool(a.time_limit) and time.perf_counter() - started > a.time_limit
+                if self._all_agree(self._stop_requested or over_time):
+                    interrupted = self._stop_requested
                     break
         finally:
             if bar is not None:

@@ -1,0 +1,132 @@
+"""``imadarem export``: any family's checkpoint, or a model file to rebuild from, -> a model file.
+
+The source's family decides what is written (``training/families/``): a refinement step (format 1) for
+``refine``; a causal step (format 2) or, with ``decode``, a decode file for ``causal``. Shapes, tokenizer and
+family come from the checkpoint; a wrong or foreign source, or an option the family has no use for, is one
+line before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imadarem.runtime.errors import CheckpointError, ImadaremError, ModelFileError
+
+DTYPES = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass
+class Source:
+    """What an export starts from: the PyTorch model, its family and where it came from."""
+
+    model: Any
+    family: str
+    provenance: dict[str, Any]
+    reference: Any = None  # a checkpoint to check the file against (refine), when there is one
+
+
+def load_source(source: str | os.PathLike, weights: str = "ema") -> Source:
+    """A run folder, a checkpoint folder, or a model file (its weights rebuilt in PyTorch; an int8 file is
+    dequantised)."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {source} (give a run folder, a checkpoint or a model file)")
+    if path.is_file():
+        return _from_file(path)
+    from imadarem.export.onnx_export import checkpoint_provenance
+    from imadarem.training.checkpoint import build_model, family_of, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return Source(build_model(ckpt, weights), family_of(ckpt).name, checkpoint_provenance(ckpt, weights), ckpt.path)
+
+
+def _from_file(path: Path) -> Source:
+    from imadarem.runtime.formats import open_model
+
+    try:
+        kind = open_model(path).format_name
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc} (give a run folder, a checkpoint or an Imadarem model file)") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    provenance = {"rebuilt_from": path.name, "source_sha256": digest}
+    if kind == "refine":
+        from imadarem.export.onnx_import import model_from_onnx
+
+        model, report = model_from_onnx(path)
+        return Source(model, "refine", {**provenance, "dequantized": report.quantized})
+    if kind == "causal":
+        from imadarem.export.onnx_import import causal_from_onnx
+
+        model, report = causal_from_onnx(path)
+        return Source(model, "causal", {**provenance, "dequantized": report.quantized})
+    raise ModelFileError(f"{path}: a {kind} file holds no step to rebuild; export from the step file or the "
+                         "checkpoint it was made from")
+
+
+def check_options(family: str, dtype: str, decode: bool, drafts: int | None, refine_options: bool,
+                  num_drafts: int | None = None) -> None:
+    """One line for an option the source's family has no use for, or a dtype it cannot be written in."""
+    if family == "refine":
+        if decode or drafts is not None:
+            raise ImadaremError("--decode and --drafts are for causal models; this is a refine (Imadarem V) model")
+        if dtype not in ("fp32", "fp16", "int8"):
+            raise ImadaremError(f"a refine model exports as fp32, fp16 or int8, not {dtype}")
+        return
+    if refine_options:
+        raise ImadaremError("--device-state and --sampling are for refine models; this is a causal model")
+    if decode and dtype == "int4":
+        raise ImadaremError("--decode files are fp32, int8 or fp16 (int4 measured slower: docs/bench-notes.md)")
+    if not decode and dtype == "fp16":
+        raise ImadaremError("--dtype fp16 writes decode files (GPUs): add --decode")
+    if drafts is not None and num_drafts is not None and drafts > num_drafts:
+        raise ImadaremError(f"--drafts {drafts}: the model has {num_drafts} draft heads")
+
+
+def export_source(src: Source, out_path: str | os.PathLike, dtype: str = "fp32", decode: bool = False,
+                  drafts: int | None = None, device_state: bool | None = None, sampling: bool | None = None,
+                  check: bool = True) -> dict[str, Any]:
+    """Write ``src`` to ``out_path``; the summary ``imadarem export`` prints (with the parity check)."""
+    out_path = Path(out_path)
+    if src.family == "refine":
+        from imadarem.export.onnx_export import export_refine
+
+        export_refine(src.model, out_path, dtype, device_state, sampling, src.provenance)
+        summary = {"output": str(out_path), "family": "refine", "dtype": dtype}
+        if check and src.reference is not None:
+            from imadarem.export.parity import parity_report
+
+            summary.update(parity_report(src.reference, out_path, weights=src.provenance.get("weights", "ema")))
+    else:
+        summary = _export_causal(src, out_path, dtype, decode, drafts, check)
+    summary["bytes"] = out_path.stat().st_size
+    return summary
+
+
+def _export_causal(src: Source, out_path: Path, dtype: str, decode: bool, drafts: int | None,
+                   check: bool) -> dict[str, Any]:
+    from imadarem.export.causal_export import causal_parity, export_causal
+    from imadarem.export.decode_export import export_decode
+    from imadarem.export.onnx_export import _quiet_exporters, quantize_int4, quantize_int8
+
+    model, provenance = src.model, {**src.provenance, "variant": dtype}
+    if decode:
+        export_decode(model, out_path, drafts, dtype, provenance)
+        return {"output": str(out_path), "family": "causal", "graph": "decode", "dtype": dtype,
+                "drafts": model.config.num_drafts if drafts is None else drafts}
+    if drafts is not None:
+        model = model.without_drafts(drafts)
+    if dtype == "fp32":
+        export_causal(model, out_path, provenance)
+    else:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_exporters():
+            fp32 = export_causal(model, Path(tmp) / "fp32.onnx", provenance)
+            (quantize_int8 if dtype == "int8" else quantize_int4)(fp32, out_path)
+    summary = {"output": str(out_path), "family": "causal", "dtype": dtype, "drafts": model.config.num_drafts}
+    if check:
+        summary.update(causal_parity(model, out_path))
+    return summary

@@ -1,0 +1,107 @@
+"""What a model family gives the one trainer: its config, its model, and the loss of one batch.
+
+Everything else (data, tokenizers, batching, DDP, resume, time limits, EMA with warm-up, validation,
+progress, bf16, checkpoints) is the trainer's, written once for every family (``training/trainer.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from imadarem.runtime.errors import ImadaremError
+
+
+@dataclass
+class LossInput:
+    """One (rank's share of a) batch: the clean rows, a generator seeded by (seed, step) for the global
+    batch's noise, which rows of the global batch are this rank's, and how to run the model."""
+
+    clean: torch.Tensor  # [b, L] this rank's rows: ids, EOS, then PAD
+    generator: torch.Generator
+    global_batch: int
+    rows: slice
+    forward: Any  # the (DDP-wrapped) training forward
+    ema: torch.nn.Module  # the EMA weights (the refine family samples its corruptions from them)
+    special: Any
+    world: int
+    autocast: Any  # a context-manager factory, or None
+
+
+class Family(abc.ABC):
+    """A model family: ``name`` (recorded in checkpoints), the format its files are exported as, its
+    config class, and the flags of ``imadarem train`` that set that config's fields."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: command-line flag -> config field, for the flags this family's config has
+    flags: ClassVar[dict[str, str]]
+    #: metrics shown on the progress bar and reported for validation (prefixed val_)
+    shown: ClassVar[tuple[str, ...]] = ("loss",)
+
+    @abc.abstractmethod
+    def make_config(self, vocab_size: int, fields: dict[str, Any]):
+        """The config for a vocabulary of ``vocab_size`` with the user's ``fields`` (one-line errors)."""
+
+    @abc.abstractmethod
+    def config_from_dict(self, data: dict[str, Any]):
+        """The config a checkpoint recorded."""
+
+    @abc.abstractmethod
+    def build(self, config, tokenizer) -> torch.nn.Module:
+        """A fresh model (its ``tokenizer`` attached, as export needs)."""
+
+    @abc.abstractmethod
+    def train_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose ``forward`` is the training forward (what DDP wraps)."""
+
+    @abc.abstractmethod
+    def loss(self, config, batch: LossInput) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of the rank's share (scaled so that DDP's average is the global batch's gradient) and
+        metrics of the global batch as 0-dim tensors (read, a host sync, only when the trainer logs);
+        ``metrics["tokens"]`` counts the tokens it trained on."""
+
+    def unused_parameters(self, config) -> bool:
+        """Whether some parameters get no gradient (DDP must be told)."""
+        return False
+
+    def max_seq_len(self, config) -> int:
+        return config.max_seq_len
+
+    def ema_decay(self, config) -> float:
+        return config.ema_decay
+
+
+def config_values(cls, fields: dict[str, Any], family: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``fields`` checked against the dataclass ``cls``: known names and values of the field's type (an int
+    where an int is due, a finite number for a float, true/false for a bool), or a one-line error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ImadaremError(f"bad model config: {', '.join(unknown)} is not a setting of the {family} family "
+                            f"(it has: {', '.join(sorted(known))})")
+    out = {}
+    for name, value in fields.items():
+        kind = hints[name]
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            want = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+            raise ImadaremError(f"bad model config: {name} must be {want}, got {value!r}")
+        out[name] = value
+    return out

@@ -1,0 +1,62 @@
+"""The ``refine`` family: Imadarem V, a bidirectional refinement model with a learned gate (format 1).
+
+Model ``training/model.py``, objective ``training/objective.py`` (masked-LM corruption, refills from the EMA
+teacher's own samples, gate BCE against wrong tokens); exported by ``imadarem export`` as a refinement step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from imadarem.training.config import ImplicitRefinementConfig
+from imadarem.training.families.base import Family, LossInput, config_values
+from imadarem.training.model import ImplicitRefinementModel
+from imadarem.training.objective import corrupt, draw_noise, refinement_loss
+
+
+class _TrainView(torch.nn.Module):
+    """Makes ``forward_train`` the forward DDP wraps (DDP hooks only ``forward``)."""
+
+    def __init__(self, model: ImplicitRefinementModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, step, cond):
+        return self.model.forward_train(tokens, step, cond)
+
+
+class RefineFamily(Family):
+    name = "refine"
+    summary = "Imadarem V: a bidirectional refinement model with a learned gate (format 1)"
+    flags = {"--hidden-size": "hidden_size", "--layers": "num_layers", "--heads": "num_heads",
+             "--dropout": "dropout", "--max-seq-len": "max_seq_len", "--refine-steps": "max_refinement_steps",
+             "--schedule": "corruption_schedule", "--critic/--no-critic": "use_critic",
+             "--gate/--no-gate": "use_refine_gate"}
+    shown = ("loss", "ce", "gate_acc")
+
+    def make_config(self, vocab_size: int, fields: dict[str, Any]) -> ImplicitRefinementConfig:
+        values = config_values(ImplicitRefinementConfig, fields, self.name, skip=("vocab_size",))
+        values.setdefault("max_seq_len", 64)
+        return ImplicitRefinementConfig(vocab_size=vocab_size, **values)
+
+    def config_from_dict(self, data: dict[str, Any]) -> ImplicitRefinementConfig:
+        return ImplicitRefinementConfig.from_dict(data)
+
+    def build(self, config, tokenizer) -> ImplicitRefinementModel:
+        return ImplicitRefinementModel(config, tokenizer)
+
+    def train_module(self, model):
+        return _TrainView(model)
+
+    def loss(self, config: ImplicitRefinementConfig, batch: LossInput):
+        cfg, sp = config, batch.special
+        L = batch.clean.shape[1]
+        noise = draw_noise(batch.generator, batch.global_batch, L, cfg, sp, batch.clean.device)
+        corrupted = corrupt(batch.clean, noise.rows(batch.rows), batch.ema, cfg, sp, batch.autocast)
+        return refinement_loss(batch.forward, corrupted, cfg, sp, batch.world, batch.autocast)
+
+    def unused_parameters(self, config) -> bool:
+        """The gate head gets no gradient when the gate is not trained (DDP must know)."""
+        return not config.use_refine_gate
+

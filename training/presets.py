@@ -1,0 +1,52 @@
+"""Named training presets shipped with the package (``imadarem train --preset NAME``).
+
+A preset sets ``TrainArgs`` fields and the family's config fields; any flag given on the command line wins
+over the preset's value. ``moses-causal`` is the bundled model's recipe (docs/models.md has the exact
+commands, the machine and the minutes); the ``tiny-*`` presets train in a couple of minutes on a laptop CPU.
+No torch here: the command line imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imadarem.runtime.errors import ImadaremError
+
+#: the optimiser and schedule of every MOSES preset (AdamW betas 0.9/0.98, warmup, cosine to 0.1 x lr)
+_MOSES = {"data": "moses", "batch_size": 512, "lr": 1e-3, "warmup_steps": 300, "min_lr_ratio": 0.1,
+          "weight_decay": 0.01, "val_fraction": 0.002, "eval_interval": 2000, "eval_batches": 8,
+          "checkpoint_interval": 2000, "log_interval": 200, "seed": 0}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "moses-causal": {
+        "summary": "the bundled model: a 4.96 M-parameter left-to-right transformer with 3 draft heads on MOSES "
+                   "(SELFIES), one GPU",
+        "args": {**_MOSES, "family": "causal", "steps": 120_000, "compile": True},
+        "model": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "num_drafts": 3, "max_seq_len": 56},
+    },
+    "moses-refine": {
+        "summary": "Imadarem V on MOSES (SELFIES), the previous bundled model's recipe, one GPU",
+        "args": {**_MOSES, "family": "refine", "steps": 24_000, "warmup_steps": 1000, "val_fraction": 0.01,
+                 "eval_interval": 1000, "checkpoint_interval": 1000, "log_interval": 100},
+        "model": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "dropout": 0.1, "max_seq_len": 64,
+                  "max_refinement_steps": 12, "ema_decay": 0.9995},
+    },
+    "tiny-causal": {
+        "summary": "a small left-to-right model with 2 draft heads: minutes on a laptop CPU",
+        "args": {"family": "causal", "steps": 600, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50,
+                 "eval_interval": 200, "checkpoint_interval": 200, "log_interval": 50},
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_drafts": 2},
+    },
+    "tiny-refine": {
+        "summary": "a small Imadarem V: minutes on a laptop CPU",
+        "args": {"family": "refine", "steps": 600, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50,
+                 "eval_interval": 200, "checkpoint_interval": 200, "log_interval": 50},
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "dropout": 0.0},
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ImadaremError(f"unknown preset {name!r} (choose from: {', '.join(sorted(PRESETS))})")
+    return PRESETS[name]
