@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.files import write_text
 from imadarem.runtime.results import LoopTimings
 
 #: a timed run generates at least this many molecules (in batches of the row's batch size)
@@ -245,8 +246,8 @@ class CausalBench:
                   "summary": summary(rows)}
         out = Path(a.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        (out / "bench.md").write_text(markdown(result))
+        write_text(out / "bench.json", json.dumps(result, indent=2))
+        write_text(out / "bench.md", markdown(result))
         return result
 
     def _quality(self, rows: list[CausalRow], provider: str, progress: Callable[[str], None]) -> None:
@@ -264,7 +265,7 @@ class CausalBench:
             ids[engine.name] = got
             smiles = [self.model.tokenizer.decode(_trim(row, self.model.special)) for row in got]
             path = out / f"{provider}-{engine.name}.smi"
-            path.write_text("\n".join(smiles) + "\n")
+            write_text(path, "\n".join(smiles) + "\n")
             quality = {"n": n, "file": str(path.relative_to(a.out_dir))}
             if scorer is not None:
                 quality.update(scorer(smiles))

@@ -43,7 +43,7 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--selector", default="gate", show_default=True, help="gate or entropy (the PyTorch loop has both).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime and torch [default: all].")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--agreement-n", default=256, show_default=True, type=click.IntRange(min=0),
               help="Sequences decoded greedily to compare int8/fp16 tokens with fp32.")
 @click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
@@ -58,10 +58,17 @@ def bench_command(model, checkpoint, batch_sizes, providers, engines, samples, s
     """
     require_torch("imadarem bench")
     from imadarem.bench.runner import Bench, BenchArgs
+    from imadarem.runtime.files import check_output
+    from imadarem.runtime.session import check_threads
 
     engines = None if engines == ("all",) else engines
     if model and checkpoint:
         raise ImadaremError("give --model or --checkpoint, not both")
+    check_threads(threads)  # all before minutes of exports and timing
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ImadaremError(f"-o {out_dir} exists and is not a folder")
+    for name in ("bench.json", "bench.md"):
+        check_output(Path(out_dir) / name, "-o")
     args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
                      engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
                      agreement_n=agreement_n, out_dir=out_dir, samples=samples)

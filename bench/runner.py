@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from imadarem.bench.report import _fmt, _machine, machine_line
 from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.files import write_text
 from imadarem.runtime.generator import Generator
 from imadarem.runtime.results import LoopTimings
 
@@ -244,8 +245,11 @@ class Bench:
         a = self.args
         if self.causal:  # e.g. the bundled model: bench/causal.py
             return self.causal_bench.run(progress)
+        from imadarem.export.onnx_export import _quiet_exporters
+
         with tempfile.TemporaryDirectory() as tmp:
-            self.prepare(Path(tmp))
+            with _quiet_exporters():  # torch.onnx's per-op notes are not the reader's business
+                self.prepare(Path(tmp))
             rows: list[Row] = []
             for provider in a.providers:
                 for batch in a.batch_sizes:
@@ -265,8 +269,8 @@ class Bench:
                   "parameters": self.model.num_parameters(), "repeats": a.repeats, "agreement": agreement,
                   "notes": sorted(set(self.notes)), "rows": [asdict(r) for r in rows]}
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
-        (self.out_dir / "bench.md").write_text(markdown(result))
+        write_text(self.out_dir / "bench.json", json.dumps(result, indent=2))
+        write_text(self.out_dir / "bench.md", markdown(result))
         return result
 
     def _ratios(self, rows: list[Row], provider: str, batch: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from imadarem.runtime import metadata as mf
 from imadarem.runtime.errors import ImadaremError
+from imadarem.runtime.files import check_output, replace_atomically, temporary_beside
 from imadarem.runtime.formats.refine import FORMAT
 from imadarem.runtime.registry import tokenizer_origin, tokenizer_to_json
 
@@ -130,9 +131,12 @@ def write_with_metadata(proto, out_path: Path, meta: dict[str, str]) -> None:
     # full_check runs ONNX shape inference, which does not know onnxruntime's contrib ops (fp16 fusions)
     standard = all(node.domain in ("", "ai.onnx") for node in proto.graph.node)
     onnx.checker.check_model(proto, full_check=standard)
-    tmp = out_path.with_name(out_path.name + ".part")
-    onnx.save(proto, str(tmp), save_as_external_data=False)
-    os.replace(tmp, out_path)
+    tmp = temporary_beside(out_path)
+    try:
+        onnx.save(proto, str(tmp), save_as_external_data=False)
+        replace_atomically(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def convert_fp16(src: Path, dst: Path) -> Path:
@@ -217,25 +221,9 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32) -> Path:
 
 
 def check_writable(out_path: str | os.PathLike) -> None:
-    """Refuse an output path that cannot be written before minutes of export, not after: a folder, a device
-    node, a FIFO or anything else but a regular file or a new path (the file is then replaced atomically,
-    which would swap a device node for a regular file)."""
-    import stat
-
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise ImadaremError(f"{out_path} is a directory; give the model file's path")
-    if out_path.exists() or out_path.is_symlink():
-        mode = os.stat(out_path).st_mode if out_path.exists() else 0
-        if not stat.S_ISREG(mode):
-            raise ImadaremError(f"{out_path} exists and is not a regular file; give a new path or a model file "
-                                "to replace")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".imadarem-write-test-"):
-            pass
-    except OSError as exc:
-        raise ImadaremError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+    """Refuse an output path that cannot be written before minutes of export, not after
+    (``runtime/files.py``: a new path or a regular file only)."""
+    check_output(out_path, "model file")
 
 
 @contextlib.contextmanager

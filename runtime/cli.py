@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS
+from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS, MAX_TEMPERATURE
 
 EXIT_BAD_INPUT = 2
 
@@ -36,9 +36,30 @@ def _one_line_warnings(prog: str) -> None:
     warnings.showwarning = show
 
 
+def _stdout_open() -> bool:
+    """Whether standard output can be written (``cmd >&-`` closes it: Python then has no sys.stdout)."""
+    import io
+
+    if sys.stdout is None:
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except io.UnsupportedOperation:  # an in-memory stream (a test, a notebook): writable
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def invoke(command: click.Command, prog: str, args: list[str] | None = None) -> None:
     """Run a click command the Imadarem way: bad input is one line on stderr and exit status 2."""
     _one_line_warnings(prog)
+    if not _stdout_open():  # what it prints would go nowhere, and the exit status would say it worked
+        _fail(prog, "standard output is closed: nothing could be written (redirect it to a file instead)")
     previous = _interrupt_as(_Interrupted)
     try:
         result = command.main(args=args, prog_name=prog, standalone_mode=False)
@@ -90,6 +111,9 @@ def parse_options(_ctx, _param, values: tuple[str, ...]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        if raw.strip().lower() in ("true", "false"):  # True / FALSE too: never a string that reads as true
+            options[key.replace("-", "_")] = raw.strip().lower() == "true"
+            continue
         try:
             options[key.replace("-", "_")] = json.loads(raw)
         except ValueError:
@@ -121,7 +145,7 @@ HELP = {"help_option_names": ["-h", "--help"]}
 @click.option("-n", "--num", "n", default=16, show_default=True, type=click.IntRange(min=1), help="Sequences to generate.")
 @click.option("--selector", help="Selector plugin (see `imadarem plugins`) [default: the model's, gate].")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), help="Refinement steps K [default: the model's].")
-@click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature [default: the model's].")
+@click.option("--temperature", type=click.FloatRange(0, MAX_TEMPERATURE), help="Sampling temperature [default: the model's].")
 @click.option("--stop-threshold", type=click.FloatRange(0, 1), help="Early-stop change ratio [default: the model's].")
 @click.option("--seed", type=click.IntRange(min=0),
               help="Random seed: same seed, same samples, whatever -n and --batch-size.")

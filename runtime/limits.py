@@ -7,6 +7,10 @@ DEFAULT_BATCH_SIZE = 64
 #: the most refinement steps a call may ask for (models are trained for a handful; each step costs a call)
 MAX_STEPS = 10_000
 
+#: the highest sampling temperature a request may ask for: far above it every model samples uniform noise
+#: (at 1e6 the bundled model prints random fragments and empty lines), which is never what was meant
+MAX_TEMPERATURE = 100.0
+
 #: the most onnxruntime intra-op threads per CPU core: more only oversubscribes the cores (onnxruntime's
 #: threads spin while they wait, so 10,000 threads on 2 cores stall the machine instead of failing)
 MAX_THREADS_PER_CPU = 4

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS
+from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS, MAX_TEMPERATURE
 
 
 def positive_int(name: str, value: Any, most: int | None = None) -> int:
@@ -33,8 +33,8 @@ def finite_number(name: str, value: Any) -> float:
 def temperature_or(value: Any, default: float) -> float:
     """A request's sampling temperature: the model's default, or a finite number >= 0."""
     temp = default if value is None else finite_number("temperature", value)
-    if not temp >= 0:
-        raise ImadaremError(f"temperature must be >= 0, got {value!r}")
+    if not 0 <= temp <= MAX_TEMPERATURE:
+        raise ImadaremError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {value!r}")
     return temp
 
 

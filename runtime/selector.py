@@ -18,7 +18,8 @@ from imadarem.runtime import rules
 from imadarem.runtime.errors import SelectorError
 from imadarem.runtime.rules import check_schedule, mask_schedule
 
-__all__ = ["Decision", "Selector", "StepState", "check_fraction", "decision_problem", "check_noise", "check_schedule", "gumbel",
+__all__ = ["Decision", "Selector", "StepState", "check_bool", "check_fraction", "check_int", "check_noise", "check_number",
+           "check_schedule", "decision_problem", "gumbel",
            "keep_top", "mask_schedule", "masks_after_step", "softmax", "with_annealed_noise"]
 
 
@@ -193,9 +194,33 @@ class Selector(abc.ABC):
             raise SelectorError(f"selector {cls.name!r}: {exc}") from None
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """An on/off option: a bool (``-o name=true`` / ``false`` on the command line), nothing else, so that
+    ``False`` or ``no`` typed as a string is never read as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def check_number(name: str, value: Any, low: float | None = None) -> float:
+    """A finite number option (at least ``low`` when given)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or (low is not None and value < low):
+        bound = f" >= {low:g}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, low: int = 1) -> int:
+    """An integer option of at least ``low`` (``1.5`` is refused, never truncated)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
 def check_fraction(name: str, value: float, *, open_low: bool = False) -> float:
     """Validate an option that must lie in [0, 1] (or (0, 1])."""
-    value = float(value)
+    value = check_number(name, value)
     if not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value}")
     return value
@@ -211,10 +236,7 @@ def keep_top(scores: np.ndarray, candidates: np.ndarray, counts: np.ndarray) -> 
 
 
 def check_noise(noise: float) -> float:
-    noise = float(noise)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
-    return noise
+    return check_number("noise", noise, 0.0)
 
 
 def masks_after_step(state: StepState, schedule: str) -> np.ndarray:

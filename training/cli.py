@@ -203,6 +203,11 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
     cols = ["selector", "steps", *metrics, "steps_used", "edits_per_step", "early_stop", "seconds"]
     if bool(score_files) != bool(sample_files):
         raise ImadaremError("give --samples and the SMILES files to score, or neither")
+    from imadarem.runtime.files import check_output
+
+    for path, what in ((json_path, "--json"), (plot_path, "--plot")):  # before minutes of generation
+        if path:
+            check_output(path, what)
     if sample_files:
         if model or selectors or steps_list or plot_path:
             raise ImadaremError("--samples scores files: it takes no --model, --selector, --steps or --plot")

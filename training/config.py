@@ -62,8 +62,6 @@ class ImplicitRefinementConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImplicitRefinementConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ImadaremError(f"bad model config: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
+        from imadarem.training.checks import config_values
+
+        return cls(**config_values(cls, data, "refine"))

@@ -5,7 +5,7 @@ EMA teacher's, which is the "measured with an EMA teacher" of the Imadarem V des
 """
 
 from imadarem.runtime import rules
-from imadarem.runtime.selector import Decision, Selector, StepState
+from imadarem.runtime.selector import Decision, Selector, StepState, check_number
 
 
 class EntropySelector(Selector):
@@ -15,9 +15,7 @@ class EntropySelector(Selector):
     summary = "re-predict where entropy > min_refine_uncertainty (gate off)"
 
     def __init__(self, *, threshold: float | None = None):
-        if threshold is not None and float(threshold) < 0:
-            raise ValueError(f"threshold must be >= 0 nats, got {threshold}")
-        self.threshold = None if threshold is None else float(threshold)
+        self.threshold = None if threshold is None else check_number("threshold", threshold, 0.0)
 
     def begin(self, *, batch_size, length, num_steps, config):
         if self.threshold is None:

@@ -5,7 +5,7 @@ to the length for a true left-to-right decode.
 """
 
 import numpy as np
-from imadarem.runtime.selector import Decision, Selector, StepState
+from imadarem.runtime.selector import Decision, Selector, StepState, check_int
 
 
 class LeftToRightSelector(Selector):
@@ -13,9 +13,7 @@ class LeftToRightSelector(Selector):
     summary = "commit the leftmost mask(s) each step (autoregressive-order baseline)"
 
     def __init__(self, *, per_step: int = 1):
-        if int(per_step) < 1:
-            raise ValueError(f"per_step must be >= 1, got {per_step}")
-        self.per_step = int(per_step)
+        self.per_step = check_int("per_step", per_step)
 
     def select(self, state: StepState) -> Decision:
         masked = state.is_mask & state.editable

@@ -12,6 +12,7 @@ from imadarem.runtime.selector import (
     Decision,
     Selector,
     StepState,
+    check_bool,
     check_noise,
     check_schedule,
     keep_top,
@@ -28,8 +29,8 @@ class MaskGITSelector(Selector):
                  can_remask_prev: bool = False):
         self.schedule = check_schedule(schedule)
         self.noise = check_noise(noise)
-        self.anneal_temperature = bool(anneal_temperature)
-        self.can_remask_prev = bool(can_remask_prev)
+        self.anneal_temperature = check_bool("anneal_temperature", anneal_temperature)
+        self.can_remask_prev = check_bool("can_remask_prev", can_remask_prev)
 
     def step_temperature(self, t, num_steps, base):
         return base * (1.0 - t / num_steps) if self.anneal_temperature else base

@@ -10,7 +10,15 @@ An overwrite is accepted only if the model now prefers the proposal to the token
 """
 
 import numpy as np
-from imadarem.runtime.selector import Decision, Selector, StepState, check_fraction, keep_top
+from imadarem.runtime.selector import (
+    Decision,
+    Selector,
+    StepState,
+    check_bool,
+    check_fraction,
+    check_number,
+    keep_top,
+)
 
 
 def _zscore(x: np.ndarray, where: np.ndarray) -> np.ndarray:
@@ -36,10 +44,11 @@ class OverwriteSelector(Selector):
         self.mode = mode
         self.budget = check_fraction("budget", budget)
         self.threshold = check_fraction("threshold", threshold)
-        self.alpha, self.delta = float(alpha), float(delta)
-        self.weights = (float(w_entropy), float(w_margin), float(w_change))
-        self.use_gate = bool(use_gate)
-        self.min_gain = float(min_gain)
+        self.alpha, self.delta = check_number("alpha", alpha), check_number("delta", delta)
+        self.weights = (check_number("w_entropy", w_entropy), check_number("w_margin", w_margin),
+                        check_number("w_change", w_change))
+        self.use_gate = check_bool("use_gate", use_gate)
+        self.min_gain = check_number("min_gain", min_gain)
         self._prev_conf: np.ndarray | None = None
 
     def begin(self, *, batch_size, length, num_steps, config):

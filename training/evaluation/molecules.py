@@ -260,6 +260,16 @@ def score_smiles(smiles: list[str]) -> dict[str, Any]:
     return _SCORER(smiles)
 
 
+def _check_looks_like_smiles(path, lines: list[str], probe: int = 200) -> None:
+    """A file of something else (names, a table, a log) is refused in one line instead of being scored as
+    invalid molecules: the first ``probe`` non-empty lines must hold at least one SMILES that RDKit reads."""
+    Chem = _rdkit()[0]
+    head = [line.strip() for line in lines if line.strip()][:probe]
+    if not any(Chem.MolFromSmiles(line.split()[0]) is not None for line in head):
+        raise ImadaremError(f"{path}: none of its first {len(head)} lines is a SMILES that RDKit reads "
+                            "(expected one molecule per line)")
+
+
 def evaluate_samples(paths: list[str], moses_cache: str | None, intdiv_sample: int | None, progress=None,
                      with_fcd: bool | None = None, n_jobs: int | None = None) -> list[dict[str, Any]]:
     """One row per SMILES file (one molecule per line; an empty line is an invalid molecule). Every file
@@ -273,6 +283,7 @@ def evaluate_samples(paths: list[str], moses_cache: str | None, intdiv_sample: i
                 from None
         if not smiles:
             raise ImadaremError(f"{path} holds no molecules")
+        _check_looks_like_smiles(path, smiles)
         sets.append((path, smiles))
     scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample, n_jobs)
     rows = []
@@ -333,9 +344,18 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.set_xlabel("steps K")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from imadarem.runtime.files import check_output, replace_atomically, temporary_beside
+
+    tmp = temporary_beside(check_output(path, "plot"), ".png")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write(rows, json_path: str | None) -> None:
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
+        from imadarem.runtime.files import write_text
+
+        write_text(json_path, json.dumps(rows, indent=1))

@@ -7,14 +7,10 @@ progress, bf16, checkpoints) is the trainer's, written once for every family (``
 from __future__ import annotations
 
 import abc
-import dataclasses
-import math
-import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from imadarem.runtime.errors import ImadaremError
 
 
 @dataclass
@@ -75,33 +71,3 @@ class Family(abc.ABC):
 
     def ema_decay(self, config) -> float:
         return config.ema_decay
-
-
-def config_values(cls, fields: dict[str, Any], family: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``fields`` checked against the dataclass ``cls``: known names and values of the field's type (an int
-    where an int is due, a finite number for a float, true/false for a bool), or a one-line error."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ImadaremError(f"bad model config: {', '.join(unknown)} is not a setting of the {family} family "
-                            f"(it has: {', '.join(sorted(known))})")
-    out = {}
-    for name, value in fields.items():
-        kind = hints[name]
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            value = float(value) if ok else value
-        elif kind is str:
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            want = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
-            raise ImadaremError(f"bad model config: {name} must be {want}, got {value!r}")
-        out[name] = value
-    return out

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats.causal import CausalConfig
 from imadarem.training.causal import CausalLM
+from imadarem.training.checks import check_size, config_values
 from imadarem.training.distributed import global_sum
-from imadarem.training.families.base import Family, LossInput, config_values
+from imadarem.training.families.base import Family, LossInput
 
 
 @dataclass
@@ -84,6 +85,7 @@ class CausalFamily(Family):
         for ok, message in checks:
             if not ok:
                 raise ImadaremError(f"bad model config: {message}")
+        check_size(model.hidden_size, model.num_layers, model.vocab_size, model.max_seq_len)
         return CausalTrainConfig(model, training)
 
     def build(self, config: CausalTrainConfig, tokenizer) -> CausalLM:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from imadarem.training.checks import check_size, config_values
 from imadarem.training.config import ImplicitRefinementConfig
-from imadarem.training.families.base import Family, LossInput, config_values
+from imadarem.training.families.base import Family, LossInput
 from imadarem.training.model import ImplicitRefinementModel
 from imadarem.training.objective import corrupt, draw_noise, refinement_loss
 
@@ -38,10 +39,15 @@ class RefineFamily(Family):
     def make_config(self, vocab_size: int, fields: dict[str, Any]) -> ImplicitRefinementConfig:
         values = config_values(ImplicitRefinementConfig, fields, self.name, skip=("vocab_size",))
         values.setdefault("max_seq_len", 64)
-        return ImplicitRefinementConfig(vocab_size=vocab_size, **values)
+        return self._sized(ImplicitRefinementConfig(vocab_size=vocab_size, **values))
 
     def config_from_dict(self, data: dict[str, Any]) -> ImplicitRefinementConfig:
-        return ImplicitRefinementConfig.from_dict(data)
+        return self._sized(ImplicitRefinementConfig.from_dict(data))
+
+    @staticmethod
+    def _sized(config: ImplicitRefinementConfig) -> ImplicitRefinementConfig:
+        check_size(config.hidden_size, config.num_layers, config.vocab_size, config.max_seq_len, config.mlp_ratio)
+        return config
 
     def build(self, config, tokenizer) -> ImplicitRefinementModel:
         return ImplicitRefinementModel(config, tokenizer)

@@ -1,0 +1,136 @@
+"""Bad or odd input gets one clear line and exit 2, never a traceback, never lost or clobbered data
+(issue #25's D-items that are not covered next to their feature's tests)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FIXTURES, rewrite_metadata
+from imadarem.runtime.models import default_model_path
+from test_cli_contract import in_process
+
+PINNED = FIXTURES / "pinned"
+BUNDLED = default_model_path()
+CLI = [sys.executable, "-m", "imadarem.runtime.cli"]
+
+
+def one_line_exit_2(code, err, message):
+    assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (code, err)
+
+
+@pytest.mark.parametrize("command", ["run -n 3", "inspect", "models"])
+def test_a_closed_stdout_is_an_error_not_a_silent_success(command):
+    """D7: `imadarem-run -n 3 >&-` used to exit 0 having written nothing."""
+    line = " ".join([sys.executable, "-m", "imadarem.runtime.cli", command, str(PINNED / "causal.onnx")
+                     if command != "models" else ""]) + " >&-"
+    r = subprocess.run(["sh", "-c", line], capture_output=False, stderr=subprocess.PIPE, text=True)
+    one_line_exit_2(r.returncode, r.stderr, "standard output is closed")
+
+
+def test_boolean_and_integer_selector_options_are_read_as_written():
+    """D8: `-o anneal_temperature=False` acted as true, `-o per_step=1.5` was truncated."""
+    model = str(PINNED / "refine.onnx")
+    base = [model, "-n", "4", "--seed", "0", "--selector", "maskgit", "--format", "jsonl"]
+    _, upper, _ = in_process(base + ["-o", "anneal_temperature=False"])
+    _, lower, _ = in_process(base + ["-o", "anneal_temperature=false"])
+    _, true, _ = in_process(base + ["-o", "anneal_temperature=true"])
+    assert upper == lower != true
+    code, _, err = in_process(base + ["-o", "anneal_temperature=no"])
+    one_line_exit_2(code, err, "anneal_temperature must be true or false")
+    code, _, err = in_process([model, "--selector", "l2r", "-o", "per_step=1.5"])
+    one_line_exit_2(code, err, "per_step must be an integer >= 1, got 1.5")
+    code, _, err = in_process([model, "--selector", "maskgit", "-o", "noise=nan"])
+    one_line_exit_2(code, err, "noise must be a finite number")
+
+
+@pytest.mark.parametrize("prompt,needs", [("[C]" * 60 + "<mask:2>", 63), ("[C]" * 50 + "<mask:10>", 61)])
+def test_the_positions_a_template_needs_are_counted_right(prompt, needs):
+    """D9: both said 61."""
+    code, _, err = in_process([str(PINNED / "causal.onnx"), "--prompt", prompt])
+    one_line_exit_2(code, err, f"needs {needs} positions")
+
+
+def test_huge_temperatures_are_refused():
+    """D13: `--temperature 1e6` printed random fragments and empty lines."""
+    code, _, err = in_process([str(PINNED / "causal.onnx"), "--temperature", "1e6"])
+    one_line_exit_2(code, err, "--temperature")
+    from imadarem.runtime import Generator, ImadaremError
+
+    with pytest.raises(ImadaremError, match=r"temperature must be in \[0, 100\]"):
+        Generator(PINNED / "causal.onnx").generate(1, temperature=1e6)
+
+
+@pytest.mark.parametrize("max_seq_len,message", [(40, "does not run with its config"), (10**12, "max_seq_len must be")])
+def test_a_causal_file_claiming_more_positions_than_its_graph_is_refused_when_opened(tmp_path, max_seq_len, message):
+    """D2: accepted by open and inspect, then a crash mid-run (or a MemoryError for 1e12)."""
+    from imadarem.runtime import ModelFileError, open_model
+    from imadarem.runtime.metadata import KEY_CONFIG
+
+    def edit(meta):
+        meta[KEY_CONFIG] = json.dumps(dict(json.loads(meta[KEY_CONFIG]), max_seq_len=max_seq_len))
+
+    path = rewrite_metadata(PINNED / "causal.onnx", tmp_path / "long.onnx", edit)
+    with pytest.raises(ModelFileError, match=message):
+        open_model(path)
+    code, _, err = in_process(["inspect", str(path)], "imadarem", __import__("imadarem.runtime.cli").runtime.cli.cli)
+    one_line_exit_2(code, err, message)
+
+
+def test_eval_and_bench_outputs_are_checked_before_any_work(tmp_path):
+    """D11: `eval molecules --json PATH` and `bench --threads/--seed/-o` failed after minutes of work."""
+    pytest.importorskip("torch")
+    pytest.importorskip("rdkit")
+    cases = [(["eval", "molecules", "--model", str(PINNED / "causal.onnx"), "-n", "100", "--json", "/dev/null"],
+              "is not a regular file"),
+             (["eval", "molecules", "--model", str(PINNED / "causal.onnx"), "-n", "100", "--json", str(tmp_path)],
+              "is a directory"),
+             (["bench", "--model", str(PINNED / "causal.onnx"), "--threads", "100000"], "threads must be at most"),
+             (["bench", "--model", str(PINNED / "causal.onnx"), "--seed", "-1"], "--seed"),
+             (["bench", "--model", str(PINNED / "causal.onnx"), "-o", str(PINNED / "causal.onnx")],
+              "is a file")]
+    for args, message in cases:
+        started = time.perf_counter()
+        r = subprocess.run(CLI + args, capture_output=True, text=True)
+        one_line_exit_2(r.returncode, r.stderr, message)
+        assert time.perf_counter() - started < 30, args  # refused before generating or exporting
+
+
+def test_eval_refuses_a_file_that_holds_no_smiles(tmp_path):
+    """D13: `eval molecules --samples` on a file of names scored them silently."""
+    pytest.importorskip("rdkit")
+    names = tmp_path / "names.txt"
+    names.write_text("aspirin tablets\n" * 5 + "the cat sat\n")
+    r = subprocess.run(CLI + ["eval", "molecules", "--samples", str(names)], capture_output=True, text=True)
+    one_line_exit_2(r.returncode, r.stderr, "none of its first 6 lines is a SMILES")
+
+
+def test_a_huge_config_in_a_checkpoint_is_one_line(tmp_path):
+    """D5: export on a checkpoint with a huge config was an allocation traceback."""
+    pytest.importorskip("torch")
+    from imadarem.runtime.errors import CheckpointError
+    from imadarem.training.checkpoint import LoadedCheckpoint, build_model
+
+    state = {"family": "causal", "tokenizer": json.dumps({"name": "char", "spec": {"symbols": ["a", "b"]}}),
+             "config": {"kind": "causal", "vocab_size": 6, "max_seq_len": 8, "hidden_size": 1 << 20,
+                        "num_layers": 64, "num_heads": 8, "num_drafts": 0, "sampling_temperature": 1.0}, "step": 1}
+    with pytest.raises(CheckpointError, match="parameters"):
+        build_model(LoadedCheckpoint(tmp_path, state, {}), "raw")
+
+
+def test_writes_are_atomic_and_replace_only_regular_files(tmp_path):
+    from imadarem.runtime import ImadaremError
+    from imadarem.runtime.files import write_text
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    write_text(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ImadaremError, match="not a regular file"):
+        write_text(fifo, "x")
+    with pytest.raises(ImadaremError, match="not a regular file"):
+        write_text("/dev/null", "x")
