@@ -46,6 +46,7 @@ def test_rebuilding_a_foreign_graph_is_refused(tiny_onnx, tmp_path):
         model_from_onnx(broken)
 
 
+@pytest.mark.slow
 def test_bench_runs_every_cpu_engine(tiny_run, tmp_path):
     pytest.importorskip("x_transformers")
     from imadarem.bench.runner import Bench, BenchArgs
@@ -99,6 +100,7 @@ def causal_model_file(tmp_path_factory):
     return export_causal(model, tmp_path_factory.mktemp("bench-causal") / "causal.onnx")
 
 
+@pytest.mark.slow
 def test_bench_of_a_causal_model_sets_each_refinement_row_beside_its_left_to_right_baseline(causal_model_file,
                                                                                            tmp_path, monkeypatch):
     import imadarem.bench.causal as bc

@@ -126,6 +126,7 @@ def test_closed_pipe_is_a_quiet_exit_0(tiny_onnx):
     assert proc.returncode == 0 and err == b""
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_by_the_batch_not_by_n(tiny_onnx):
     """Peak RSS of `-n 20000` stays within 30 MB of `-n 1000` (both past the allocators' warm-up, which
     takes a few batches); before streaming and the bounded default batch, every sample and the whole

@@ -112,6 +112,7 @@ def test_generator_runs_a_decode_file_and_refuses_what_it_cannot_do(files):
     assert timings.active_rows[0] <= 8 and min(timings.active_rows) < 8 and timings.total_seconds > 0
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_inspects_and_exports_decode_files(files, tmp_path):
     _, paths = files
     cli = [sys.executable, "-c", "from imadarem.runtime.cli import main; import sys; main(sys.argv[1:])"]

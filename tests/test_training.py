@@ -57,6 +57,7 @@ def _fill_in_exact(gen, smiles, fraction, seed):
     return hits / len(smiles)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_32_molecules(tmp_path):
     """32 molecules: the loss falls, and greedy refinement (through export and the runtime) fills
     masked training molecules back in exactly, which it cannot do for molecules it never saw."""
@@ -142,6 +143,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "imadarem.training", "--data", str(MOSES_SAMPLE), "--out-dir", str(run),
