@@ -41,7 +41,9 @@ from imadarem.runtime.results import LoopTimings
 #: a timed run generates at least this many molecules (in batches of the row's batch size)
 MIN_MOLECULES = 32
 FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "torch-decode", "torch-decode-l2r")
-PRECISIONS = {"cpu": ("int8", "fp32", "int4"), "cuda": ("fp16", "fp32")}
+#: int8 is static (calibrated) quantisation, as `imadarem export --dtype int8` writes; int8dyn the dynamic
+#: quantisation files had before (not batch-invariant), for comparison
+PRECISIONS = {"cpu": ("int8", "fp32", "int4", "int8dyn"), "cuda": ("fp16", "fp32")}
 DEFAULT_ENGINES = {
     "cpu": ("ort-loop-int8", "ort-l2r-int8", "ort-decode-int8", "ort-decode-l2r-int8", "ort-loop-fp32", "ort-l2r-fp32",
             "ort-decode-fp32", "ort-decode-l2r-fp32", "ort-decode-int4", "ort-decode-l2r-int4", "torch-decode-fp32",
@@ -62,12 +64,13 @@ class Engine:
         graphs = not name.endswith("-nograph")
         base = name[: -len("-nograph")] if not graphs else name
         family, _, precision = base.rpartition("-")
-        if family not in FAMILIES or precision not in {"int8", "int4", "fp32", "fp16"}:
+        if family not in FAMILIES or precision not in {"int8", "int8dyn", "int4", "fp32", "fp16"}:
             raise ImadaremError(f"unknown engine {name!r} for a causal model (families: {', '.join(FAMILIES)}; "
-                                "precisions: int8, int4, fp32 on cpu, fp16, fp32 on cuda; -nograph on decode rows)")
+                                "precisions: int8, int8dyn, int4, fp32 on cpu, fp16, fp32 on cuda; -nograph on decode "
+                                "rows)")
         if not graphs and family not in ("ort-decode", "ort-decode-l2r"):
             raise ImadaremError(f"unknown engine {name!r}: only decode rows run with and without CUDA graphs")
-        if family.startswith("torch") and precision in ("int8", "int4"):
+        if family.startswith("torch") and precision in ("int8", "int8dyn", "int4"):
             raise ImadaremError(f"unknown engine {name!r}: the PyTorch loop runs fp32 or fp16")
         return cls(family, precision, graphs)
 
@@ -149,9 +152,9 @@ class CausalBench:
             return self._export(family, precision, work)
 
     def _export(self, family: str, precision: str, work: Path) -> Path:
-        from imadarem.export.causal_export import export_causal
+        from imadarem.export.causal_export import calibration_feeds, export_causal
         from imadarem.export.decode_export import export_decode
-        from imadarem.export.onnx_export import quantize_int4, quantize_int8
+        from imadarem.export.onnx_export import quantize_int4, quantize_int8, quantize_int8_static
 
         out = work / f"{family}-{precision}.onnx"
         if family in ("ort-loop", "ort-l2r"):
@@ -163,9 +166,11 @@ class CausalBench:
                 export_causal(model, fp32, {"variant": "fp32", "bench": family})
             if precision == "fp32":
                 return fp32
-            return (quantize_int8 if precision == "int8" else quantize_int4)(fp32, out)
+            if precision == "int8":
+                return quantize_int8_static(fp32, out, calibration_feeds(fp32))
+            return (quantize_int8 if precision == "int8dyn" else quantize_int4)(fp32, out)
         drafts = 0 if family == "ort-decode-l2r" else None
-        if precision in ("fp32", "fp16", "int8"):
+        if precision in ("fp32", "fp16", "int8", "int8dyn"):
             return export_decode(self.model, out, drafts, precision, {"bench": family})
         fp32 = work / f"{family}-fp32.onnx"
         if not fp32.is_file():

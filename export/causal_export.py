@@ -73,6 +73,27 @@ def export_causal(model, out_path: str | os.PathLike, provenance: dict[str, Any]
     return out_path
 
 
+def calibration_feeds(path: str | os.PathLike, n: int = 256, seed: int = 0, batch: int = 32) -> list[dict[str, Any]]:
+    """Inputs of a causal step file that cover what decoding feeds it: ``n`` molecules the file samples
+    itself (left to right, seed ``seed``), teacher-forced in one call each, BOS first. Static int8
+    quantisation fixes its activation scales from these (no training data needed)."""
+    import numpy as np
+    from imadarem.runtime.generator import Generator
+
+    gen = Generator(path)
+    ids = np.concatenate([r.ids for r in gen.iter_results(n, seed=seed, batch_size=64, drafts=0)])
+    model = gen.model
+    sp, L = model.special, ids.shape[1]
+    tokens = np.concatenate([np.full((len(ids), 1), sp.mask), ids[:, : L - 1]], 1).astype(np.int64)
+    feeds = []
+    for i in range(0, len(tokens), batch):
+        part = tokens[i : i + batch]
+        past, valid = model.empty_cache(len(part))
+        feeds.append({"tokens": part, "positions": np.broadcast_to(np.arange(L, dtype=np.int64), part.shape).copy(),
+                      "past": past, "past_valid": valid})
+    return feeds
+
+
 def causal_parity(model, path: str | os.PathLike, batch: int = 4, seed: int = 0) -> dict[str, Any]:
     """The file against the PyTorch model: the whole sequence in one call, then the same tokens fed in
     two calls through the cache (what decoding does); the largest logit differences of each."""

@@ -26,13 +26,15 @@ from imadarem.export.onnx_export import (
     build_metadata,
     check_writable,
     quantize_int8,
+    quantize_int8_static,
     write_with_metadata,
 )
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.formats.decode import FORMAT, KEY_START, STATE, DecodeConfig, io_names, state_names
 from imadarem.runtime.metadata import KEY_CONFIG
 
-VARIANTS = ("fp32", "fp16", "int8")
+#: int8: static (calibrated) quantisation, batch-invariant; int8dyn: dynamic, for comparisons only
+VARIANTS = ("fp32", "fp16", "int8", "int8dyn")
 
 
 def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None, variant: str = "fp32",
@@ -78,13 +80,35 @@ def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None,
         meta[KEY_START] = json.dumps(step.start_outputs())
         if variant == "fp16":
             proto = _gpu_fusions(proto, config)
-        if variant == "int8":
+        if variant in ("int8", "int8dyn"):
             fp32 = Path(tmp) / "fp32.onnx"
             write_with_metadata(proto, fp32, meta)
-            quantize_int8(fp32, out_path)
+            if variant == "int8":
+                quantize_int8_static(fp32, out_path, decode_calibration_feeds(fp32))
+            else:
+                quantize_int8(fp32, out_path)
         else:
             write_with_metadata(proto, out_path, meta)
     return out_path
+
+
+def decode_calibration_feeds(path: str | os.PathLike, n: int = 256, seed: int = 0, batch: int = 64) -> list[dict]:
+    """The states a decode file is fed while it samples ``n`` molecules of its own (seed ``seed``), one feed
+    per call: what static int8 quantisation fixes its activation scales from."""
+    from imadarem.runtime.formats import open_model
+    from imadarem.runtime.randomness import SampleStreams
+    from imadarem.runtime.request import Request
+
+    model = open_model(path, expect="decode")
+    request = Request.checked(n, None, None, None, None, seed, None, batch, False, None, {})
+    plan = model.plan(request)
+    feeds = []
+    for first in range(0, n, batch):
+        decoding = plan.start(batch, SampleStreams(request.seed, first, batch))
+        while decoding.active:
+            feeds.append({**decoding.state, **decoding.constants})
+            decoding.step()
+    return feeds
 
 
 def _truncating_div(self, other, rounding_mode=None):

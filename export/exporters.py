@@ -109,9 +109,9 @@ def export_source(src: Source, out_path: str | os.PathLike, dtype: str = "fp32",
 
 def _export_causal(src: Source, out_path: Path, dtype: str, decode: bool, drafts: int | None,
                    check: bool) -> dict[str, Any]:
-    from imadarem.export.causal_export import causal_parity, export_causal
+    from imadarem.export.causal_export import calibration_feeds, causal_parity, export_causal
     from imadarem.export.decode_export import export_decode
-    from imadarem.export.onnx_export import _quiet_exporters, quantize_int4, quantize_int8
+    from imadarem.export.onnx_export import _quiet_exporters, quantize_int4, quantize_int8_static
 
     model, provenance = src.model, {**src.provenance, "variant": dtype}
     if decode:
@@ -124,8 +124,12 @@ def _export_causal(src: Source, out_path: Path, dtype: str, decode: bool, drafts
         export_causal(model, out_path, provenance)
     else:
         with tempfile.TemporaryDirectory() as tmp, _quiet_exporters():
-            fp32 = export_causal(model, Path(tmp) / "fp32.onnx", provenance)
-            (quantize_int8 if dtype == "int8" else quantize_int4)(fp32, out_path)
+            if dtype == "int8":  # static: the same molecule for the same seed in any batch
+                provenance["quantization"] = "static int8 (QDQ, MinMax over 256 of its own molecules)"
+                fp32 = export_causal(model, Path(tmp) / "fp32.onnx", provenance)
+                quantize_int8_static(fp32, out_path, calibration_feeds(fp32))
+            else:
+                quantize_int4(export_causal(model, Path(tmp) / "fp32.onnx", provenance), out_path)
     summary = {"output": str(out_path), "family": "causal", "dtype": dtype, "drafts": model.config.num_drafts}
     if check:
         summary.update(causal_parity(model, out_path))

@@ -176,27 +176,81 @@ def _gpu_fusions(proto, config: dict[str, Any]):
     return proto
 
 
+def _preprocessed(src: Path, tmp: str) -> Path:
+    """onnxruntime's quantisation pre-processing (shape inference, folding), or ``src`` if it fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = Path(tmp) / "pre.onnx"
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp)  # symbolic shape inference writes scratch files into the working directory
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+    except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the original instead
+        pre = src
+    finally:
+        os.chdir(cwd)
+    logging.getLogger().setLevel(logging.ERROR)  # its pre-processing advice is already followed
+    return pre
+
+
 def quantize_int8(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantisation of MatMul weights (activations quantised at run time)."""
+    """Dynamic int8 quantisation of MatMul weights: activations are quantised at run time with one scale per
+    tensor, so a row's numbers depend on the rows beside it in the batch (a near tie can flip). Static
+    quantisation (:func:`quantize_int8_static`) has no such effect."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
+        q = Path(tmp) / "q.onnx"
+        quantize_dynamic(str(_preprocessed(src, tmp)), str(q), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=False)
+        proto = onnx.load(str(q))
+    write_with_metadata(proto, dst, meta)
+    return dst
+
+
+def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, Any]]) -> Path:
+    """Static (calibrated) int8 quantisation of the weight MatMuls: int8 weights per output channel, and
+    activation scales fixed from ``calibration`` (feeds of the graph, MinMax), in QDQ form. Every row is
+    then computed on its own, so the outputs do not depend on the batch, on ``n`` or on the thread count:
+    the same seed gives the same molecule in any batch. Products of two activations (attention) stay
+    float32."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter(calibration)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = _preprocessed(src, tmp)
+        proto = onnx.load(str(pre))
+        weights = {i.name for i in proto.graph.initializer}
+        nodes = [n.name for n in proto.graph.node
+                 if n.op_type in ("MatMul", "Gemm") and any(x in weights for x in n.input)]
         q = Path(tmp) / "q.onnx"
         cwd = os.getcwd()
         try:
-            os.chdir(tmp)  # symbolic shape inference writes scratch files into the working directory
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the original instead
-            pre = src
+            os.chdir(tmp)  # the calibrator writes its augmented model into the working directory
+            quantize_static(str(pre), str(q), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            # float outputs: onnxruntime fuses each into MatMulIntegerToFloat with the fixed
+                            # activation scale (no re-quantised output, no extra rounding)
+                            extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
         finally:
             os.chdir(cwd)
-        logging.getLogger().setLevel(logging.ERROR)  # its pre-processing advice is already followed
-        quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         per_channel=True, reduce_range=False)
         proto = onnx.load(str(q))
     write_with_metadata(proto, dst, meta)
     return dst

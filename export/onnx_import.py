@@ -83,6 +83,26 @@ def _causal_forward(model) -> None:
     model.step(torch.full((1, 2), model.special.mask, dtype=torch.long), torch.arange(2)[None], past, valid)
 
 
+def _dequantized_weights(proto, inits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Output name -> float weight of every DequantizeLinear on an initializer (a static int8 file holds its
+    MatMul weights that way: int8 values, a scale per output channel along ``axis``, a zero point)."""
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        q = inits[node.input[0]].astype(np.float32)
+        scale = inits[node.input[1]].astype(np.float32)
+        zero = inits[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2] in inits \
+            else np.zeros_like(scale)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:  # per channel along ``axis``
+            shape = [1] * q.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        out[node.output[0]] = (q - zero) * scale
+    return out
+
+
 def _load_weights(model, proto, path: Path, forward) -> bool:
     """Fill ``model``'s parameters from the graph's initializers (dequantised when int8): named ones by
     name, the exporter's anonymous transposed Linear weights in the order ``forward`` calls the layers.
@@ -90,7 +110,8 @@ def _load_weights(model, proto, path: Path, forward) -> bool:
     import torch
 
     inits = _initializers(proto)
-    quantized = any(n.op_type == "MatMulInteger" for n in proto.graph.node)
+    inits.update(_dequantized_weights(proto, inits))  # static (QDQ) int8 files: the weights behind each DQ
+    quantized = any(n.op_type in ("MatMulInteger", "DequantizeLinear") for n in proto.graph.node)
     state = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
 

@@ -38,8 +38,12 @@ def check_output(path: str | os.PathLike, what: str = "output") -> Path:
 
 
 def replace_atomically(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Move a finished temporary file over ``path`` (checked again: it may have changed meanwhile)."""
+    """Move a finished temporary file over ``path`` (checked again: it may have changed meanwhile), with the
+    permissions a plain ``open(path, "w")`` would give it (a temporary file is private to its owner)."""
     check_output(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

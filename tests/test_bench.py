@@ -140,3 +140,13 @@ def test_bench_of_a_causal_model_refuses_unknown_engines(causal_model_file, tmp_
     for name in ("ort-decode-bf16", "torch-decode-int8", "ort-loop-fp16-nograph", "warp"):
         with pytest.raises(ImadaremError, match="unknown engine"):
             Bench(BenchArgs(model=str(causal_model_file), engines=(name,), out_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_the_bench_of_a_refinement_model_prints_no_exporter_chatter(tiny_run, tmp_path):
+    """D12 of issue #25: torch.onnx's 'torchvision is not installed' lines reached the user."""
+    r = subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "bench", "--checkpoint", str(tiny_run),
+                        "--batch-sizes", "1", "--engines", "ort-fp32", "--repeats", "1", "--agreement-n", "0",
+                        "-o", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert all(line.startswith("bench: ") for line in r.stderr.splitlines()), r.stderr

@@ -24,6 +24,7 @@ def causal_run(tmp_path_factory):
     r = run("train", "--preset", "tiny-causal", "--data", MOSES_SAMPLE, "--out-dir", out / "run", "--steps", 200,
             "--cache-dir", out / "cache")
     assert r.returncode == 0, r.stderr
+    assert "it/s" not in r.stderr and "\r" not in r.stderr  # no progress bar written into a non-terminal
     return out / "run"
 
 
