@@ -22,10 +22,9 @@ from typing import Any
 from imadarem.runtime import metadata as mf
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.files import check_output, replace_atomically, temporary_beside
-from imadarem.runtime.formats.refine import FORMAT
+from imadarem.runtime.formats.refine import FORMAT, INPUTS, OUTPUTS
 from imadarem.runtime.registry import tokenizer_origin, tokenizer_to_json
 
-INPUT_NAMES = ["tokens", "step", "cond"]
 OPSET = 18
 
 
@@ -92,17 +91,17 @@ def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] 
     tokens = torch.full((batch, length), model.special.mask, dtype=torch.long)
     step = torch.zeros(batch, dtype=torch.long)
     cond = torch.zeros(batch, length, cfg.hidden_size)
-    outputs = ["logits", "gate", "cond_next"] + (["critic"] if cfg.use_critic else [])
+    outputs = list(OUTPUTS) + (["critic"] if cfg.use_critic else [])  # the format's contract
     B = torch.export.Dim("batch", min=1, max=1 << 20)
     L = torch.export.Dim("length", min=1, max=cfg.max_seq_len)
     dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: B, 1: L}}
-    args, names, module = (tokens, step, cond), INPUT_NAMES, model
+    args, names, module = (tokens, step, cond), list(INPUTS), model
     if device_state:
         CB = torch.export.Dim("cond_batch", min=1, max=1 << 20)
         CL = torch.export.Dim("cond_length", min=1, max=cfg.max_seq_len)
         cond = torch.zeros(batch + 1, length + 1, cfg.hidden_size)
         args = (tokens, step, cond, torch.arange(batch, dtype=torch.long))
-        names = INPUT_NAMES + ["cond_rows"]
+        names = list(INPUTS) + ["cond_rows"]
         dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: CB, 1: CL}, "cond_rows": {0: B}}
         module = _device_state_step(model)
     out_path = Path(out_path)

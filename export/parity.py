@@ -13,6 +13,7 @@ def parity_report(checkpoint, model_path: Path, weights: str = "ema", batches=((
     """max |logits difference| over random batches/lengths, and greedy-refinement token agreement."""
     import torch
     from imadarem.runtime.formats import open_model
+    from imadarem.runtime.formats.refine import OUTPUTS
     from imadarem.training.checkpoint import build_model, load_checkpoint
 
     model = build_model(load_checkpoint(checkpoint), weights).eval()
@@ -26,7 +27,7 @@ def parity_report(checkpoint, model_path: Path, weights: str = "ema", batches=((
         tokens[rng.random((b, length)) < 0.3] = model.special.mask
         step = rng.integers(0, cfg.max_refinement_steps, b)
         cond = (rng.normal(size=(b, length, cfg.hidden_size)) * 0.1).astype(np.float32)
-        ort_out = mfile.session.run(["logits", "gate", "cond_next"], mfile.feed(tokens, step, cond))
+        ort_out = mfile.session.run(list(OUTPUTS), mfile.feed(tokens, step, cond))
         with torch.no_grad():
             ref = model(torch.from_numpy(tokens), torch.from_numpy(step), torch.from_numpy(cond))
         for name, a, r in zip(worst, ort_out, ref):
