@@ -36,6 +36,13 @@ class ImplicitRefinementConfig:
     gate_sparsity_weight: float = 0.01
     gate_smoothness_weight: float = 0.01
     critic_loss_weight: float = 1.0
+    # "imadarem-v": masks at rate(t) and a gate that marks wrong tokens (the previous bundled model);
+    # "mixture": the masks the samplers show (semi-autoregressive blocks, uniform, one span with its suffix) and
+    # a gate that scores, per position, the token that is or will be there (experiments/refine/PLAN.md)
+    objective: str = "imadarem-v"
+    block_size: int = 4  # mixture: the semi-autoregressive block
+    semi_ar_weight: float = 0.6  # mixture: share of rows masked as a clean prefix, a block, a masked suffix
+    span_weight: float = 0.2  # mixture: share masked as one span with a clean suffix (the rest: uniform)
 
     def __post_init__(self):
         checks = [
@@ -50,6 +57,10 @@ class ImplicitRefinementConfig:
             (self.sampling_temperature >= 0, "sampling_temperature must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.corruption_schedule in ("linear", "cosine"), "corruption_schedule must be 'linear' or 'cosine'"),
+            (self.objective in ("imadarem-v", "mixture"), "objective must be 'imadarem-v' or 'mixture'"),
+            (self.block_size >= 1, "block_size must be >= 1"),
+            (0.0 <= self.semi_ar_weight and 0.0 <= self.span_weight and self.semi_ar_weight + self.span_weight <= 1.0,
+             "semi_ar_weight + span_weight must be in [0, 1]"),
             (0.0 <= self.sample_replace_rate + self.random_replace_rate <= 1.0,
              "sample_replace_rate + random_replace_rate must be in [0, 1]"),
         ]

@@ -144,6 +144,8 @@ class ImplicitRefinementModel(nn.Module):
     def hidden(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         _, n = tokens.shape
         step = step.clamp(0, self.config.max_refinement_steps - 1)
+        if self.config.objective == "mixture":  # time-independent (as MDLM): the masks say how far along it is
+            step = torch.zeros_like(step)
         x = self.tok_emb(tokens) * self.emb_scale + self.pos_emb(n)[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
         x = F.dropout(x, self.config.dropout, self.training)
         keep = tokens != self.special.pad  # padding derived in the graph; a query always sees itself

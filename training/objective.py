@@ -26,6 +26,8 @@ from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.distributed import global_sum
 
+__all__ = ["Corrupted", "Noise", "corrupt", "corrupt_mixture", "draw_noise", "refinement_loss", "targets_of"]
+
 
 @dataclass
 class Noise:
@@ -37,10 +39,11 @@ class Noise:
     random_tokens: torch.Tensor  # [B, L]
     gumbel: torch.Tensor  # [B, L, V]
     self_condition: bool
+    u_row: torch.Tensor | None = None  # [B, 4] the mixture's per-row draws: mode, rate, start, span length
 
     def rows(self, sl: slice) -> Noise:
         return Noise(self.t[sl], self.u_corrupt[sl], self.u_replace[sl], self.random_tokens[sl], self.gumbel[sl],
-                     self.self_condition)
+                     self.self_condition, None if self.u_row is None else self.u_row[sl])
 
 
 def draw_noise(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefinementConfig,
@@ -55,7 +58,9 @@ def draw_noise(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefin
     random_tokens = allowed[torch.randint(0, len(allowed), (batch, length), **kw)]
     gumbel = rules.gumbel(torch.rand(batch, length, V, **kw))
     self_condition = bool(torch.rand(1, **kw).item() < cfg.self_condition_rate)
-    return Noise(t, u_corrupt, u_replace, random_tokens, gumbel, self_condition)
+    # drawn last, and only for the mixture: Imadarem V's draws (and runs) stay as they were
+    u_row = torch.rand(batch, 4, **kw) if cfg.objective == "mixture" else None
+    return Noise(t, u_corrupt, u_replace, random_tokens, gumbel, self_condition, u_row)
 
 
 def mask_rate(t: torch.Tensor, cfg: ImplicitRefinementConfig) -> torch.Tensor:
@@ -83,6 +88,7 @@ class Corrupted:
     prev_gate: torch.Tensor
     loss_positions: torch.Tensor  # corrupted and not padding
     valid: torch.Tensor  # not padding
+    gate_target: torch.Tensor | None = None  # the mixture's: 1 where the position should take a new token
 
 
 @torch.no_grad()
@@ -119,6 +125,66 @@ def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementC
     return Corrupted(inputs, targets, noise.t, cond, prev_gate, corrupted & valid, valid)
 
 
+@torch.no_grad()
+def corrupt_mixture(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementConfig, special: SpecialIds,
+                    autocast=None) -> Corrupted:
+    """The mixture objective's inputs: per row one of three masks, the ones the samplers show the model.
+
+    - semi-autoregressive (``semi_ar_weight``): a clean prefix of random length, a block of ``block_size``
+      positions masked at a random rate (at least its first), every position after it masked;
+    - one span (``span_weight``): a random span masked at a random rate, the suffix after it clean (filling a
+      middle blank, linking two fragments);
+    - uniform (the rest): every position masked at a random rate (any order).
+
+    Some masked positions (in the block, for the semi-autoregressive rows) are refilled with the EMA teacher's
+    own samples or random tokens, as committed tokens that may be wrong. The gate is taught, per position,
+    whether the position should take a new token: for a committed token, whether it is wrong; for a mask,
+    whether the token the teacher samples there is right (so the gate selector commits the masks it trusts
+    and re-predicts the tokens it doubts, with one threshold). The model takes no step: it is time-independent
+    (its masks say how far along a row is), so any number of loop steps runs it."""
+    B, L = clean.shape
+    targets, ends = targets_of(clean, special)
+    length = (ends + 1).clamp(max=L)  # positions up to and including EOS
+    pos = torch.arange(L, device=clean.device)[None, :]
+    u = noise.u_row
+    rate = u[:, 1:2].clamp(min=1e-3)
+    start = (u[:, 2:3] * length[:, None]).floor().long()  # the block's or the span's first position
+    random_masks = noise.u_corrupt < rate
+    block = (pos >= start) & (pos < start + cfg.block_size)
+    semi = (block & random_masks) | (pos == start) | (pos >= start + cfg.block_size)
+    span_len = 1 + (u[:, 3:4] * (length[:, None] - start)).floor().long()
+    in_span = (pos >= start) & (pos < start + span_len)
+    span = (in_span & random_masks) | (pos == start)
+    mode = torch.where(u[:, 0:1] < cfg.semi_ar_weight, 0, torch.where(u[:, 0:1] < cfg.semi_ar_weight + cfg.span_weight,
+                                                                      1, 2))
+    corrupted = torch.where(mode == 0, semi, torch.where(mode == 1, span, random_masks))
+    after = rules.after_first_eos(ends, L)  # the tail after EOS is one unit with the EOS
+    corrupted = torch.where(after, corrupted.gather(1, ends.clamp(max=L - 1)[:, None]), corrupted)
+    inputs = torch.where(corrupted, torch.full_like(clean, special.mask), clean)
+
+    step = torch.zeros(B, dtype=torch.long, device=clean.device)  # the mixture's model is time-independent
+    zeros = torch.zeros(B, L, cfg.hidden_size, device=clean.device)
+    with autocast() if autocast else contextlib.nullcontext():
+        first = teacher.forward_train(inputs, step, zeros)
+    logits0 = first["logits"].float()
+    logits0[..., [special.mask, special.pad]] = float("-inf")
+    samples = (logits0 + noise.gumbel).argmax(-1)
+    cond = first["cond_next"].float() if noise.self_condition else zeros
+    prev_gate = torch.sigmoid(first["gate_logits"].float())
+
+    refillable = corrupted & torch.where(mode == 0, block, True)
+    p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
+    use_sample = refillable & (noise.u_replace < p_s)
+    use_random = refillable & (noise.u_replace >= p_s) & (noise.u_replace < p_s + p_r)
+    inputs = torch.where(use_sample, samples, inputs)
+    inputs = torch.where(use_random, noise.random_tokens, inputs)
+    inputs = rules.pad_after_eos(inputs, special.eos, special.pad)  # what committing EOS does at run time
+    valid = inputs != special.pad
+    masked = inputs == special.mask
+    gate_target = torch.where(masked, (samples == targets).float(), (inputs != targets).float())
+    return Corrupted(inputs, targets, step, cond, prev_gate, corrupted & valid, valid, gate_target)
+
+
 def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, special: SpecialIds,
                     world_size: int = 1, autocast=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one (rank's share of a) batch; ``model_fn`` is the (DDP-wrapped) forward_train."""
@@ -130,13 +196,14 @@ def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, s
     masked = (batch.inputs == special.mask) & valid
     committed = valid & ~masked
     wrong = (batch.inputs != batch.targets) & valid
+    gate_target = wrong.float() if batch.gate_target is None else batch.gate_target
     later = (batch.step > 0)[:, None] & valid
 
     ce = F.cross_entropy(logits.reshape(-1, V), batch.targets.reshape(-1), reduction="none").view_as(batch.targets)
     entropy = rules.entropy(logits)
     gate_logits = out["gate_logits"].float()
     gate = torch.sigmoid(gate_logits)
-    bce = F.binary_cross_entropy_with_logits(gate_logits, wrong.float(), reduction="none")
+    bce = F.binary_cross_entropy_with_logits(gate_logits, gate_target, reduction="none")
 
     sums = {
         "ce": (ce * loss_pos).sum(),
@@ -144,7 +211,8 @@ def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, s
         "gate_bce": (bce * valid).sum(),
         "gate_mean": (gate * valid).sum(),
         "smooth": ((gate - batch.prev_gate) ** 2 * later).sum(),
-        "gate_correct": (((gate > 0.5) == wrong) & committed).sum().float(),
+        "gate_correct": (((gate > 0.5) == (gate_target > 0.5)) & (committed if batch.gate_target is None else valid)
+                         ).sum().float(),
     }
     counts = torch.stack([loss_pos.sum(), masked.sum(), valid.sum(), later.sum(), committed.sum()]).float()
     if "critic_logits" in out:
@@ -169,7 +237,7 @@ def refinement_loss(model_fn, batch: Corrupted, cfg: ImplicitRefinementConfig, s
         "loss": global_sum(loss.detach()) / world_size,  # the global-batch loss
         "ce": stats[0] / n_loss,
         "gate_bce": stats[1] / n_valid,
-        "gate_acc": stats[2] / n_committed,
+        "gate_acc": stats[2] / (n_committed if batch.gate_target is None else n_valid),
         "diversity": stats[3] / n_masked,
         "tokens": n_valid,
     }

@@ -1,7 +1,9 @@
-"""The ``refine`` family: Imadarem V, a bidirectional refinement model with a learned gate (format 1).
+"""The ``refine`` family: a bidirectional refinement model with a learned gate (format 1).
 
-Model ``training/model.py``, objective ``training/objective.py`` (masked-LM corruption, refills from the EMA
-teacher's own samples, gate BCE against wrong tokens); exported by ``imadarem export`` as a refinement step.
+Model ``training/model.py``; objective ``training/objective.py``: ``imadarem-v`` (Imadarem V: masks at the
+rate of step t, refills from the EMA teacher's own samples, a gate that marks wrong tokens) or ``mixture``
+(the masks the samplers show, semi-autoregressive blocks among them, and a gate that scores the token
+each position holds or will hold). Exported by ``imadarem export`` as a refinement step.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from imadarem.training.checks import check_size, config_values
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.families.base import Family, LossInput
 from imadarem.training.model import ImplicitRefinementModel
-from imadarem.training.objective import corrupt, draw_noise, refinement_loss
+from imadarem.training.objective import corrupt, corrupt_mixture, draw_noise, refinement_loss
 
 
 class _TrainView(torch.nn.Module):
@@ -59,7 +61,8 @@ class RefineFamily(Family):
         cfg, sp = config, batch.special
         L = batch.clean.shape[1]
         noise = draw_noise(batch.generator, batch.global_batch, L, cfg, sp, batch.clean.device)
-        corrupted = corrupt(batch.clean, noise.rows(batch.rows), batch.ema, cfg, sp, batch.autocast)
+        make = corrupt_mixture if cfg.objective == "mixture" else corrupt
+        corrupted = make(batch.clean, noise.rows(batch.rows), batch.ema, cfg, sp, batch.autocast)
         return refinement_loss(batch.forward, corrupted, cfg, sp, batch.world, batch.autocast)
 
     def unused_parameters(self, config) -> bool:
