@@ -67,12 +67,37 @@ def test_the_ema_warms_up_so_a_short_run_exports_its_recent_weights(causal_run):
     assert float((raw[key] - ema[key]).norm() / raw[key].norm()) < 0.05
 
 
+def test_causal_dropout_acts_in_training_only_and_leaves_the_model_shape_alone():
+    import torch
+    from imadarem.training.families import get_family
+
+    family = get_family("causal")
+    plain = family.make_config(40, {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_drafts": 1})
+    dropped = family.make_config(40, {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_drafts": 1,
+                                      "dropout": 0.3})
+    assert dropped.to_dict()["dropout"] == 0.3 and family.config_from_dict(dropped.to_dict()).dropout == 0.3
+    assert plain.model == dropped.model  # what a model file records is the same
+    torch.manual_seed(0)
+    model = family.build(dropped, None)
+    reference = family.build(plain, None)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 40, (3, 9))
+    model.train()
+    a, b = model.teacher_forcing(tokens)[0], model.teacher_forcing(tokens)[0]
+    assert not torch.allclose(a, b)  # dropout draws differ between two training passes
+    model.eval()
+    reference.eval()
+    assert torch.equal(model.teacher_forcing(tokens)[0], reference.teacher_forcing(tokens)[0])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--family", "causal", "--refine-steps", "3"], "--refine-steps is not a setting of the causal family"),
     (["--family", "refine", "--drafts", "2"], "--drafts is not a setting of the refine family"),
     (["--set", "foo=1"], "foo is not a setting of the causal family"),
     (["--set", "ema_decay=abc"], "ema_decay must be a finite number"),
     (["--set", "ema_decay=2"], "ema_decay must be in [0, 1)"),
+    (["--set", "dropout=1.5"], "dropout must be in [0, 1)"),
     (["--family", "refine", "--set", "max_refinement_steps=x"], "max_refinement_steps must be an integer"),
     (["--lr", "nan"], "--lr"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),

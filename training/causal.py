@@ -23,9 +23,10 @@ from torch import nn
 
 
 class _Block(nn.Module):
-    def __init__(self, h: int, heads: int):
+    def __init__(self, h: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.heads = heads
+        self.drop = nn.Dropout(dropout)  # on each residual branch; identity in eval mode (every export)
         self.ln1, self.ln2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
         self.mlp = nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
@@ -37,18 +38,21 @@ class _Block(nn.Module):
         q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, h))
-        return x + self.mlp(self.ln2(x)), k, v
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, h)))
+        return x + self.drop(self.mlp(self.ln2(x))), k, v
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: CausalConfig, tokenizer=None):
+    def __init__(self, config: CausalConfig, tokenizer=None, dropout: float = 0.0):
+        """``dropout``: a training knob (the family's ``dropout``), not part of the model's shape: it acts only
+        in train mode, so files exported from the model are the same with or without it."""
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
         h = config.hidden_size
         self.tok = nn.Embedding(config.vocab_size, h)
         self.pos = nn.Embedding(config.max_seq_len + 1, h)
-        self.blocks = nn.ModuleList(_Block(h, config.num_heads) for _ in range(config.num_layers))
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(h, config.num_heads, dropout) for _ in range(config.num_layers))
         self.ln = nn.LayerNorm(h)
         self.draft = nn.ModuleList(nn.Linear(h, h) for _ in range(config.num_drafts))
         self.apply(self._init)
@@ -100,7 +104,7 @@ class CausalLM(nn.Module):
         ``logits`` [B, T, V] and ``drafts`` [B, T, D, V] at every position (no cache)."""
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
-        x = self.tok(tokens) + self.pos(positions)
+        x = self.emb_drop(self.tok(tokens) + self.pos(positions))
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()[None, None]
         empty = x.new_zeros(b, self.config.num_heads, 0, self.config.head_dim)
         for blk in self.blocks:

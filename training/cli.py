@@ -63,7 +63,7 @@ MODEL_OPTIONS = (
     ("--heads", "num_heads", click.IntRange(min=1), None),
     ("--max-seq-len", "max_seq_len", click.IntRange(min=2), "Longest sequence in tokens, EOS included."),
     ("--drafts", "num_drafts", click.IntRange(0, 16), "causal: draft heads (tokens 2.. D+1 ahead)."),
-    ("--dropout", "dropout", click.FloatRange(0, 1, max_open=True), "refine: dropout."),
+    ("--dropout", "dropout", click.FloatRange(0, 1, max_open=True), "Dropout in training (refine, causal)."),
     ("--refine-steps", "max_refinement_steps", click.IntRange(min=1), "refine: K, the model's step count."),
     ("--schedule", "corruption_schedule", click.Choice(["linear", "cosine"]), "refine: corruption schedule."),
 )

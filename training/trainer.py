@@ -191,8 +191,8 @@ class Trainer:
         """EMA update after an optimiser step; the decay warms up as (1 + s) / (10 + s), so a short run's
         EMA weights are its recent weights, never its initial ones."""
         decay = min(self.family.ema_decay(self.config), (1 + step) / (10 + step))
-        for p_e, p in zip(self.ema.parameters(), self.model.parameters()):
-            p_e.lerp_(p.detach(), 1.0 - decay)
+        # one fused kernel launch per dtype/device group instead of one per tensor (launch-bound small models)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1.0 - decay)
 
     def _make_optimizer(self):
         a = self.args

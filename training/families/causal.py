@@ -30,6 +30,7 @@ class CausalTraining:
 
     draft_weight: float = 0.5  # weight of each draft head's loss
     ema_decay: float = 0.999  # EMA of the weights (decay warmed up as (1 + s) / (10 + s))
+    dropout: float = 0.0  # on the embeddings and every residual branch, in training only
 
 
 @dataclass
@@ -54,7 +55,7 @@ class CausalFamily(Family):
     name = "causal"
     summary = "a left-to-right transformer with draft heads, decoded by draft-and-verify (format 2)"
     flags = {"--hidden-size": "hidden_size", "--layers": "num_layers", "--heads": "num_heads",
-             "--max-seq-len": "max_seq_len", "--drafts": "num_drafts"}
+             "--max-seq-len": "max_seq_len", "--drafts": "num_drafts", "--dropout": "dropout"}
     shown = ("loss", "ce", "draft_ce")
 
     def make_config(self, vocab_size: int, fields: dict[str, Any]) -> CausalTrainConfig:
@@ -81,7 +82,8 @@ class CausalFamily(Family):
                   (0 <= model.num_drafts <= 16, "num_drafts must be in 0..16"),
                   (model.sampling_temperature >= 0, "sampling_temperature must be >= 0"),
                   (training.draft_weight >= 0, "draft_weight must be >= 0"),
-                  (0.0 <= training.ema_decay < 1.0, "ema_decay must be in [0, 1)")]
+                  (0.0 <= training.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+                  (0.0 <= training.dropout < 1.0, "dropout must be in [0, 1)")]
         for ok, message in checks:
             if not ok:
                 raise ImadaremError(f"bad model config: {message}")
@@ -89,7 +91,7 @@ class CausalFamily(Family):
         return CausalTrainConfig(model, training)
 
     def build(self, config: CausalTrainConfig, tokenizer) -> CausalLM:
-        return CausalLM(config.model, tokenizer)
+        return CausalLM(config.model, tokenizer, dropout=config.training.dropout)
 
     def train_module(self, model: CausalLM):
         return _TeacherForcing(model)

@@ -1,0 +1,220 @@
+"""Several training runs sharing the lent GPU for one session, across chained device calls.
+
+A device call lasts at most 10 minutes, but processes started in their own session live until the machine
+goes back (it stays warm 30 s after a call). So the first call starts every run in the background and the
+next calls only watch; no run pays for a restart or a recompile between calls. Runs write to /tmp/runs on
+the device (the repository copy loses ignored folders between calls).
+
+    python3 experiments/device/session.py start SPEC.json --deadline-in S --call-seconds S
+    python3 experiments/device/session.py wait --call-seconds S [--snapshot NAME]
+    python3 experiments/device/session.py collect --call-seconds S
+
+SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem train flags]}. ``start`` also
+*fits each run's schedule to the deadline*: once a run has logged ~2,000 steps it measures that run's
+steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
+by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
+``--steps`` set to what fits; the cosine schedule is then the one of that many steps, except for the few
+hundred steps already taken (where the two schedules differ by < 1% of the learning rate).
+``collect`` waits for the runs to end and packs each run's log, run.json and last checkpoint with the EMA
+weights only (what ``imadarem export`` uses; the raw weights and optimiser moments stay on the device)
+into 15 MiB parts under $OUT. Needs the wheels in .whl/ and .devdata/ (train.csv.gz, encoded/*.npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+RUNS = Path("/tmp/runs")
+DATA = Path("/tmp/data/train.csv.gz")
+SITE = "/tmp/site"
+START = time.time()
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=SITE, PYTHONUNBUFFERED="1", IMADAREM_CACHE="/tmp/imcache")
+
+
+def install() -> None:
+    if not Path(SITE, "imadarem").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", SITE, *glob.glob(".whl/*.whl")], check=True)
+    enc = Path("/tmp/imcache/encoded")
+    enc.mkdir(parents=True, exist_ok=True)
+    for f in glob.glob(".devdata/encoded/*.npz"):
+        if not (enc / Path(f).name).exists():
+            shutil.copy(f, enc)
+    DATA.parent.mkdir(parents=True, exist_ok=True)
+    if not DATA.exists():
+        shutil.copy(".devdata/train.csv.gz", DATA)
+
+
+def deadline() -> float:
+    return float((RUNS / "deadline").read_text())
+
+
+def launch(name: str, args: list[str], resume_steps: int | None = None) -> None:
+    run = RUNS / name
+    left = int(deadline() - time.time() - 30)
+    common = ["--out-dir", str(run), "--no-progress", "--time-limit", str(max(left, 1))]
+    if resume_steps is None:
+        cmd = [sys.executable, "-m", "imadarem.training", "--data", str(DATA), *common, *args]
+    else:
+        cmd = [sys.executable, "-m", "imadarem.training", "--resume", "--steps", str(resume_steps), *common]
+    out = open(RUNS / f"{name}.out", "a")
+    out.write(f"\n# {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
+    out.flush()
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    (RUNS / f"{name}.pid").write_text(str(proc.pid))
+
+
+def alive(name: str) -> bool:
+    pid_file = RUNS / f"{name}.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a finished child of this process stays a zombie until reaped
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def log(name: str) -> list[dict]:
+    path = RUNS / name / "log.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def status(names: list[str]) -> None:
+    for name in names:
+        rows = log(name)
+        last = rows[-1] if rows else {}
+        val = next((r for r in reversed(rows) if any(k.startswith("val_") for k in r)), {})
+        shown = {k: v for k, v in val.items() if k.startswith("val_")}
+        print(f"[{time.time() - START:5.0f}s] {name}: alive={alive(name)} step={last.get('step')} "
+              f"s={last.get('seconds')} tok/s={last.get('tokens_per_s')} val@{val.get('step')}={shown}", flush=True)
+
+
+def steps_of(name: str) -> int:
+    return int(json.loads((RUNS / name / "run.json").read_text())["args"]["steps"])
+
+
+def fit(name: str, restart_cost: float = 80.0, min_span: int = 1600) -> bool:
+    """Resume ``name`` with the steps that fit before the deadline; True once it needs no more fitting."""
+    rows = [r for r in log(name) if r.get("step", 0) >= 400]
+    if len(rows) < 2 or rows[-1]["step"] - rows[0]["step"] < min_span:
+        return False
+    a, b = rows[0], rows[-1]
+    rate = (b["step"] - a["step"]) / max(b["seconds"] - a["seconds"], 1e-6)
+    left = deadline() - time.time() - 45
+    planned = steps_of(name)
+    fits = int(b["step"] + rate * (left - restart_cost)) // 500 * 500
+    print(f"[{time.time() - START:5.0f}s] {name}: {rate:.1f} steps/s, {planned} planned, {fits} fit", flush=True)
+    if abs(fits - planned) <= 0.04 * planned:
+        return True
+    pid = int((RUNS / f"{name}.pid").read_text())
+    os.killpg(pid, signal.SIGTERM)
+    while alive(name):
+        time.sleep(1)
+    launch(name, [], resume_steps=fits)
+    return True
+
+
+def snapshot(name: str, out: Path) -> None:
+    """The run's log, run.json and newest checkpoint (EMA weights only) as <name>.tar.part-* in ``out``."""
+    from safetensors.numpy import load_file, save_file  # the device has safetensors (transformers needs it)
+
+    run = RUNS / name
+    ckpt = run / "checkpoints" / (run / "latest").read_text().strip()
+    pack = Path("/tmp/pack") / name
+    shutil.rmtree(pack, ignore_errors=True)
+    (pack / "checkpoints" / ckpt.name).mkdir(parents=True)
+    weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith("ema.")}
+    save_file(weights, str(pack / "checkpoints" / ckpt.name / "model.safetensors"),
+              metadata={"format": "imadarem-checkpoint-1"})
+    shutil.copy(ckpt / "state.json", pack / "checkpoints" / ckpt.name)
+    (pack / "latest").write_text(ckpt.name + "\n")
+    for f in ("log.jsonl", "run.json"):
+        shutil.copy(run / f, pack)
+    if (RUNS / f"{name}.out").exists():
+        shutil.copy(RUNS / f"{name}.out", pack / "stdout.txt")
+    tar = Path("/tmp/pack") / f"{name}.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(pack, arcname=name)
+    subprocess.run(["split", "-b", "15M", str(tar), str(out / f"{name}.tar.part-")], check=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("verb", choices=("start", "wait", "collect"))
+    p.add_argument("spec", nargs="?")
+    p.add_argument("--deadline-in", type=float, help="start: seconds from now when every run must have stopped")
+    p.add_argument("--call-seconds", type=float, required=True, help="return before this many seconds")
+    p.add_argument("--snapshot", action="append", default=[], help="wait: also send back this run's checkpoint")
+    a = p.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    end = START + a.call_seconds
+    install()
+    if a.verb == "start":
+        RUNS.mkdir(parents=True, exist_ok=True)
+        (RUNS / "deadline").write_text(str(time.time() + a.deadline_in))
+        spec = json.loads(Path(a.spec).read_text())
+        (RUNS / "spec.json").write_text(json.dumps(spec))
+        for run in spec:
+            launch(run["name"], ["--steps", str(run["steps"]), *run["args"]])
+    names = [r["name"] for r in json.loads((RUNS / "spec.json").read_text())]
+    pending = set(names) if a.verb == "start" else set()
+    last_status = 0.0
+    while time.time() < end - 45:
+        for name in sorted(pending):
+            if fit(name):
+                pending.discard(name)
+        if a.verb == "collect" and not any(alive(n) for n in names):
+            break
+        if time.time() - last_status > 60:
+            status(names)
+            last_status = time.time()
+        time.sleep(5)
+    if a.verb == "collect":
+        for name in names:
+            if alive(name):  # out of time: stop it now, the trainer checkpoints where it is
+                os.killpg(int((RUNS / f"{name}.pid").read_text()), signal.SIGTERM)
+        t = time.time()
+        while any(alive(n) for n in names) and time.time() - t < 40:
+            time.sleep(1)
+    status(names)
+    for name in names if a.verb == "collect" else a.snapshot:
+        try:
+            snapshot(name, out)
+        except (OSError, ValueError) as exc:
+            print(f"{name}: no snapshot ({exc})", flush=True)
+    for name in names:
+        print(f"--- {name}.out (tail)")
+        text = (RUNS / f"{name}.out").read_text().splitlines() if (RUNS / f"{name}.out").exists() else []
+        print("\n".join(text[-4:]))
+
+
+if __name__ == "__main__":
+    main()

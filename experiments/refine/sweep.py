@@ -1,0 +1,63 @@
+"""FCD against mean model calls for refinement models: every selector and its options, one JSON row each.
+
+    python3 experiments/refine/sweep.py MODEL.onnx -n 2000 --tag refine-b4 \
+        --try gate threshold=0.5 --try gate threshold=0.8 --try maskgit --try l2r
+
+Each ``--try`` is a selector name and its options (as ``imadarem-run -o``); ``--steps K`` sets the step budget
+for every try. Rows (model, tag, selector, options, steps, n, seed, calls = mean model calls per molecule,
+MOSES's metrics) are appended to experiments/refine/results.jsonl. Seed 0 unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from imadarem.runtime.generator import Generator
+from imadarem.training.evaluation.molecules import MosesScorer
+
+RESULTS = Path(__file__).with_name("results.jsonl")
+
+
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("-n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--tag", default="")
+    p.add_argument("--no-fcd", action="store_true")
+    p.add_argument("--try", dest="tries", nargs="+", action="append", required=True, metavar="SELECTOR [K=V ...]")
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args()
+    scorer = MosesScorer(with_fcd=not a.no_fcd, n_jobs=2)
+    gen = Generator(a.model)
+    for selector, *opts in a.tries:
+        options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in opts)}
+        t0 = time.perf_counter()
+        samples = gen.generate(a.n, selector=selector, steps=a.steps, seed=a.seed, batch_size=500, **options)
+        seconds = time.perf_counter() - t0
+        row = {"model": a.model, "tag": a.tag, "selector": selector, "options": options, "steps": a.steps,
+               "n": a.n, "seed": a.seed, "calls": float(np.mean([s.steps for s in samples])),
+               "generate_seconds": round(seconds, 1)}
+        row.update(scorer([s.text for s in samples], a.seed))
+        keep = ("valid", "unique@10000", "FCD/Test", "SNN/Test", "Filters", "Novelty", "IntDiv")
+        print(json.dumps({k: row[k] for k in ("tag", "selector", "options", "calls") + keep if k in row}), flush=True)
+        with open(a.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
