@@ -68,6 +68,8 @@ class LoopSettings:
     layout: Layout
     trajectory: bool
     config: dict[str, Any]
+    #: decode blocks of this many positions left to right (a ``block`` refine model); 0: all positions at once
+    block: int = 0
 
 
 def make_selector(selector: str | Selector, options: dict[str, Any], outputs, model_name: str) -> Selector:
@@ -156,15 +158,17 @@ class RefinementLoop(Decoding):
         if shown.committed:  # a causal call verified drafts and committed tokens itself
             x, fz = shown.x, shown.frozen
             rows.tokens[rows.active], rows.frozen[rows.active] = x, fz
+        # what the selector may change: for a block model, the row's current block only
+        fz_step = fz if not self.s.block else fz | rules.outside_current_block(x, fz, sp.mask, self.s.block)
         state = StepState(t=t, num_steps=K, tokens=_ro(x), proposals=_ro(shown.proposals), logits=shown.logits,
-                          gate=_ro(shown.gate), critic=_ro(shown.critic), frozen=_ro(fz), rows=_ro(rows.active),
+                          gate=_ro(shown.gate), critic=_ro(shown.critic), frozen=_ro(fz_step), rows=_ro(rows.active),
                           rng=self.streams.for_rows(rows.active), temperature=temp, mask_id=sp.mask, pad_id=sp.pad,
                           eos_id=sp.eos, config=self.s.config, measures=shown.measures)
         decision = selector_call(self.sel, "select", state)
         problem = decision_problem(decision, x.shape)
         if problem is not None:
             raise PluginError(f"{selector_label(self.sel)}: select() {problem}")
-        new, remask = self._apply(decision, x, fz, shown.proposals, last=t == K - 1)
+        new, remask = self._apply(decision, x, fz_step, fz, shown.proposals, last=t == K - 1)
         new, new_fz = self._freeze_eos(new, fz)
         done, changed, ratio = self._stop(t, new, x, fz, new_fz, decision)
         rows.record(t, x, fz, new, new_fz, changed, remask, ratio, done, sp)
@@ -181,13 +185,13 @@ class RefinementLoop(Decoding):
                            rows.early, rows.trajectories)
 
     # -- the phases after the model call ----------------------------------------------------------
-    def _apply(self, decision: Decision, x, fz, proposals, last: bool):
-        """Take the selector's updates and re-masks (never on frozen positions; at the last step every
-        leftover mask takes its proposal)."""
+    def _apply(self, decision: Decision, x, fz_step, fz, proposals, last: bool):
+        """Take the selector's updates and re-masks (never on positions frozen for this step; at the last
+        step every leftover mask takes its proposal)."""
         mask = self.special.mask
-        update = np.asarray(decision.update, dtype=bool) & ~fz
+        update = np.asarray(decision.update, dtype=bool) & ~fz_step
         remask = (np.zeros_like(update) if decision.remask is None
-                  else np.asarray(decision.remask, dtype=bool) & ~fz & ~update)
+                  else np.asarray(decision.remask, dtype=bool) & ~fz_step & ~update)
         if last:
             update |= (x == mask) & ~fz
             remask[:] = False

@@ -283,3 +283,14 @@ def finished(t: int, ratio: Any, stop_threshold: float, masks_left: Any, all_fro
     """A row is done when nothing is left to change, or (after step 0) when its change ratio fell under
     ``stop_threshold`` and no mask is left."""
     return all_frozen | ((t > 0) & (ratio < stop_threshold) & ~masks_left)
+
+
+def outside_current_block(tokens: np.ndarray, frozen: np.ndarray, mask_id: int, block: int) -> np.ndarray:
+    """[B, L] bool: the positions outside each row's current block, the first block of ``block`` positions
+    that holds an unfrozen mask (a ``block`` refine model decodes its blocks left to right). A row with no
+    mask left has no current block: every position is outside, so the row settles."""
+    length = tokens.shape[-1]
+    open_mask = (tokens == mask_id) & ~frozen
+    first = np.where(open_mask.any(-1), open_mask.argmax(-1), length)
+    current = first // block
+    return (np.arange(length)[None, :] // block) != current[:, None]

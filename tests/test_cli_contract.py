@@ -367,6 +367,7 @@ def test_eval_samples_refuses_bad_input_in_one_line_before_loading_moses(tmp_pat
     for args, message in ((["--samples", str(tmp_path / "none.smi")], "cannot read samples"),
                           (["--samples", str(empty)], "holds no molecules"),
                           (["--samples", "--selector", "gate", str(empty)], "takes no --model"),
+                          (["--samples", "-o", "threshold=0.5", str(empty)], "--option"),
                           ([str(empty)], "give --samples and the SMILES files"),
                           (["--samples"], "give --samples and the SMILES files")):
         r = subprocess.run(cli + args + ["--moses-cache", str(tmp_path / "nothing-here")], capture_output=True,

@@ -85,7 +85,7 @@ def test_a_short_mixture_run_learns_a_gate_that_sets_the_calls(tmp_path):
     preset = PRESETS["tiny-refine"]
     args = TrainArgs(**{**preset["args"], "steps": 300, "eval_interval": 300}, data=str(MOSES_SAMPLE),
                      out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), progress=False,
-                     model={**preset["model"], "max_seq_len": 56})
+                     model={**preset["model"], "objective": "mixture", "max_seq_len": 56})
     result = train(args)
     assert result["last"]["val_gate_acc"] > 0.75, result["last"]
     gen = Generator(export_checkpoint(tmp_path / "run", tmp_path / "m.onnx"))

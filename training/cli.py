@@ -174,6 +174,8 @@ def eval_group():
 @click.option("--selector", "selectors", multiple=True,
               help="Repeatable [default: gate].")
 @click.option("--steps", "steps_list", multiple=True, type=click.IntRange(min=1), help="Repeatable [default: the model's K].")
+@click.option("-o", "--option", "options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
+              help="Selector option for every row, repeatable (e.g. -o threshold=0.7), as imadarem-run's.")
 @click.option("--temperature", type=click.FloatRange(min=0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
@@ -191,8 +193,9 @@ def eval_group():
               help="Score the SMILES FILES given (one molecule per line, e.g. from `imadarem bench --samples`) "
                    "instead of generating.")
 @click.argument("sample_files", nargs=-1, type=click.Path(dir_okay=False))
-def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, batch_size, threads, moses_cache,
-                           intdiv_sample, n_jobs, with_fcd, json_path, plot_path, score_files, sample_files):
+def eval_molecules_command(model, n, selectors, steps_list, options, temperature, seed, batch_size, threads,
+                           moses_cache, intdiv_sample, n_jobs, with_fcd, json_path, plot_path, score_files,
+                           sample_files):
     """MOSES's metrics of generated molecules, under MOSES's names: valid, unique@1000/10000, FCD, SNN, Frag and
     Scaf against Test and TestSF, IntDiv, IntDiv2, Filters, Novelty, and the Wasserstein distances of logP, SA,
     QED and weight to Test (RDKit; MOSES's splits and reference statistics). The reference sets' descriptors
@@ -209,8 +212,8 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
         if path:
             check_output(path, what)
     if sample_files:
-        if model or selectors or steps_list or plot_path:
-            raise ImadaremError("--samples scores files: it takes no --model, --selector, --steps or --plot")
+        if model or selectors or steps_list or options or plot_path:
+            raise ImadaremError("--samples scores files: it takes no --model, --selector, --steps, --option or --plot")
         cols = ["samples", "n", *metrics]
     shown = []
 
@@ -220,6 +223,8 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
             click.echo("|" + "---|" * len(cols))
         shown.append(row)
         cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
+        if row.get("options") and "selector" in cols:
+            cells[cols.index("selector")] += " " + " ".join(f"{k}={v}" for k, v in row["options"].items())
         click.echo("| " + " | ".join(cells) + " |")
 
     if sample_files:
@@ -227,7 +232,8 @@ def eval_molecules_command(model, n, selectors, steps_list, temperature, seed, b
                                    n_jobs=n_jobs)
     else:
         rows = em.evaluate(model, n, list(selectors), list(steps_list) or [None], seed, temperature, batch_size,
-                           moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd, n_jobs=n_jobs)
+                           moses_cache, intdiv_sample, threads, progress=show, with_fcd=with_fcd, n_jobs=n_jobs,
+                           selector_options=options)
     sampled = sorted({r["IntDiv_molecules"] for r in rows if intdiv_sample and "IntDiv_molecules" in r})
     if sampled:
         click.echo(f"\nIntDiv, IntDiv2: on {', '.join(map(str, sampled))} random valid molecules "

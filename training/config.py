@@ -38,11 +38,14 @@ class ImplicitRefinementConfig:
     critic_loss_weight: float = 1.0
     # "imadarem-v": masks at rate(t) and a gate that marks wrong tokens (the previous bundled model);
     # "mixture": the masks the samplers show (semi-autoregressive blocks, uniform, one span with its suffix) and
-    # a gate that scores, per position, the token that is or will be there (experiments/refine/PLAN.md)
+    # a gate that scores, per position, the token that is or will be there (experiments/refine/PLAN.md);
+    # "block": block diffusion (BD3-LM's vectorised training on x_t ++ x_0), decoded block by block, with the
+    # mixture's gate; a blank's clean suffix stays visible (training/block_objective.py)
     objective: str = "imadarem-v"
-    block_size: int = 4  # mixture: the semi-autoregressive block
+    block_size: int = 4  # mixture: the semi-autoregressive block; block: the decoding block
     semi_ar_weight: float = 0.6  # mixture: share of rows masked as a clean prefix, a block, a masked suffix
-    span_weight: float = 0.2  # mixture: share masked as one span with a clean suffix (the rest: uniform)
+    span_weight: float = 0.2  # mixture, block: share masked as one span with a clean suffix (mixture: the rest uniform)
+    block_suffix_share: float = 0.5  # block: share of blocks masked as a suffix of the block (the rest at a random rate)
 
     def __post_init__(self):
         checks = [
@@ -57,7 +60,8 @@ class ImplicitRefinementConfig:
             (self.sampling_temperature >= 0, "sampling_temperature must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.corruption_schedule in ("linear", "cosine"), "corruption_schedule must be 'linear' or 'cosine'"),
-            (self.objective in ("imadarem-v", "mixture"), "objective must be 'imadarem-v' or 'mixture'"),
+            (self.objective in ("imadarem-v", "mixture", "block"), "objective must be 'imadarem-v', 'mixture' or 'block'"),
+            (0.0 <= self.block_suffix_share <= 1.0, "block_suffix_share must be in [0, 1]"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (0.0 <= self.semi_ar_weight and 0.0 <= self.span_weight and self.semi_ar_weight + self.span_weight <= 1.0,
              "semi_ar_weight + span_weight must be in [0, 1]"),

@@ -58,6 +58,41 @@ class AdaptivePositionalEmbedding(nn.Module):
     def forward(self, length: int) -> torch.Tensor:
         return self.pe[:length] * self.decay[:length, None]
 
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The embeddings of explicit positions (the two streams of block training share positions)."""
+        return self.pe[positions] * self.decay[positions, None]
+
+
+def block_attention(tokens: torch.Tensor, block: int, special: SpecialIds) -> torch.Tensor:
+    """[B, L, L] which keys each query may see in a ``block`` model: keys in its own or an earlier block of
+    ``block`` positions, and the tokens already in place after the row's current block (the first block
+    holding a mask), such as a template's clean suffix; never PAD (the caller hides it).
+
+    Decoding block by block, the blocks after the current one hold only masks, so this is BD3-LM's
+    block-causal attention, exactly what the vectorised training shows (training/block_objective.py); with a
+    blank in the middle of a template, the text after the blank is seen from everywhere, as in the
+    objective's span rows."""
+    n = tokens.shape[1]
+    pos = torch.arange(n, device=tokens.device)
+    blk = torch.div(pos, block, rounding_mode="floor")
+    is_mask = tokens == special.mask
+    # float: ArgMax/ReduceMax of bool are not exportable to ONNX
+    first_mask = torch.where(is_mask.any(-1), is_mask.float().argmax(-1), torch.full_like(pos[:1], n).expand(tokens.shape[0]))
+    current = torch.div(first_mask, block, rounding_mode="floor")
+    placed_later = (blk[None] > current[:, None]) & ~is_mask & (tokens != special.pad)
+    earlier = blk[:, None] >= blk[None, :]
+    return earlier[None] | placed_later[:, None, :]
+
+
+def two_stream_attention(length: int, block: int, device=None) -> torch.Tensor:
+    """[2L, 2L] BD3-LM's training mask over x_t ++ x_0: a noisy block sees itself and the clean blocks
+    before it; the clean stream is block-causal and never sees the noisy one."""
+    blk = torch.div(torch.arange(length, device=device), block, rounding_mode="floor")
+    same, before, upto = (blk[:, None] == blk[None]), (blk[:, None] > blk[None]), (blk[:, None] >= blk[None])
+    top = torch.cat([same, before], 1)
+    bottom = torch.cat([torch.zeros_like(upto), upto], 1)
+    return torch.cat([top, bottom], 0)
+
 
 class TimeEmbedding(nn.Module):
     """Refinement step index -> vector: sinusoidal features through a one-layer MLP."""
@@ -141,16 +176,23 @@ class ImplicitRefinementModel(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     # -- the step -------------------------------------------------------------------------------
-    def hidden(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
+               allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``allowed`` [B or 1, n, n] and ``positions`` [n]: training's two streams; left out, the model's
+        own attention (bidirectional, or :func:`block_attention` for a ``block`` model)."""
         _, n = tokens.shape
         step = step.clamp(0, self.config.max_refinement_steps - 1)
-        if self.config.objective == "mixture":  # time-independent (as MDLM): the masks say how far along it is
+        if self.config.objective in ("mixture", "block"):  # time-independent (as MDLM): the masks say how far along
             step = torch.zeros_like(step)
-        x = self.tok_emb(tokens) * self.emb_scale + self.pos_emb(n)[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
+        pe = self.pos_emb(n) if positions is None else self.pos_emb.at(positions)
+        x = self.tok_emb(tokens) * self.emb_scale + pe[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
         x = F.dropout(x, self.config.dropout, self.training)
+        if allowed is None and self.config.objective == "block":
+            allowed = block_attention(tokens, self.config.block_size, self.special)
         keep = tokens != self.special.pad  # padding derived in the graph; a query always sees itself
         eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
-        attn_mask = keep[:, None, None, :] | eye[None, None]
+        see = keep[:, None, None, :] if allowed is None else keep[:, None, None, :] & allowed[:, None]
+        attn_mask = see | eye[None, None]
         # one additive bias for all layers: a boolean mask makes the exported attention of every layer
         # turn it into a bias again and guard its softmax against NaN rows (which the eye rules out)
         attn_bias = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
@@ -170,8 +212,8 @@ class ImplicitRefinementModel(nn.Module):
             out["critic_logits"] = self.critic_head(hidden).squeeze(-1)
         return out
 
-    def forward_train(self, tokens, step, cond) -> dict[str, torch.Tensor]:
-        return self.heads(self.hidden(tokens, step, cond))
+    def forward_train(self, tokens, step, cond, allowed=None, positions=None) -> dict[str, torch.Tensor]:
+        return self.heads(self.hidden(tokens, step, cond, allowed, positions))
 
     def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor):
         """The exported step: (tokens, step, cond) -> logits, gate, cond_next (, critic)."""

@@ -80,6 +80,9 @@ class TorchRefinement(_TorchModel):
             raise ImadaremError("the PyTorch reference loop takes no prompt, trajectory, drafts or selector "
                                 f"option but threshold (got {sorted(unknown)})")
         cfg = self.net.config
+        if cfg.objective == "block":
+            raise ImadaremError("the PyTorch reference loop decodes all positions at once; a block model decodes "
+                                "block by block: export it and run the file")
         threshold = request.selector_options.get("threshold")
         if threshold is None:
             threshold = 0.5 if name == "gate" else cfg.min_refine_uncertainty

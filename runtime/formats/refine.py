@@ -61,6 +61,10 @@ class RefineConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any], path: str = "model") -> RefineConfig:
         values = checked_fields(cls, config, path)
+        try:
+            decode_block(config)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
         if values["stop_threshold"] > 1:
             raise ModelFileError(f"{path}: model config stop_threshold must be in [0, 1], got {values['stop_threshold']!r}")
         return cls(**values)
@@ -68,6 +72,18 @@ class RefineConfig:
 
 def matches(meta: dict[str, str]) -> bool:
     return meta.get(KEY_FORMAT) == FORMAT
+
+
+def decode_block(config: dict[str, Any]) -> int:
+    """How many positions a model decodes at a time, left to right: ``block_size`` for a model trained with
+    the ``block`` objective (its attention hides later blocks until they hold a token), 0 (all positions at
+    once) for any other."""
+    if config.get("objective") != "block":
+        return 0
+    block = config.get("block_size")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ModelFileError(f"model config block_size must be a positive integer for a block model, got {block!r}")
+    return block
 
 
 class RefineFile(ModelFile):
@@ -133,7 +149,7 @@ class RefineFile(ModelFile):
             num_steps=cfg.max_refinement_steps if request.steps is None else request.steps,
             temperature=cfg.sampling_temperature if request.temperature is None else request.temperature,
             stop_threshold=cfg.stop_threshold if request.stop_threshold is None else request.stop_threshold,
-            layout=layout, trajectory=request.trajectory, config=dict(self.config))
+            layout=layout, trajectory=request.trajectory, config=dict(self.config), block=decode_block(self.config))
         bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
         selector = self.default_selector if request.selector is None else request.selector
 

@@ -299,9 +299,9 @@ def evaluate_samples(paths: list[str], moses_cache: str | None, intdiv_sample: i
 def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[int | None], seed: int,
              temperature: float | None, batch_size: int, moses_cache: str | None, intdiv_sample: int | None,
              threads: int | None = None, progress=None, with_fcd: bool | None = None,
-             n_jobs: int | None = None) -> list[dict[str, Any]]:
+             n_jobs: int | None = None, selector_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per selector and step count. ``with_fcd``: True needs the fcd package, None uses it
-    when installed, False skips FCD."""
+    when installed, False skips FCD; ``selector_options`` go to every row's selector (and into its row)."""
     from imadarem.runtime.generator import Generator
 
     scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample, n_jobs)
@@ -313,9 +313,11 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
         for steps in steps_list:
             t0 = time.perf_counter()
             samples = gen.generate(n, selector=selector, steps=steps, temperature=temperature, seed=seed,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, **(selector_options or {}))
             elapsed = time.perf_counter() - t0
             row: dict[str, Any] = {"selector": selector or "default", "steps": steps or "default"}
+            if selector_options:
+                row["options"] = dict(selector_options)
             row.update(scorer([s.text for s in samples], seed))
             row["steps_used"] = float(np.mean([s.steps for s in samples]))
             row["edits_per_step"] = float(np.mean([np.mean(s.edits) for s in samples]))

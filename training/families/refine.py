@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from imadarem.training.block_objective import block_loss
 from imadarem.training.checks import check_size, config_values
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.families.base import Family, LossInput
@@ -25,8 +26,8 @@ class _TrainView(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, step, cond):
-        return self.model.forward_train(tokens, step, cond)
+    def forward(self, tokens, step, cond, allowed=None, positions=None):
+        return self.model.forward_train(tokens, step, cond, allowed, positions)
 
 
 class RefineFamily(Family):
@@ -59,6 +60,9 @@ class RefineFamily(Family):
 
     def loss(self, config: ImplicitRefinementConfig, batch: LossInput):
         cfg, sp = config, batch.special
+        if cfg.objective == "block":
+            return block_loss(batch.forward, batch.ema, batch.clean, batch.generator, batch.global_batch, batch.rows,
+                              cfg, sp, batch.world, batch.autocast)
         L = batch.clean.shape[1]
         noise = draw_noise(batch.generator, batch.global_batch, L, cfg, sp, batch.clean.device)
         make = corrupt_mixture if cfg.objective == "mixture" else corrupt

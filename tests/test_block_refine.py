@@ -1,0 +1,192 @@
+"""The refine family's block objective (issue #24): BD3-LM's vectorised training and a single-stream model
+that sees exactly what that training showed it; decoding block by block; middle blanks that see their suffix."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
+    from imadarem.training.config import ImplicitRefinementConfig
+    from imadarem.training.model import ImplicitRefinementModel
+
+    tok = SelfiesTokenizer(["[C]", "[N]", "[O]", "[=C]", "[=O]", "[Branch1]", "[Ring1]", "[F]"])
+    cfg = ImplicitRefinementConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2,
+                                   max_seq_len=16, objective="block", block_size=4, max_refinement_steps=16,
+                                   dropout=0.0)
+    torch.manual_seed(0)
+    model = ImplicitRefinementModel(cfg, tok).eval()
+    with torch.no_grad():  # a trained-looking self-conditioning layer, so a zero cond is not a no-op by luck
+        model.self_cond.bias.normal_(0, 0.1)
+    return model
+
+
+def _clean(sp, vocab, rows=3, length=16, end=11, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.full((rows, length), sp.pad)
+    clean[:, :end] = torch.randint(4, vocab, (rows, end), generator=gen)
+    clean[:, end] = sp.eos
+    return clean
+
+
+def test_a_decoding_state_sees_what_the_two_stream_training_showed_it(tiny):
+    """Block b of x_t ++ x_0 under the training mask = block b of the single-stream state a decoder reaches
+    (clean blocks before b, block b as in x_t, masks after), under the model's own attention."""
+    from imadarem.training.model import two_stream_attention
+
+    cfg, sp = tiny.config, tiny.special
+    L, bs = cfg.max_seq_len, cfg.block_size
+    clean = _clean(sp, cfg.vocab_size)
+    noisy = clean.clone()
+    noisy[torch.rand(clean.shape, generator=torch.Generator().manual_seed(1)) < 0.5] = sp.mask
+    noisy[:, 11:] = sp.mask  # EOS masked: its tail is masked with it
+    pos = torch.arange(L)
+    zeros2 = torch.zeros(3, 2 * L, cfg.hidden_size)
+    step = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        two = tiny.forward_train(torch.cat([noisy, clean], 1), step, zeros2, two_stream_attention(L, bs)[None],
+                                 torch.cat([pos, pos]))
+        for b in range(L // bs):
+            state = torch.full_like(clean, sp.mask)
+            state[:, : b * bs] = clean[:, : b * bs]
+            state[:, b * bs:(b + 1) * bs] = noisy[:, b * bs:(b + 1) * bs]
+            one = tiny.forward_train(state, step, torch.zeros(3, L, cfg.hidden_size))
+            sl = slice(b * bs, (b + 1) * bs)
+            assert torch.allclose(one["logits"][:, sl], two["logits"][:, sl], atol=1e-5), b
+            assert torch.allclose(one["gate_logits"][:, sl], two["gate_logits"][:, sl], atol=1e-5), b
+
+
+def test_a_blank_sees_its_clean_suffix_and_a_block_never_sees_later_masks(tiny):
+    cfg, sp = tiny.config, tiny.special
+    L = cfg.max_seq_len
+    clean = _clean(sp, cfg.vocab_size, rows=1)
+    zeros, step = torch.zeros(1, L, cfg.hidden_size), torch.zeros(1, dtype=torch.long)
+    blank = clean.clone()
+    blank[:, 3:7] = sp.mask  # a middle blank, clean text on both sides
+    other = blank.clone()
+    other[:, 9] = 4 if int(blank[0, 9]) != 4 else 5  # change one token of the suffix
+    with torch.no_grad():
+        a = tiny.forward_train(blank, step, zeros)["logits"][:, 3:7]
+        b = tiny.forward_train(other, step, zeros)["logits"][:, 3:7]
+    assert not torch.allclose(a, b, atol=1e-4)  # the text after the blank is seen
+    opened = blank.clone()
+    opened[:, 12:] = sp.mask  # ... also when the template's end is open (masks after it)
+    opened_other = opened.clone()
+    opened_other[:, 9] = other[:, 9]
+    with torch.no_grad():
+        a = tiny.forward_train(opened, step, zeros)["logits"][:, 3:7]
+        b = tiny.forward_train(opened_other, step, zeros)["logits"][:, 3:7]
+    assert not torch.allclose(a, b, atol=1e-4)
+    # de novo: with every later position masked, block 1 is the same whatever the length of the masked tail
+    state = torch.full((1, L), sp.mask)
+    state[:, :4] = clean[:, :4]
+    shorter = state.clone()
+    shorter[:, 12:] = sp.pad
+    with torch.no_grad():
+        a = tiny.forward_train(state, step, zeros)["logits"][:, 4:8]
+        b = tiny.forward_train(shorter, step, zeros)["logits"][:, 4:8]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_block_loss_trains_every_block_and_its_gate(tiny):
+    from imadarem.training.block_objective import block_loss
+
+    cfg, sp = tiny.config, tiny.special
+    clean = _clean(sp, cfg.vocab_size, rows=40)
+    model = tiny.train()
+    try:
+        loss, m = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), 40, slice(0, 40),
+                             cfg, sp)
+        loss.backward()
+    finally:
+        tiny.eval()
+        tiny.zero_grad()
+    assert torch.isfinite(loss) and float(m["ce"]) > 0 and 0 <= float(m["gate_acc"]) <= 1
+    # every block up to the EOS block is trained somewhere in the batch: ~40 rows x 3 blocks of 4
+    assert float(m["tokens"]) > 40 * 3
+
+
+def test_outside_current_block_is_each_rows_first_block_with_an_open_mask():
+    from imadarem.runtime.rules import outside_current_block
+
+    M = 1
+    tokens = np.array([[5, 5, 5, 5, 5, M, 5, M], [5, M, 5, 5, M, M, M, M], [5, 5, 5, 5, 5, 5, 5, 5]])
+    frozen = np.zeros_like(tokens, dtype=bool)
+    out = outside_current_block(tokens, frozen, M, 4)
+    assert out.tolist() == [[True] * 4 + [False] * 4, [False] * 4 + [True] * 4, [True] * 8]
+    frozen[1, 1] = True  # a frozen mask (a prompt's) does not open its block
+    assert outside_current_block(tokens, frozen, M, 4)[1].tolist() == [True] * 4 + [False] * 4
+
+
+@pytest.fixture(scope="module")
+def block_file(tmp_path_factory):
+    from conftest import MOSES_SAMPLE
+    from imadarem.export.onnx_export import export_checkpoint
+    from imadarem.training.args import TrainArgs
+    from imadarem.training.presets import PRESETS
+    from imadarem.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("block")
+    preset = PRESETS["tiny-refine"]
+    assert preset["model"]["objective"] == "block"
+    args = TrainArgs(**{**preset["args"], "steps": 40, "eval_interval": 40, "checkpoint_interval": 40},
+                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
+                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40})
+    train(args)
+    return export_checkpoint(tmp / "run", tmp / "m.onnx")
+
+
+def test_a_block_file_commits_only_inside_the_current_block_and_keeps_a_templates_suffix(block_file):
+    from imadarem.runtime import Generator
+
+    gen = Generator(block_file)
+    mask, pad = gen.model.special.mask, gen.model.special.pad
+    for sample in gen.generate(6, seed=0, trajectory=True):
+        before = None
+        for step in sample.trajectory:
+            tokens = np.array(step.tokens)
+            if before is not None:
+                changed = np.flatnonzero((tokens != before) & (tokens != pad))  # committing EOS pads the rest
+                open_masks = np.flatnonzero(before == mask)
+                if len(changed) and len(open_masks):
+                    assert set(changed // 4) == {open_masks[0] // 4}, (changed, open_masks)
+            before = tokens
+    prompt = "[C][C][O]<mask:6>[C][=C][C][=C][C][=C][Ring1][=Branch1]"
+    suffix = gen.model.tokenizer.encode_fragment("[C][=C][C][=C][C][=C][Ring1][=Branch1]", first=False, open_end=False)
+    for sample in gen.generate(8, seed=0, prompt=prompt, trajectory=True):
+        assert sample.ids[9:9 + len(suffix)] == suffix
+        for step in sample.trajectory:  # the blank (positions 3-8) and the open end after the template
+            assert all(3 <= p <= 8 or p >= 9 + len(suffix) for p in step.refined), step.refined
+
+
+def test_the_pytorch_reference_loop_refuses_a_block_model_in_one_line(tiny):
+    from imadarem.runtime.errors import ImadaremError
+    from imadarem.training.reference import torch_refine
+
+    with pytest.raises(ImadaremError, match="block by block"):
+        torch_refine(tiny, 2)
+
+
+def test_eval_molecules_passes_selector_options_to_every_row(block_file, monkeypatch):
+    """`imadarem eval molecules -o threshold=...` (the frontier of a refine model): the options reach the
+    selector (a stricter gate takes more calls) and are recorded in the row."""
+    from imadarem.training.evaluation import molecules as em
+
+    class NoScores:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, smiles, seed=0):
+            return {"n": len(smiles)}
+
+    monkeypatch.setattr(em, "MosesScorer", NoScores)
+    calls = {}
+    for threshold in (0.05, 0.95):
+        (row,) = em.evaluate(str(block_file), 24, ["gate"], [None], 0, None, 24, None, None,
+                             selector_options={"threshold": threshold})
+        assert row["options"] == {"threshold": threshold}
+        calls[threshold] = row["steps_used"]
+    assert calls[0.05] < calls[0.95], calls

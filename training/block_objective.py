@@ -1,0 +1,146 @@
+"""The ``block`` objective of the refine family: block diffusion with every block trained in every row.
+
+Why: the mixture objective trains the conditional that block-by-block decoding samples from (the next block
+given a clean prefix) at about one position per row, and its models sample poorly at any number of calls
+(experiments/runs/shared-h200-2026-12-02). BD3-LM (Arriola et al. 2025) trains all blocks of a row at once:
+the model reads x_t ++ x_0 (the noisy copy, then the clean one, at the same positions) under
+:func:`~imadarem.training.model.two_stream_attention`, so block b's noisy tokens see block b and the clean
+blocks before it, exactly the state a decoder reaches with the same model's single-stream
+:func:`~imadarem.training.model.block_attention`.
+
+Per row (every draw for the global batch, from the step's generator):
+
+- *block rows* (1 - ``span_weight``): each block masked either as a suffix of the block from a random offset
+  (``block_suffix_share``, what left-to-right commits inside a block leave) or at a random rate; some masked
+  positions are refilled with the EMA teacher's samples or random tokens (committed tokens that may be
+  wrong), as in the mixture objective;
+- *span rows* (``span_weight``): one span masked at a random rate with clean text on both sides, in a single
+  stream (a middle blank; the model sees the clean suffix after a row's last mask).
+
+Loss: cross-entropy on the corrupted positions of the blocks up to each row's EOS block, plus the gate's
+BCE (a mask: will the token sampled there be right; a committed token: is it wrong), the mixture's gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from imadarem.runtime import rules
+from imadarem.runtime.tokenizer import SpecialIds
+from imadarem.training.config import ImplicitRefinementConfig
+from imadarem.training.distributed import global_sum
+from imadarem.training.model import two_stream_attention
+from imadarem.training.objective import targets_of
+
+
+def _draws(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefinementConfig, special: SpecialIds,
+           device) -> dict[str, torch.Tensor]:
+    kw = {"generator": gen, "device": device}
+    blocks = -(-length // cfg.block_size)
+    V = cfg.vocab_size
+    allowed = torch.tensor([i for i in range(V) if i not in (special.mask, special.pad, special.eos)], device=device)
+    return {"rate": torch.rand(batch, blocks, **kw), "suffix": torch.rand(batch, blocks, **kw),
+            "offset": torch.rand(batch, blocks, **kw), "u": torch.rand(batch, length, **kw),
+            "replace": torch.rand(batch, length, **kw),
+            "random": allowed[torch.randint(0, len(allowed), (batch, length), **kw)],
+            "gumbel": rules.gumbel(torch.rand(batch, length, V, **kw)), "span": torch.rand(batch, 3, **kw)}
+
+
+def _tail_with_eos(corrupted: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The positions after EOS are one unit with it: masked iff the EOS is (committing EOS pads the rest)."""
+    L = corrupted.shape[1]
+    at_eos = corrupted.gather(1, ends.clamp(max=L - 1)[:, None])
+    return torch.where(rules.after_first_eos(ends, L), at_eos, corrupted)
+
+
+def _sample(logits: torch.Tensor, gumbel: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+    logits = logits.float().clone()
+    logits[..., [special.mask, special.pad]] = float("-inf")
+    return (logits + gumbel).argmax(-1)
+
+
+def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, global_batch: int, rows: slice,
+               cfg: ImplicitRefinementConfig, special: SpecialIds, world: int = 1, autocast=None):
+    """The loss of this rank's rows ``clean`` [b, L] (``rows`` of the global batch) and its metrics.
+    ``forward`` is the (compiled, DDP-wrapped) training forward, ``teacher`` the EMA model."""
+    B, L = clean.shape
+    dev = clean.device
+    d = {k: v[rows] for k, v in _draws(gen, global_batch, L, cfg, special, dev).items()}
+    n_span = int(round(global_batch * cfg.span_weight))
+    is_span = torch.arange(global_batch, device=dev)[rows] >= global_batch - n_span
+    targets, ends = targets_of(clean, special)
+    pos = torch.arange(L, device=dev)
+    blk = torch.div(pos, cfg.block_size, rounding_mode="floor")
+    ctx = autocast() if autocast else contextlib.nullcontext()
+    parts = {}
+
+    # -- block rows: x_t ++ x_0 -------------------------------------------------------------------
+    b_rows = ~is_span
+    if b_rows.any():
+        c, t, e = clean[b_rows], targets[b_rows], ends[b_rows]
+        rate, suf, off = d["rate"][b_rows], d["suffix"][b_rows], d["offset"][b_rows]
+        rate = rate.clamp(min=1.0 / cfg.block_size)
+        at_random = d["u"][b_rows] < rate[:, blk]
+        first = (off * cfg.block_size).floor().long()  # the first masked offset of a suffix-masked block
+        as_suffix = (pos % cfg.block_size)[None] >= first[:, blk]
+        corrupted = torch.where(suf[:, blk] < cfg.block_suffix_share, as_suffix, at_random)
+        corrupted = _tail_with_eos(corrupted, e)
+        xt = torch.where(corrupted, torch.full_like(c, special.mask), c)
+        upto = blk[None] <= torch.div(e.clamp(max=L - 1), cfg.block_size, rounding_mode="floor")[:, None]
+        allowed = two_stream_attention(L, cfg.block_size, dev)[None]
+        positions = torch.cat([pos, pos])
+        zeros = torch.zeros(c.shape[0], 2 * L, cfg.hidden_size, device=dev)
+        step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
+        with torch.no_grad(), ctx:
+            first_pass = teacher.forward_train(torch.cat([xt, c], 1), step, zeros, allowed, positions)
+        samples = _sample(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
+        p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
+        u = d["replace"][b_rows]
+        refill = corrupted & upto & (samples != special.eos)
+        xt = torch.where(refill & (u < p_s), samples, xt)
+        xt = torch.where(refill & (u >= p_s) & (u < p_s + p_r), d["random"][b_rows], xt)
+        xt = rules.pad_after_eos(xt, special.eos, special.pad)
+        with ctx:
+            out = forward(torch.cat([xt, c], 1), step, zeros, allowed, positions)
+        valid = upto & (xt != special.pad)
+        parts["block"] = (out["logits"][:, :L], out["gate_logits"][:, :L], xt, t, samples, corrupted & valid, valid)
+
+    # -- span rows: one blank with clean text on both sides, a single stream ----------------------------
+    if is_span.any():
+        c, t, e = clean[is_span], targets[is_span], ends[is_span]
+        u3 = d["span"][is_span]
+        length = (e + 1).clamp(max=L)
+        start = (u3[:, 0:1] * length[:, None]).floor().long()
+        span_len = 1 + (u3[:, 1:2] * (length[:, None] - start)).floor().long()
+        in_span = (pos[None] >= start) & (pos[None] < start + span_len)
+        corrupted = (in_span & (d["u"][is_span] < u3[:, 2:3].clamp(min=0.1))) | (pos[None] == start)
+        corrupted = _tail_with_eos(corrupted, e)
+        xt = torch.where(corrupted, torch.full_like(c, special.mask), c)
+        zeros = torch.zeros(c.shape[0], L, cfg.hidden_size, device=dev)
+        step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
+        with ctx:
+            out = forward(xt, step, zeros)
+        samples = _sample(out["logits"].detach(), d["gumbel"][is_span], special)
+        valid = xt != special.pad
+        parts["span"] = (out["logits"], out["gate_logits"], xt, t, samples, corrupted & valid, valid)
+
+    V = cfg.vocab_size
+    metrics_sums = torch.zeros(3, device=dev)  # ce, gate bce, gate correct
+    metric_counts = torch.zeros(2, device=dev)  # loss positions, gate positions
+    for logits, gate_logits, xt, t, samples, loss_pos, valid in parts.values():
+        ce = F.cross_entropy(logits.float().reshape(-1, V), t.reshape(-1), reduction="none").view_as(t)
+        masked = xt == special.mask
+        gate_target = torch.where(masked, (samples == t).float(), (xt != t).float())
+        bce = F.binary_cross_entropy_with_logits(gate_logits.float(), gate_target, reduction="none")
+        correct = ((gate_logits > 0) == (gate_target > 0.5)) & valid
+        metrics_sums = metrics_sums + torch.stack([(ce * loss_pos).sum(), (bce * valid).sum(), correct.sum().float()])
+        metric_counts = metric_counts + torch.stack([loss_pos.sum(), valid.sum()]).float()
+    n = global_sum(metric_counts).clamp(min=1.0)
+    ce_mean, bce_mean = metrics_sums[0] / n[0], metrics_sums[1] / n[1]
+    loss = ce_mean + cfg.gate_loss_weight * bce_mean
+    stats = global_sum(metrics_sums.detach())
+    metrics = {"loss": stats[0] / n[0] + cfg.gate_loss_weight * stats[1] / n[1], "ce": stats[0] / n[0],
+               "gate_bce": stats[1] / n[1], "gate_acc": stats[2] / n[1], "tokens": n[0]}
+    return loss * world, metrics
