@@ -7,15 +7,20 @@ from __future__ import annotations
 import json
 
 import click
+from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.hookspecs import hookimpl
 from imadarem.training.cli import require_torch
 
 
 @click.command("export")
 @click.argument("source", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.onnx).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Model file to write (.onnx); with --to transformers, a new folder.")
+@click.option("--to", "target", type=click.Choice(["onnx", "transformers"]), default="onnx", show_default=True,
+              help="onnx: an Imadarem model file; transformers: a causal model's trunk as a Hugging Face GPT-2 "
+                   "folder (no draft heads; token ids in imadarem_vocab.json).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True,
-              help="fp32; int8 (dynamic quantisation, CPUs); fp16 (GPUs: refine files, causal --decode files); "
+              help="fp32; int8 (CPUs; causal files static: the same molecule in any batch, refine files dynamic); fp16 (GPUs: refine files, causal --decode files); "
                    "int4 (causal step files: weight-only MatMulNBits).")
 @click.option("--decode", is_flag=True,
               help="causal: a decode file, the gate's whole draft-and-verify step in one graph, fixed shapes but the "
@@ -32,7 +37,7 @@ from imadarem.training.cli import require_torch
                    "fp16].")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the file with the PyTorch model on random batches.")
-def export_command(source, output, dtype, decode, drafts, weights, device_state, sampling, check):
+def export_command(source, output, target, dtype, decode, drafts, weights, device_state, sampling, check):
     """Export SOURCE (a run folder, one of its checkpoints, or a model file to rebuild, such as the bundled
     model) as one ONNX model file. Family, shapes and tokenizer come from SOURCE: a refine model becomes a
     refinement step, a causal model a causal step (or, with --decode, a decode file)."""
@@ -40,6 +45,17 @@ def export_command(source, output, dtype, decode, drafts, weights, device_state,
     from imadarem.export.exporters import check_options, export_source, load_source
     from imadarem.export.onnx_export import check_writable
 
+    if target == "transformers":
+        src = load_source(source, weights)
+        if src.family != "causal":
+            raise ImadaremError(f"--to transformers exports a causal model; {source} is a {src.family} model")
+        if decode or drafts is not None or dtype != "fp32" or device_state is not None or sampling is not None:
+            raise ImadaremError("--to transformers writes the fp32 trunk: it takes no --dtype, --decode, --drafts, "
+                                "--device-state or --sampling")
+        from imadarem.export.transformers_export import save_transformers
+
+        click.echo(json.dumps(save_transformers(src.model, output)))
+        return
     check_writable(output)
     src = load_source(source, weights)
     num_drafts = getattr(src.model.config, "num_drafts", None)
