@@ -211,7 +211,10 @@ class RefinementLoop(Decoding):
         changed = rules.edits(new, x, fz, self.special.pad)
         masks_left = ((new == self.special.mask) & ~new_fz).any(-1)
         quiet = ratio if decision.stop is None else np.where(np.asarray(decision.stop, dtype=bool), -1.0, ratio)
-        done = rules.finished(t, quiet, self.s.stop_threshold, masks_left, new_fz.all(-1))
+        settled = new_fz.all(-1)
+        if self.s.block:  # a block model changes only its current block: with no open mask, nothing can change
+            settled |= ~masks_left
+        done = rules.finished(t, quiet, self.s.stop_threshold, masks_left, settled)
         return done, changed, ratio
 
 

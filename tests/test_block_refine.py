@@ -190,3 +190,25 @@ def test_eval_molecules_passes_selector_options_to_every_row(block_file, monkeyp
         assert row["options"] == {"threshold": threshold}
         calls[threshold] = row["steps_used"]
     assert calls[0.05] < calls[0.95], calls
+
+
+def test_the_confidence_selector_commits_trusted_masks_and_else_the_leftmost(block_file):
+    """Fast-dLLM's rule, the gate's non-revising baseline: at threshold 1 nothing is trusted, so each step
+    commits exactly the leftmost open mask; at threshold 0 every mask of the block at once."""
+    from imadarem.runtime import Generator
+
+    gen = Generator(block_file)
+    mask = gen.model.special.mask
+    strict = gen.generate(6, selector="confidence", seed=0, threshold=1.0, trajectory=True)
+    for sample in strict:
+        before = None
+        for step in sample.trajectory:
+            tokens = np.array(step.tokens)
+            if before is not None and (before == mask).any():
+                placed = [p for p in step.refined if before[p] == mask and tokens[p] != gen.model.special.pad]
+                assert placed[:1] == [int(np.flatnonzero(before == mask)[0])], (placed, step.refined)
+            before = tokens
+    loose = gen.generate(6, selector="confidence", seed=0, threshold=0.0)
+    assert np.mean([s.steps for s in loose]) < np.mean([s.steps for s in strict])
+    with pytest.raises(Exception, match="fallback"):
+        gen.generate(1, selector="confidence", fallback="random")

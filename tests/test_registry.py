@@ -7,7 +7,7 @@ import pytest
 from imadarem.runtime import Selector, SelectorError, UnknownPluginError, create_selector, get_selector_class
 from imadarem.runtime.registry import Registry
 
-BUILTIN_SELECTORS = {"critic", "entropy", "gate", "l2r", "maskgit", "overwrite", "uniform"}
+BUILTIN_SELECTORS = {"confidence", "critic", "entropy", "gate", "l2r", "maskgit", "overwrite", "uniform"}
 BUILTIN_TOKENIZERS = {"char", "hf", "selfies"}
 
 GOOD = """
@@ -55,7 +55,7 @@ def test_builtins_are_found_through_entry_points():
 
 
 def test_lookup_unknown_name_lists_available():
-    with pytest.raises(UnknownPluginError, match=r"unknown selector 'nope' \(available: critic, entropy, gate"):
+    with pytest.raises(UnknownPluginError, match=r"unknown selector 'nope' \(available: confidence, critic, entropy, gate"):
         get_selector_class("nope")
 
 

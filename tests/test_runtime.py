@@ -119,7 +119,7 @@ def test_bad_prompts_and_options():
         gen.generate(1, prompt="a<mask:20>")
     with pytest.raises(PromptError, match="at most 11"):
         gen.generate(1, prompt="abcdefghabcd")
-    with pytest.raises(UnknownPluginError, match="available: critic, entropy"):
+    with pytest.raises(UnknownPluginError, match="available: confidence, critic, entropy"):
         gen.generate(1, selector="nope")
     with pytest.raises(SelectorError, match="no option wat"):
         gen.generate(1, selector="maskgit", wat=1)

@@ -1,5 +1,6 @@
 """Built-in selectors (entry point ``imadarem = selectors``): one small module each."""
 
+from imadarem.plugins.selectors.confidence import ConfidenceSelector
 from imadarem.plugins.selectors.critic import CriticSelector
 from imadarem.plugins.selectors.entropy import EntropySelector
 from imadarem.plugins.selectors.gate import GateSelector
@@ -17,6 +18,7 @@ BUILTIN_SELECTORS = [
     CriticSelector,
     UniformSelector,
     LeftToRightSelector,
+    ConfidenceSelector,
 ]
 
 
