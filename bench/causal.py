@@ -40,7 +40,8 @@ from imadarem.runtime.results import LoopTimings
 
 #: a timed run generates at least this many molecules (in batches of the row's batch size)
 MIN_MOLECULES = 32
-FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "torch-decode", "torch-decode-l2r")
+FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "torch-decode", "torch-decode-l2r", "torch-compile",
+            "torch-compile-l2r")
 #: int8 is static (calibrated) quantisation, as `imadarem export --dtype int8` writes; int8dyn the dynamic
 #: quantisation files had before (not batch-invariant), for comparison
 PRECISIONS = {"cpu": ("int8", "fp32", "int4", "int8dyn"), "cuda": ("fp16", "fp32")}
@@ -80,12 +81,13 @@ class Engine:
 
     @property
     def left_to_right(self) -> bool:
-        return self.family in ("ort-l2r", "ort-decode-l2r", "torch-decode-l2r")
+        return self.family in ("ort-l2r", "ort-decode-l2r", "torch-decode-l2r", "torch-compile-l2r")
 
     @property
     def baseline(self) -> Engine:
         """The left-to-right row this row is measured against (itself for a baseline row)."""
-        pair = {"ort-loop": "ort-l2r", "ort-decode": "ort-decode-l2r", "torch-decode": "torch-decode-l2r"}
+        pair = {"ort-loop": "ort-l2r", "ort-decode": "ort-decode-l2r", "torch-decode": "torch-decode-l2r",
+                "torch-compile": "torch-compile-l2r"}
         return Engine(pair.get(self.family, self.family), self.precision, self.graphs)
 
     def runs_on(self, provider: str) -> bool:
@@ -200,7 +202,8 @@ class CausalBench:
 
                 dtype = torch.float16 if engine.precision == "fp16" else torch.float32
                 model = _copy_to(self.model, torch.device(provider), dtype)
-                gen = Generator(TorchDecode(model, 0 if engine.left_to_right else None))
+                mode = self.args.torch_compile_mode if engine.family.startswith("torch-compile") else None
+                gen = Generator(TorchDecode(model, 0 if engine.left_to_right else None, compile_mode=mode))
             else:
                 gen = Generator(self.files[f"{engine.family}-{engine.precision}"], provider=provider,
                                 threads=self.threads)
@@ -249,6 +252,9 @@ class CausalBench:
                   "max_seq_len": c.max_seq_len, "drafts": c.num_drafts, "parameters": self.model.num_parameters(),
                   "repeats": a.repeats, "seed": a.seed, "rows": [asdict(r) for r in rows],
                   "summary": summary(rows)}
+        if any(e.family.startswith("torch-compile") for engines in self.engines.values() for e in engines):
+            result["torch_compile"] = {"mode": a.torch_compile_mode, "backend": "inductor", "dynamic": False,
+                                       "torch": torch.__version__}
         out = Path(a.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "bench.json", json.dumps(result, indent=2))
@@ -289,7 +295,7 @@ def _compare(rows: list[CausalRow], provider: str, batch: int, ids: dict) -> Non
     torch_best: dict[bool, float] = {}
     for r in here.values():
         e = Engine.parse(r.engine)
-        if e.family.startswith("torch"):
+        if e.family.startswith("torch-decode"):  # the eager loop
             torch_best[e.left_to_right] = max(torch_best.get(e.left_to_right, 0.0), r.seq_per_s)
     for r in here.values():
         e = Engine.parse(r.engine)
@@ -316,8 +322,11 @@ def summary(rows: list[CausalRow]) -> list[dict[str, Any]]:
 
         refine = best(lambda e: not e.left_to_right and e.family.startswith("ort"))
         l2r = best(lambda e: e.left_to_right and e.family.startswith("ort"))
-        torch_refine = best(lambda e: not e.left_to_right and e.family.startswith("torch"))
+        torch_refine = best(lambda e: not e.left_to_right and e.family.startswith("torch-decode"))
+        compiled = best(lambda e: not e.left_to_right and e.family.startswith("torch-compile"))
         item = {"provider": provider, "batch": batch}
+        if refine and compiled:  # the same draft-and-verify algorithm under torch.compile (issue #26)
+            item.update(torch_compile=compiled.engine, vs_torch_compile=refine.seq_per_s / compiled.seq_per_s)
         if refine and l2r:
             item.update(refinement=refine.engine, baseline=l2r.engine, vs_baseline=refine.seq_per_s / l2r.seq_per_s)
         if refine and torch_refine:

@@ -34,7 +34,8 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
               help="Comma-separated. A refinement model (format 1): ort-fp32, ort-int8, ort-fp16, ort-fp32-head, "
                    "ort-fp16-head (files with the sampling head), torch, torch-bf16, xt-nar, xt-ar-kv. A causal model "
                    "(the bundled one): FAMILY-PRECISION with FAMILY ort-loop, ort-l2r, ort-decode, ort-decode-l2r, "
-                   "torch-decode, torch-decode-l2r and PRECISION int8, int4, fp32 (cpu), fp16, fp32 (cuda); "
+                   "torch-decode, torch-decode-l2r (PyTorch eager), torch-compile, torch-compile-l2r (the same step "
+                   "under torch.compile, --torch-compile-mode) and PRECISION int8, int4, fp32 (cpu), fp16, fp32 (cuda); "
                    "ort-decode*-fp16-nograph: without CUDA graphs.")
 @click.option("--samples", default=0, show_default=True, type=click.IntRange(min=0),
               help="Causal models: write this many molecules per engine as SMILES (OUT_DIR/samples) and score them "
@@ -46,9 +47,12 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--agreement-n", default=256, show_default=True, type=click.IntRange(min=0),
               help="Sequences decoded greedily to compare int8/fp16 tokens with fp32.")
+@click.option("--torch-compile-mode", default="default", show_default=True,
+              type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+              help="Causal models: torch.compile's mode for the torch-compile rows (inductor).")
 @click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
 def bench_command(model, checkpoint, batch_sizes, providers, engines, samples, steps, selector, repeats, threads,
-                  seed, agreement_n, out_dir):
+                  seed, agreement_n, torch_compile_mode, out_dir):
     """Time the runtime against the real alternatives, side by side. A refinement model: its loop against
     PyTorch eager, x-transformers and a KV-cache AR decoder. A causal model (the bundled one): the
     refinement loop (draft-and-verify) against the same model's left-to-right decoder, on onnxruntime
@@ -71,7 +75,7 @@ def bench_command(model, checkpoint, batch_sizes, providers, engines, samples, s
         check_output(Path(out_dir) / name, "-o")
     args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
                      engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
-                     agreement_n=agreement_n, out_dir=out_dir, samples=samples)
+                     agreement_n=agreement_n, out_dir=out_dir, samples=samples, torch_compile_mode=torch_compile_mode)
     bench = Bench(args)
     bench.run(progress=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo((Path(out_dir) / "bench.md").read_text())

@@ -58,6 +58,7 @@ class BenchArgs:
     agreement_n: int = 256
     out_dir: str = "bench-results"
     samples: int = 0  # causal models: molecules per engine written as SMILES (and scored, with the extras)
+    torch_compile_mode: str = "default"  # causal models' torch-compile rows: torch.compile's mode
 
 
 @dataclass

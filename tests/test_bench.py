@@ -134,10 +134,38 @@ def test_bench_of_a_causal_model_sets_each_refinement_row_beside_its_left_to_rig
     assert json.loads((tmp_path / "bench.json").read_text())["summary"][0]["batch"] == 1
 
 
+@pytest.mark.slow
+def test_torch_compile_rows_decode_the_eager_loops_molecules_and_record_their_settings(causal_model_file, tmp_path,
+                                                                                      monkeypatch):
+    """The strongest PyTorch peer (issue #26): the same draft-and-verify step under torch.compile gives the
+    eager loop's molecules for the same seeds; its mode and torch version go into bench.json, and the summary
+    sets our best row beside it."""
+    from imadarem.bench.runner import Bench, BenchArgs
+
+    engines = ("ort-decode-fp32", "ort-decode-l2r-fp32", "torch-decode-fp32", "torch-decode-l2r-fp32",
+               "torch-compile-fp32", "torch-compile-l2r-fp32")
+    args = BenchArgs(model=str(causal_model_file), batch_sizes=(3,), repeats=1, out_dir=str(tmp_path),
+                     engines=engines, samples=6, torch_compile_mode="default")
+    import imadarem.bench.causal as bc
+
+    monkeypatch.setattr(bc, "_scorer", lambda: (lambda smiles: {"valid": 1.0}))  # no MOSES download here
+    result = Bench(args).run()
+    rows = {r["engine"]: r for r in result["rows"]}
+    assert rows["torch-compile-fp32"]["identical_to_baseline"] == 1.0
+    smiles = {e: (tmp_path / "samples" / f"cpu-{e}.smi").read_text().splitlines() for e in engines}
+    assert smiles["torch-compile-fp32"] == smiles["torch-decode-fp32"]
+    assert smiles["torch-compile-l2r-fp32"] == smiles["torch-decode-l2r-fp32"]
+    assert result["torch_compile"]["mode"] == "default" and result["torch_compile"]["torch"]
+    (item,) = result["summary"]
+    assert item["vs_torch_compile"] == pytest.approx(rows["ort-decode-fp32"]["seq_per_s"]
+                                                     / rows["torch-compile-fp32"]["seq_per_s"])
+    assert item["torch"] == "torch-decode-fp32"  # the eager comparison stays the eager loop's
+
+
 def test_bench_of_a_causal_model_refuses_unknown_engines(causal_model_file, tmp_path):
     from imadarem.bench.runner import Bench, BenchArgs
 
-    for name in ("ort-decode-bf16", "torch-decode-int8", "ort-loop-fp16-nograph", "warp"):
+    for name in ("ort-decode-bf16", "torch-decode-int8", "torch-compile-int4", "ort-loop-fp16-nograph", "warp"):
         with pytest.raises(ImadaremError, match="unknown engine"):
             Bench(BenchArgs(model=str(causal_model_file), engines=(name,), out_dir=str(tmp_path)))
 

@@ -222,11 +222,22 @@ def torch_refine(model, n: int, steps: int | None = None, temperature: float | N
 class TorchDecode(_TorchModel):
     """A CausalLM's DecodeStep in PyTorch eager as a Generator model (``drafts`` heads; 0: left to right)."""
 
-    def __init__(self, model, drafts: int | None = None):
+    #: torch.compile modes a TorchDecode may run its step with (None: eager)
+    COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+    def __init__(self, model, drafts: int | None = None, compile_mode: str | None = None):
+        """``compile_mode``: run the step through ``torch.compile`` (inductor) in that mode, the strongest
+        PyTorch peer of our engines (issue #26); one compilation per batch size, the state's shapes being
+        fixed for a batch."""
         from imadarem.training.causal import DecodeStep
 
         super().__init__(model)
         self.step_module = DecodeStep(model, drafts, inplace=True).to(_device(model)).eval()
+        if compile_mode is not None and compile_mode not in self.COMPILE_MODES:
+            raise ImadaremError(f"compile mode must be one of {', '.join(self.COMPILE_MODES)}, got {compile_mode!r}")
+        self.compile_mode = compile_mode
+        self.step_fn = self.step_module if compile_mode is None else torch.compile(
+            self.step_module, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
 
     def plan(self, request: Request) -> Plan:
         name = getattr(request.selector, "name", request.selector)
@@ -254,7 +265,7 @@ class _TorchDecoding(Decoding):
         from imadarem.runtime.formats.decode import state_names
 
         step = owner.step_module
-        self.step_module, self.device = step, _device(owner.net)
+        self.step_fn, self.device = owner.step_fn, _device(owner.net)
         self.sync = _sync(self.device)
         self.keys = torch.from_numpy(keys).to(self.device)
         dtype = owner.net.tok.weight.dtype
@@ -271,7 +282,7 @@ class _TorchDecoding(Decoding):
     @torch.no_grad()
     def step(self) -> CallReport:
         started = time.perf_counter()
-        out = self.step_module(*(self.state[n] for n in self.names), self.keys, self.temp)
+        out = self.step_fn(*(self.state[n] for n in self.names), self.keys, self.temp)
         rows = self.left
         self.state = dict(zip(self.names, out[:-1]))
         self.left = int(out[-1].item())  # the call's one host sync
