@@ -386,11 +386,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_fmt(None if r['outside_run'] is None else 100 * r['outside_run'], '.1f')}% | "
                      f"{_fmt(r['identical_to_baseline'], '.3f')} | {_fmt(q.get('fcd'), '.3f')} |")
     if result.get("summary"):
-        lines += ["", "| provider | batch | refinement | baseline | × baseline | PyTorch loop | × PyTorch |",
-                  "|---|---:|---|---|---:|---|---:|"]
+        lines += ["", "| provider | batch | refinement | baseline | × baseline | PyTorch loop | × PyTorch | "
+                      "torch.compile | × torch.compile |",
+                  "|---|---:|---|---|---:|---|---:|---|---:|"]
         for s in result["summary"]:
             lines.append(f"| {s['provider']} | {s['batch']} | {s.get('refinement', '–')} | {s.get('baseline', '–')} | "
-                         f"{_fmt(s.get('vs_baseline'), '.2f')} | {s.get('torch', '–')} | {_fmt(s.get('vs_torch'), '.2f')} |")
+                         f"{_fmt(s.get('vs_baseline'), '.2f')} | {s.get('torch', '–')} | {_fmt(s.get('vs_torch'), '.2f')} | "
+                         f"{s.get('torch_compile', '–')} | {_fmt(s.get('vs_torch_compile'), '.2f')} |")
     quality = [r for r in result["rows"] if r.get("quality")]
     if quality:
         lines += ["", "Quality (`--samples`): one set of molecules per engine and provider, same seed.", "",
