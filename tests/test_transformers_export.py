@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # importing transformers and three CLI subprocesses: CI's slow pass runs them
 
 
 def test_the_gpt2_folder_gives_our_logits(tmp_path):
