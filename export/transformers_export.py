@@ -5,8 +5,8 @@ CTranslate2's converter, serving engines) and so peers can be benchmarked on the
 ``CausalLM`` is GPT-2's architecture (learned positions, pre-LayerNorm blocks with a fused QKV projection, a
 4x MLP with exact GELU, a final LayerNorm, the output tied to the token embedding), so the mapping is exact;
 GPT-2's ``Conv1D`` stores its weights transposed. The draft heads are not part of GPT-2 and are left out: the
-folder decodes one token per call. Token ids are ours; the folder's ``imadarem_vocab.json`` names them and
-says which id starts a sequence (our BOS is the mask id) and which ends it.
+folder decodes one token per call. Token ids are ours: the folder's tokenizer (``AutoTokenizer``) gives them,
+its BOS being our mask id, and ``imadarem_vocab.json`` names them.
 """
 
 from __future__ import annotations
@@ -60,6 +60,28 @@ def to_gpt2(model):
     return hf.eval()
 
 
+def hf_tokenizer(tok, special):
+    """Our tokenizer as a ``PreTrainedTokenizerFast`` with the same ids, or None where we cannot say it:
+    an ``hf`` adapter is its own tokenizer.json; ``selfies`` and ``char`` vocabularies become a WordLevel
+    model that splits on SELFIES brackets or on characters and joins tokens back without spaces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = {"bos_token": tok.id_to_token(special.mask), "eos_token": tok.id_to_token(special.eos),
+             "pad_token": tok.id_to_token(special.pad)}
+    if tok.name == "hf":
+        backend = Tokenizer.from_str(tok.to_spec()["tokenizer_json"])
+    elif tok.name in ("selfies", "char") and hasattr(tok, "tokens"):
+        pattern = r"\[[^\]]*\]" if tok.name == "selfies" else r"."
+        backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tok.tokens)}, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens([t for t in tok.SPECIALS if t in tok.tokens])
+    else:
+        return None
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **names)
+
+
 def save_transformers(model, out_dir: str | Path) -> dict[str, Any]:
     """Write the folder (``config.json``, ``model.safetensors``, ``imadarem_vocab.json``) and return a
     summary with the largest logits difference from ``model`` on a random batch."""
@@ -81,4 +103,8 @@ def save_transformers(model, out_dir: str | Path) -> dict[str, Any]:
              "note": "Imadarem's token ids; start every sequence with bos_id (Imadarem's mask id), stop at eos_id. "
                      "Trunk only: the draft heads are not exported."}
     (out / "imadarem_vocab.json").write_text(json.dumps(vocab, indent=1))
-    return {"output": str(out), "to": "transformers", "architecture": "GPT2LMHeadModel", "max_abs_diff_logits": diff}
+    fast = hf_tokenizer(tok, sp) if tok is not None else None
+    if fast is not None:  # AutoTokenizer.from_pretrained(out) then gives our ids
+        fast.save_pretrained(out)
+    return {"output": str(out), "to": "transformers", "architecture": "GPT2LMHeadModel", "max_abs_diff_logits": diff,
+            "tokenizer": fast is not None}

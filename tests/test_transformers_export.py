@@ -34,6 +34,13 @@ def test_the_gpt2_folder_gives_our_logits(tmp_path):
         assert torch.allclose(hf(tokens).logits, model.teacher_forcing(tokens)[0], atol=1e-4)
     vocab = json.loads((tmp_path / "hf" / "imadarem_vocab.json").read_text())
     assert vocab["bos_id"] == model.special.mask and vocab["tokens"][model.special.eos] == "[EOS]"
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "[C][=C][O][Branch1][C][F]"
+    assert fast(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert fast.decode(tok.encode(text)) == text
+    assert fast.bos_token_id == model.special.mask and fast.eos_token_id == model.special.eos
     with pytest.raises(Exception, match="not an empty folder"):
         save_transformers(model, tmp_path / "hf")  # never written over
 
