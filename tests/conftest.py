@@ -44,6 +44,22 @@ def tiny_args(out_dir, data=MOSES_SAMPLE, steps=120, **model):
                      progress=False, cache_dir=str(Path(out_dir).parent / "cache"), model=cfg)
 
 
+def tiny_selfies_refine(**config):
+    """A one-off ImplicitRefinementModel over eight SELFIES symbols (16 positions, seed 0, eval mode);
+    ``config`` sets its ImplicitRefinementConfig fields beside the small sizes."""
+    import torch
+    from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
+    from imadarem.training.config import ImplicitRefinementConfig
+    from imadarem.training.model import ImplicitRefinementModel
+
+    tok = SelfiesTokenizer(["[C]", "[N]", "[O]", "[=C]", "[=O]", "[Branch1]", "[Ring1]", "[F]"])
+    sizes = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 16, "block_size": 4,
+             "max_refinement_steps": 16}
+    cfg = ImplicitRefinementConfig(vocab_size=tok.vocab_size, **{**sizes, **config})
+    torch.manual_seed(0)
+    return ImplicitRefinementModel(cfg, tok).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny Imadarem V model (with critic) trained for a few seconds on MOSES molecules."""

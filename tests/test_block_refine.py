@@ -9,16 +9,9 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def tiny():
-    from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
-    from imadarem.training.config import ImplicitRefinementConfig
-    from imadarem.training.model import ImplicitRefinementModel
+    from conftest import tiny_selfies_refine
 
-    tok = SelfiesTokenizer(["[C]", "[N]", "[O]", "[=C]", "[=O]", "[Branch1]", "[Ring1]", "[F]"])
-    cfg = ImplicitRefinementConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2,
-                                   max_seq_len=16, objective="block", block_size=4, max_refinement_steps=16,
-                                   dropout=0.0)
-    torch.manual_seed(0)
-    model = ImplicitRefinementModel(cfg, tok).eval()
+    model = tiny_selfies_refine(objective="block", num_layers=2, dropout=0.0)
     with torch.no_grad():  # a trained-looking self-conditioning layer, so a zero cond is not a no-op by luck
         model.self_cond.bias.normal_(0, 0.1)
     return model

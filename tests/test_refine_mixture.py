@@ -9,16 +9,9 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def tiny():
-    from imadarem.plugins.tokenizers.selfies import SelfiesTokenizer
-    from imadarem.training.config import ImplicitRefinementConfig
-    from imadarem.training.model import ImplicitRefinementModel
+    from conftest import tiny_selfies_refine
 
-    tok = SelfiesTokenizer(["[C]", "[N]", "[O]", "[=C]", "[=O]", "[Branch1]", "[Ring1]", "[F]"])
-    cfg = ImplicitRefinementConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                                   max_seq_len=16, objective="mixture", block_size=4, max_refinement_steps=16,
-                                   sample_replace_rate=0.3, random_replace_rate=0.1)
-    torch.manual_seed(0)
-    return ImplicitRefinementModel(cfg, tok).eval()
+    return tiny_selfies_refine(objective="mixture", sample_replace_rate=0.3, random_replace_rate=0.1)
 
 
 def test_the_three_masks_and_the_gate_targets(tiny):

@@ -32,7 +32,7 @@ from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.distributed import global_sum
 from imadarem.training.model import two_stream_attention
-from imadarem.training.objective import targets_of
+from imadarem.training.objective import sample_tokens, tail_with_eos, targets_of
 
 
 def _draws(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefinementConfig, special: SpecialIds,
@@ -46,19 +46,6 @@ def _draws(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefinemen
             "replace": torch.rand(batch, length, **kw),
             "random": allowed[torch.randint(0, len(allowed), (batch, length), **kw)],
             "gumbel": rules.gumbel(torch.rand(batch, length, V, **kw)), "span": torch.rand(batch, 3, **kw)}
-
-
-def _tail_with_eos(corrupted: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """The positions after EOS are one unit with it: masked iff the EOS is (committing EOS pads the rest)."""
-    L = corrupted.shape[1]
-    at_eos = corrupted.gather(1, ends.clamp(max=L - 1)[:, None])
-    return torch.where(rules.after_first_eos(ends, L), at_eos, corrupted)
-
-
-def _sample(logits: torch.Tensor, gumbel: torch.Tensor, special: SpecialIds) -> torch.Tensor:
-    logits = logits.float().clone()
-    logits[..., [special.mask, special.pad]] = float("-inf")
-    return (logits + gumbel).argmax(-1)
 
 
 def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, global_batch: int, rows: slice,
@@ -86,7 +73,7 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         first = (off * cfg.block_size).floor().long()  # the first masked offset of a suffix-masked block
         as_suffix = (pos % cfg.block_size)[None] >= first[:, blk]
         corrupted = torch.where(suf[:, blk] < cfg.block_suffix_share, as_suffix, at_random)
-        corrupted = _tail_with_eos(corrupted, e)
+        corrupted = tail_with_eos(corrupted, e)
         xt = torch.where(corrupted, torch.full_like(c, special.mask), c)
         upto = blk[None] <= torch.div(e.clamp(max=L - 1), cfg.block_size, rounding_mode="floor")[:, None]
         allowed = two_stream_attention(L, cfg.block_size, dev)[None]
@@ -95,7 +82,7 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
         with torch.no_grad(), ctx:
             first_pass = teacher.forward_train(torch.cat([xt, c], 1), step, zeros, allowed, positions)
-        samples = _sample(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
+        samples = sample_tokens(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
         p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
         u = d["replace"][b_rows]
         refill = corrupted & upto & (samples != special.eos)
@@ -116,13 +103,13 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         span_len = 1 + (u3[:, 1:2] * (length[:, None] - start)).floor().long()
         in_span = (pos[None] >= start) & (pos[None] < start + span_len)
         corrupted = (in_span & (d["u"][is_span] < u3[:, 2:3].clamp(min=0.1))) | (pos[None] == start)
-        corrupted = _tail_with_eos(corrupted, e)
+        corrupted = tail_with_eos(corrupted, e)
         xt = torch.where(corrupted, torch.full_like(c, special.mask), c)
         zeros = torch.zeros(c.shape[0], L, cfg.hidden_size, device=dev)
         step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
         with ctx:
             out = forward(xt, step, zeros)
-        samples = _sample(out["logits"].detach(), d["gumbel"][is_span], special)
+        samples = sample_tokens(out["logits"].detach(), d["gumbel"][is_span], special)
         valid = xt != special.pad
         parts["span"] = (out["logits"], out["gate_logits"], xt, t, samples, corrupted & valid, valid)
 

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from imadarem.runtime import rules
 from imadarem.runtime.errors import TokenizerError
 from imadarem.runtime.tokenizer import (
     SpecialIds,
@@ -76,9 +77,7 @@ def block_attention(tokens: torch.Tensor, block: int, special: SpecialIds) -> to
     pos = torch.arange(n, device=tokens.device)
     blk = torch.div(pos, block, rounding_mode="floor")
     is_mask = tokens == special.mask
-    # float: ArgMax/ReduceMax of bool are not exportable to ONNX
-    first_mask = torch.where(is_mask.any(-1), is_mask.float().argmax(-1), torch.full_like(pos[:1], n).expand(tokens.shape[0]))
-    current = torch.div(first_mask, block, rounding_mode="floor")
+    current = torch.div(rules.first_eos(tokens, special.mask), block, rounding_mode="floor")  # the first mask's block
     placed_later = (blk[None] > current[:, None]) & ~is_mask & (tokens != special.pad)
     earlier = blk[:, None] >= blk[None, :]
     return earlier[None] | placed_later[:, None, :]

@@ -79,6 +79,20 @@ def targets_of(clean: torch.Tensor, special: SpecialIds) -> tuple[torch.Tensor, 
     return targets, ends
 
 
+def tail_with_eos(corrupted: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The positions after EOS are one unit with it: masked iff the EOS is (committing EOS pads the rest)."""
+    L = corrupted.shape[1]
+    at_eos = corrupted.gather(1, ends.clamp(max=L - 1)[:, None])
+    return torch.where(rules.after_first_eos(ends, L), at_eos, corrupted)
+
+
+def sample_tokens(logits: torch.Tensor, gumbel: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+    """Gumbel-max samples of ``logits`` (never MASK or PAD): the tokens a refill or a gate target uses."""
+    logits = logits.float().clone()
+    logits[..., [special.mask, special.pad]] = float("-inf")
+    return (logits + gumbel).argmax(-1)
+
+
 @dataclass
 class Corrupted:
     inputs: torch.Tensor
@@ -98,18 +112,14 @@ def corrupt(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRefinementC
     targets, ends = targets_of(clean, special)
     corrupted = noise.u_corrupt < mask_rate(noise.t, cfg)[:, None]
     # the tail after EOS is one unit with the EOS: PAD if the EOS is kept, masked if it is not
-    after = rules.after_first_eos(ends, L)
-    end_corrupted = corrupted.gather(1, ends.clamp(max=L - 1)[:, None])
-    corrupted = torch.where(after, end_corrupted, corrupted)
+    corrupted = tail_with_eos(corrupted, ends)
     inputs = torch.where(corrupted, torch.full_like(clean, special.mask), clean)
 
     prev_step = (noise.t - 1).clamp(min=0)
     zeros = torch.zeros(B, L, cfg.hidden_size, device=clean.device)
     with autocast() if autocast else contextlib.nullcontext():
         first = teacher.forward_train(inputs, prev_step, zeros)
-    logits0 = first["logits"].float()
-    logits0[..., [special.mask, special.pad]] = float("-inf")
-    samples = (logits0 + noise.gumbel).argmax(-1)
+    samples = sample_tokens(first["logits"], noise.gumbel, special)
     later = (noise.t > 0)[:, None]
     cond = first["cond_next"].float() * later[..., None] if noise.self_condition else zeros
     prev_gate = torch.sigmoid(first["gate_logits"].float())
@@ -157,18 +167,14 @@ def corrupt_mixture(clean: torch.Tensor, noise: Noise, teacher, cfg: ImplicitRef
     span = (in_span & random_masks) | (pos == start)
     mode = torch.where(u[:, 0:1] < cfg.semi_ar_weight, 0, torch.where(u[:, 0:1] < cfg.semi_ar_weight + cfg.span_weight,
                                                                       1, 2))
-    corrupted = torch.where(mode == 0, semi, torch.where(mode == 1, span, random_masks))
-    after = rules.after_first_eos(ends, L)  # the tail after EOS is one unit with the EOS
-    corrupted = torch.where(after, corrupted.gather(1, ends.clamp(max=L - 1)[:, None]), corrupted)
+    corrupted = tail_with_eos(torch.where(mode == 0, semi, torch.where(mode == 1, span, random_masks)), ends)
     inputs = torch.where(corrupted, torch.full_like(clean, special.mask), clean)
 
     step = torch.zeros(B, dtype=torch.long, device=clean.device)  # the mixture's model is time-independent
     zeros = torch.zeros(B, L, cfg.hidden_size, device=clean.device)
     with autocast() if autocast else contextlib.nullcontext():
         first = teacher.forward_train(inputs, step, zeros)
-    logits0 = first["logits"].float()
-    logits0[..., [special.mask, special.pad]] = float("-inf")
-    samples = (logits0 + noise.gumbel).argmax(-1)
+    samples = sample_tokens(first["logits"], noise.gumbel, special)
     cond = first["cond_next"].float() if noise.self_condition else zeros
     prev_gate = torch.sigmoid(first["gate_logits"].float())
 
