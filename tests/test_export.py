@@ -151,6 +151,7 @@ def test_export_and_inspect_cli(tiny_run, tmp_path):
     assert "parameters" in r.stdout and "cond_next" in r.stdout
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's slow pass runs it (keeps the README command under 5 minutes)
 def test_export_refuses_an_unwritable_output_first_and_is_quiet(tiny_run, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -46,6 +46,7 @@ def test_a_short_causal_run_exports_by_its_checkpoint_alone_and_generates_real_m
     assert np.mean([s.steps for s in samples]) < np.mean([len(s.ids) for s in samples])  # drafts pay already
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's slow pass runs it (keeps the README command under 5 minutes)
 def test_the_decode_file_of_a_run_gives_the_step_files_molecules(causal_run, tmp_path):
     from imadarem.runtime import Generator
 
@@ -123,6 +124,7 @@ def test_presets_are_listed_and_the_bundled_models_recipe_is_one_of_them():
         assert entry["args"]["family"] in ("causal", "refine"), name
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's slow pass runs it (keeps the README command under 5 minutes)
 def test_export_refuses_what_it_cannot_read_or_use_in_one_line(causal_run, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
