@@ -143,6 +143,30 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_init_from_starts_a_new_run_on_a_checkpoints_ema_weights(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(tiny_args(first, steps=12))
+    # the new run's own knobs (dropout) go over the stored config; lr ~0 leaves the weights where they started
+    args = tiny_args(second, steps=2, dropout=0.1)
+    args.lr, args.init_from, args.model = 1e-12, str(first), {"dropout": 0.1}
+    train(args)
+    start, after = load_checkpoint(first), load_checkpoint(second)
+    assert after.step == 2 and after.state["config"]["dropout"] == 0.1
+    assert after.state["config"]["hidden_size"] == start.state["config"]["hidden_size"] == 32
+    assert after.state["tokenizer"] == start.state["tokenizer"]
+    ema, raw = start.model_weights("ema"), after.model_weights("raw")
+    assert any(not torch.equal(ema[k], start.model_weights("raw")[k]) for k in ema)  # EMA, not the raw weights
+    assert all(torch.allclose(ema[k], raw[k], atol=1e-6) for k in ema)
+    wrong = tiny_args(tmp_path / "wrong", steps=2, hidden_size=16)
+    wrong.init_from, wrong.model = str(first), {"hidden_size": 16}
+    with pytest.raises(CheckpointError, match="do not fit this run's model"):
+        train(wrong)
+    other = tiny_args(tmp_path / "other", steps=2)
+    other.family, other.init_from, other.model = "causal", str(first), {}
+    with pytest.raises(CheckpointError, match="is a refine model; this run trains --family causal"):
+        train(other)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     run = tmp_path / "run"

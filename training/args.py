@@ -29,7 +29,7 @@ FAMILIES = ("causal", "refine")
 
 @dataclass
 class TrainArgs:
-    family: str = knob("causal", "Model family: causal (left to right with draft heads) or refine (Imadarem V).",
+    family: str = knob("causal", "Model family: causal (left to right with draft heads) or refine (bidirectional, fills blanks and revises).",
                        choices=FAMILIES)
     data: str = knob("", "Training file: text lines, SMILES .csv(.gz)/.smi, .selfies; or moses (MOSES train).")
     out_dir: str = knob("runs/imadarem", "Run folder (checkpoints, logs).", path="dir")
@@ -59,6 +59,8 @@ class TrainArgs:
     cache_dir: str | None = knob(None, "Encoded-data cache [default: ~/.cache/imadarem].", kind=str, path="dir")
     progress: bool = knob(True, "Show a progress bar.")
     time_limit: float | None = knob(None, "Seconds of wall time, then checkpoint and stop cleanly.", kind=float, low=1)
+    init_from: str | None = knob(None, "Start from this checkpoint's (or run folder's) EMA weights, config and tokenizer: "
+                                 "fine-tune on your data or continue a run in a new schedule.", kind=str)
     #: the preset the run started from (recorded in run.json; ``--preset`` on the command line)
     preset: str | None = field(default=None, metadata={"help": "", "cli": False})
     #: the family's config overrides (its own fields hold their defaults)

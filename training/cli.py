@@ -99,7 +99,8 @@ def _check_family_flags(family: str, model: dict[str, Any]) -> None:
 @model_options
 @click.pass_context
 def train_command(ctx, resume, preset, list_presets, max_new_steps, config_set, **values):
-    """Train a model of a family (--family causal: left to right with draft heads; refine: Imadarem V);
+    """Train a model of a family (--family causal: left to right with draft heads; refine: bidirectional, fills
+    blanks and revises);
     checkpoints go to OUT_DIR and --resume continues a stopped run.
 
     Runs under `torchrun --nproc_per_node N` with DDP (NCCL on GPUs, gloo on CPU).
@@ -130,6 +131,10 @@ def train_command(ctx, resume, preset, list_presets, max_new_steps, config_set, 
         model.update(config_set)
         if preset:
             args["preset"] = preset
+        if args.get("init_from") and "family" not in given and "family" not in chosen["args"]:
+            from imadarem.training.checkpoint import family_of, load_checkpoint
+
+            args["family"] = family_of(load_checkpoint(args["init_from"])).name
         if not args["data"]:
             raise ImadaremError("--data is required (or --preset, or --resume to continue a run)")
         _check_family_flags(args["family"], {k: v for k, v in values.items() if k not in fields and v is not None})

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from imadarem.runtime.errors import CheckpointError, DataError, ImadaremError
-from imadarem.runtime.registry import tokenizer_to_json
+from imadarem.runtime.registry import tokenizer_from_json, tokenizer_to_json
 from imadarem.runtime.tokenizer import resolve_special_ids
 from imadarem.training import checkpoint as ckpt_io
 from imadarem.training.args import TrainArgs
@@ -127,7 +127,9 @@ class Trainer:
         a = self.args
         self.ckpt = ckpt_io.load_checkpoint(self.run_dir) if self.resume else None
         self.family = get_family(a.family)
-        data = encode_file(resolve_data(a.data, a.cache_dir), a.data_format, a.tokenizer, a.tokenizer_file,
+        init = self._init_checkpoint() if a.init_from and self.ckpt is None else None
+        tokenizer = tokenizer_from_json(init.state["tokenizer"]) if init is not None else a.tokenizer
+        data = encode_file(resolve_data(a.data, a.cache_dir), a.data_format, tokenizer, a.tokenizer_file,
                            a.cache_dir, a.workers)
         self.tokenizer = data.tokenizer
         if self.ckpt is not None and tokenizer_to_json(self.tokenizer) != self.ckpt.state["tokenizer"]:
@@ -135,6 +137,8 @@ class Trainer:
         self.special = resolve_special_ids(self.tokenizer)
         if self.ckpt is not None:
             self.config = self.family.config_from_dict(self.ckpt.state["config"])
+        elif init is not None:  # its shapes, with this run's training knobs (dropout, objective) on top
+            self.config = self.family.config_from_dict({**init.state["config"], **a.model})
         else:
             self.config = self.family.make_config(self.tokenizer.vocab_size, dict(a.model))
         length = self.family.max_seq_len(self.config)
@@ -165,6 +169,16 @@ class Trainer:
                 print(f"imadarem train: warning: {self.ckpt.path} has no optimizer state; resuming with fresh "
                       "optimiser moments (the run will not repeat an uninterrupted one exactly)", file=sys.stderr)
             self.step = self.ckpt.step
+        elif init is not None:
+            weights = init.model_weights("ema" if any(k.startswith(ckpt_io.EMA_PREFIX) for k in init.weights) else "raw")
+            own = self.model.state_dict()
+            for name in sorted(set(own) | set(weights)):
+                if name not in own or name not in weights or own[name].shape != weights[name].shape:
+                    shapes = [tuple(w[name].shape) if name in w else "absent" for w in (weights, own)]
+                    raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
+                                          f"({name}: {shapes[0]} there, {shapes[1]} here)")
+            self.model.load_state_dict(weights)
+            self.ema.load_state_dict(weights)
         self.train_fn = self.family.train_module(self.model)
         if a.compile:
             self.train_fn = torch.compile(self.train_fn)
@@ -177,6 +191,18 @@ class Trainer:
         if self.is_main and not self.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_json()
+
+    def _init_checkpoint(self):
+        """The checkpoint a new run starts from (``--init-from``): same family; its tokenizer encodes the data,
+        so ids mean what the weights learned (a token it lacks drops that record, counted as unreadable)."""
+        init = ckpt_io.load_checkpoint(self.args.init_from)
+        family = ckpt_io.family_of(init).name
+        if family != self.args.family:
+            raise CheckpointError(f"--init-from {self.args.init_from} is a {family} model; this run trains "
+                                  f"--family {self.args.family}")
+        if self.args.tokenizer != "auto" or self.args.tokenizer_file:
+            raise ImadaremError(f"--init-from uses its checkpoint's tokenizer; drop --tokenizer {self.args.tokenizer}")
+        return init
 
     @staticmethod
     def _frozen_copy(model):
