@@ -126,8 +126,8 @@ class LoadedCheckpoint:
         return digest.hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
-    ckpt = resolve_checkpoint(path)
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """A resolved checkpoint's ``state.json``, checked (no weights read: cheap)."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError) as exc:
@@ -137,6 +137,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     for key in ("config", "tokenizer", "step"):
         if key not in state:
             raise CheckpointError(f"{ckpt}/state.json lacks {key!r}")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
     try:
         weights = load_file(str(ckpt / "model.safetensors"))
     except (OSError, SafetensorError, ValueError) as exc:
@@ -144,11 +150,15 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     return LoadedCheckpoint(ckpt, state, weights)
 
 
+def family_name(state: dict[str, Any]) -> str:
+    """A checkpoint state's model family (checkpoints from before the families are Imadarem V's, ``refine``)."""
+    return state.get("family", "refine")
+
+
 def family_of(ckpt: LoadedCheckpoint):
-    """The checkpoint's model family (checkpoints from before the families are Imadarem V's, ``refine``)."""
     from imadarem.training.families import get_family
 
-    return get_family(ckpt.state.get("family", "refine"))
+    return get_family(family_name(ckpt.state))
 
 
 def build_model(ckpt: LoadedCheckpoint, weights: str = "raw"):

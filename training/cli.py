@@ -132,9 +132,9 @@ def train_command(ctx, resume, preset, list_presets, max_new_steps, config_set, 
         if preset:
             args["preset"] = preset
         if args.get("init_from") and "family" not in given and "family" not in chosen["args"]:
-            from imadarem.training.checkpoint import family_of, load_checkpoint
+            from imadarem.training.checkpoint import family_name, read_state, resolve_checkpoint
 
-            args["family"] = family_of(load_checkpoint(args["init_from"])).name
+            args["family"] = family_name(read_state(resolve_checkpoint(args["init_from"])))  # the weights load once, later
         if not args["data"]:
             raise ImadaremError("--data is required (or --preset, or --resume to continue a run)")
         _check_family_flags(args["family"], {k: v for k, v in values.items() if k not in fields and v is not None})

@@ -201,7 +201,7 @@ class Trainer:
             raise CheckpointError(f"--init-from {self.args.init_from} is a {family} model; this run trains "
                                   f"--family {self.args.family}")
         if self.args.tokenizer != "auto" or self.args.tokenizer_file:
-            raise ImadaremError(f"--init-from uses its checkpoint's tokenizer; drop --tokenizer {self.args.tokenizer}")
+            raise ImadaremError("--init-from uses its checkpoint's tokenizer; drop --tokenizer and --tokenizer-file")
         return init
 
     @staticmethod
