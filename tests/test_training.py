@@ -168,6 +168,21 @@ def test_init_from_starts_a_new_run_on_a_checkpoints_ema_weights(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family, model", [("causal", {"num_drafts": 2}), ("refine", {"objective": "block", "block_size": 4}),
+                                           ("refine", {"objective": "mixture", "block_size": 4})])
+def test_every_family_trains_under_torch_compile(tmp_path, family, model):
+    """--compile (what every device run uses) compiles the training forward and, for the refine family,
+    the EMA teacher's pass; a family without a teacher pass must not trip over it."""
+    args = tiny_args(tmp_path / "run", steps=2, **({} if family == "causal" else model))
+    args.family, args.compile = family, True
+    if family == "causal":
+        args.model = {k: v for k, v in args.model.items() if k in ("hidden_size", "num_layers", "num_heads",
+                                                                    "max_seq_len", "dropout", "ema_decay")} | model
+    train(args)
+    assert load_checkpoint(tmp_path / "run").step == 2
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "imadarem.training", "--data", str(MOSES_SAMPLE), "--out-dir", str(run),

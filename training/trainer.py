@@ -41,6 +41,15 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+class _CompiledTeacher:
+    """The EMA model's ``forward_train`` through torch.compile: the refine objectives run it once a step
+    (the block objective over x_t ++ x_0) and eager mode spent that pass launching kernels one by one.
+    Only for a model that has ``forward_train`` (the refine family's); the causal family has no teacher pass."""
+
+    def __init__(self, ema: torch.nn.Module):
+        self.forward_train = torch.compile(ema.forward_train)
+
+
 def _step_seed(seed: int, step: int, salt: int) -> int:
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
 
@@ -180,8 +189,10 @@ class Trainer:
             self.model.load_state_dict(weights)
             self.ema.load_state_dict(weights)
         self.train_fn = self.family.train_module(self.model)
+        self.teacher = self.ema  # what the refine objectives sample their corruptions from (no grad)
         if a.compile:
             self.train_fn = torch.compile(self.train_fn)
+            self.teacher = _CompiledTeacher(self.ema) if hasattr(self.ema, "forward_train") else self.ema
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -255,7 +266,7 @@ class Trainer:
         a = self.args
         torch.manual_seed(_step_seed(a.seed, step, 1))  # dropout: reproducible per step
         self.model.train()
-        batch = self._loss_input(rows, self.train_data, step, 2, self.train_fn, self.ema)
+        batch = self._loss_input(rows, self.train_data, step, 2, self.train_fn, self.teacher)
         if a.optimizer == "adamw":
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, a)

@@ -6,7 +6,8 @@ next calls only watch; no run pays for a restart or a recompile between calls. R
 the device (the repository copy loses ignored folders between calls).
 
     python3 experiments/device/session.py start SPEC.json --deadline-in S --call-seconds S
-    python3 experiments/device/session.py wait --call-seconds S [--snapshot NAME]
+    python3 experiments/device/session.py add SPEC.json --call-seconds S
+    python3 experiments/device/session.py wait --call-seconds S
     python3 experiments/device/session.py collect --call-seconds S
 
 SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem train flags]}. ``start`` also
@@ -14,7 +15,9 @@ SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem tra
 steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
 by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
 ``--steps`` set to what fits; the cosine schedule is then the one of that many steps, except for the few
-hundred steps already taken (where the two schedules differ by < 1% of the learning rate).
+hundred steps already taken (where the two schedules differ by < 1% of the learning rate). ``add`` launches a
+further spec's runs under the running session's deadline: a call's working tree may hold 64 MiB, so a run that
+starts from a checkpoint kept in the repository can follow in the next call, once the data is on the device.
 ``collect`` waits for the runs to end and packs each run's log, run.json and last checkpoint with the EMA
 weights only (what ``imadarem export`` uses; the raw weights and optimiser moments stay on the device)
 into 15 MiB parts under $OUT. Needs the wheels in .whl/ and .devdata/ (train.csv.gz, encoded/*.npz).
@@ -167,11 +170,10 @@ def snapshot(name: str, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("verb", choices=("start", "wait", "collect"))
+    p.add_argument("verb", choices=("start", "add", "wait", "collect"))
     p.add_argument("spec", nargs="?")
     p.add_argument("--deadline-in", type=float, help="start: seconds from now when every run must have stopped")
     p.add_argument("--call-seconds", type=float, required=True, help="return before this many seconds")
-    p.add_argument("--snapshot", action="append", default=[], help="wait: also send back this run's checkpoint")
     a = p.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +186,15 @@ def main() -> None:
         (RUNS / "spec.json").write_text(json.dumps(spec))
         for run in spec:
             launch(run["name"], ["--steps", str(run["steps"]), *run["args"]])
+    added = []
+    if a.verb == "add":
+        added = json.loads(Path(a.spec).read_text())
+        spec = json.loads((RUNS / "spec.json").read_text()) + added
+        (RUNS / "spec.json").write_text(json.dumps(spec))
+        for run in added:
+            launch(run["name"], ["--steps", str(run["steps"]), *run["args"]])
     names = [r["name"] for r in json.loads((RUNS / "spec.json").read_text())]
-    pending = set(names) if a.verb == "start" else set()
+    pending = set(names) if a.verb == "start" else {r["name"] for r in added}
     last_status = 0.0
     while time.time() < end - 45:
         for name in sorted(pending):
@@ -205,7 +214,10 @@ def main() -> None:
         while any(alive(n) for n in names) and time.time() - t < 40:
             time.sleep(1)
     status(names)
-    for name in names if a.verb == "collect" else a.snapshot:
+    # every call sends back every run's newest checkpoint (EMA weights, ~20 MB for 5 M parameters): the next
+    # call must come within 30 s of this one's end or the machine goes back with /tmp/runs, and a stalled
+    # caller (an API outage on 2026-12-05 did this) must not lose the session's training
+    for name in names:
         try:
             snapshot(name, out)
         except (OSError, ValueError) as exc:

@@ -23,7 +23,7 @@ class LossInput:
     global_batch: int
     rows: slice
     forward: Any  # the (DDP-wrapped) training forward
-    ema: torch.nn.Module  # the EMA weights (the refine family samples its corruptions from them)
+    ema: Any  # the EMA weights, or their compiled forward_train (the refine family samples its corruptions from them)
     special: Any
     world: int
     autocast: Any  # a context-manager factory, or None
