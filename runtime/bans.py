@@ -1,7 +1,8 @@
 """Which tokens may be sampled where: the loop's bans, as additive -inf logit biases.
 
 MASK and PAD are never sampled (padding only ever follows a committed EOS), nor UNK; a template allows EOS
-only where its blanks may end and only EOS in its closing slot; and no EOS is sampled before a row's
+only where its blanks may end and only EOS in its closing slot; a blank a prompt reader restricts holds
+only its allowed ids; and no EOS is sampled before a row's
 committed EOS, so a length once chosen is final. Every format's decoding (host loops, decode graphs, the
 sampling head, the PyTorch loops) builds its bans here.
 """
@@ -28,6 +29,10 @@ def logit_bias(layout: Layout, vocab_size: int, banned: np.ndarray, eos: int | N
         bias[~layout.eos_allowed, eos] = -np.inf
         bias[layout.eos_only, :] = -np.inf
         bias[layout.eos_only, eos] = 0.0
+    for pos, ids in layout.allowed:  # a blank restricted to some ids (a prompt reader's): nothing else, no EOS
+        kept = bias[pos, list(ids)].copy()
+        bias[pos, :] = -np.inf
+        bias[pos, list(ids)] = kept
     return bias
 
 

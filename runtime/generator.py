@@ -10,12 +10,17 @@ batch, never by ``n``. Sample i of a request seeded s draws only from its own ra
         call = decoding.step()                 # one model call: the format's strategy does the work
     samples = decoding.result()                # ids, calls per row, edits, ...
 
+A prompt a plugin's reader accepts (``prompt_reader``; e.g. SMILES fragments with attachment points) gives
+each sample its own layout, drawn from the sample's own generator; samples with equal layouts run together,
+group by group, and are yielded in index order once all are done; each is checked by the reader (``kept``).
+
 Cancellation (``cancel``, a ``threading.Event``) is checked between model calls. A Generator holds no
 per-call state, so one instance serves many threads at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -24,7 +29,9 @@ from typing import Any
 
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.formats import open_model
+from imadarem.runtime.prompt import layout_key
 from imadarem.runtime.randomness import SampleStreams
+from imadarem.runtime.registry import prompt_reader_for
 from imadarem.runtime.request import Request
 from imadarem.runtime.results import BatchResult, LoopTimings, Sample, TrajectoryStep, row_lengths
 from imadarem.runtime.selector import Selector
@@ -85,10 +92,12 @@ class Generator:
         The same seed gives the same samples for any ``n`` (a smaller ``n`` gives a prefix) and any
         ``batch_size``. The arguments are checked here, before the first batch runs.
         """
-        request, plan = self._plan(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
-                                   trajectory, drafts, selector_options)
-        results = self._batches(request, plan, timings, cancel)
-        return (sample for result in results for sample in self.samples(result, decode))
+        request, runs, reader = self._plan(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
+                                           trajectory, drafts, selector_options)
+        if reader is None:
+            results = self._batches(request, runs[0][0], timings, cancel, None)
+            return (sample for result in results for sample in self.samples(result, decode))
+        return self._read_samples(request, runs, reader, timings, cancel, decode)
 
     def iter_results(self, n: int = 1, selector: str | Selector | None = None, steps: int | None = None,
                      temperature: float | None = None, stop_threshold: float | None = None,
@@ -97,23 +106,52 @@ class Generator:
                      cancel: threading.Event | None = None, **selector_options: Any) -> Iterator[BatchResult]:
         """The loop's own output, batch by batch: ids [b, L] and calls per row, before any Sample is
         built (what ``imadarem bench`` times, as it times the PyTorch loops)."""
-        request, plan = self._plan(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
-                                   trajectory, drafts, selector_options)
-        return self._batches(request, plan, timings, cancel)
+        request, runs, _ = self._plan(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
+                                      trajectory, drafts, selector_options)
+        return (result for plan, indices in runs for result in self._batches(request, plan, timings, cancel, indices))
 
     # -- the loop --------------------------------------------------------------------------------
     def _plan(self, n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size, trajectory, drafts,
               options):
+        """The checked request, its runs [(plan, sample indices or None for all)] and its prompt reader."""
         request = Request.checked(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
                                   trajectory, drafts, options)
-        return request, self.model.plan(request)
+        reader = prompt_reader_for(request.prompt, self.tokenizer)
+        if reader is None:
+            return request, [(self.model.plan(request), None)], None
+        max_len = int(self.config["max_seq_len"])
+        groups: dict[tuple, tuple] = {}
+        for i in range(request.n):  # each sample's layout from its own generator: the same for any n
+            layout = reader.layout(request.prompt, self.tokenizer, self.special, max_len,
+                                   SampleStreams.of_layout(request.seed, i))
+            groups.setdefault(layout_key(layout), (layout, []))[1].append(i)
+        runs = [(self.model.plan(dataclasses.replace(request, layout=layout)), indices)
+                for layout, indices in groups.values()]
+        return request, runs, reader
 
-    def _batches(self, request: Request, plan, timings: LoopTimings | None,
-                 cancel: threading.Event | None) -> Iterator[BatchResult]:
-        n, batch = request.n, request.batch_size
+    def _read_samples(self, request: Request, runs, reader, timings, cancel, decode: bool) -> Iterator[Sample]:
+        """A prompt reader's samples: its groups run one after another, then every sample is checked
+        against the prompt and yielded in index order."""
+        done: dict[int, Sample] = {}
+        for plan, indices in runs:
+            first = 0
+            for result in self._batches(request, plan, timings, cancel, indices):
+                for sample in self.samples(result, True):
+                    kept = reader.keeps(request.prompt, sample.text)
+                    done[indices[first]] = dataclasses.replace(sample, kept=kept,
+                                                               text=sample.text if decode else None)
+                    first += 1
+        return iter([done[i] for i in range(request.n)])
+
+    def _batches(self, request: Request, plan, timings: LoopTimings | None, cancel: threading.Event | None,
+                 indices: list[int] | None) -> Iterator[BatchResult]:
+        n, batch = (request.n if indices is None else len(indices)), request.batch_size
         for first in range(0, n, batch):
             started = time.perf_counter()
-            decoding = plan.start(min(batch, n - first), SampleStreams(request.seed, first, min(batch, n - first)))
+            count = min(batch, n - first)
+            streams = (SampleStreams(request.seed, first, count) if indices is None
+                       else SampleStreams(request.seed, 0, 0, indices[first : first + count]))
+            decoding = plan.start(count, streams)
             while decoding.active:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("generation cancelled")

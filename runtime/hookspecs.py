@@ -34,6 +34,16 @@ def imadarem_tokenizers():
 
 
 @hookspec
+def imadarem_prompt_readers():
+    """Return a list of prompt reader classes (subclasses of :class:`imadarem.runtime.prompt.PromptReader`).
+
+    A reader takes prompts in its own syntax (e.g. SMILES fragments with attachment points), gives each
+    sample its own layout (fixed ids, blanks, the ids a blank may hold) and checks finished samples against
+    the prompt. A reader's module must import nothing heavy at import time (RDKit only inside its methods).
+    """
+
+
+@hookspec
 def imadarem_commands():
     """Return a list of click commands to add to the ``imadarem`` command group.
 

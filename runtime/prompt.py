@@ -8,12 +8,17 @@ Two forms:
 - a plain prefix (no markers): the prefix is frozen and the rest, up to max_seq_len, is generated.
 
 Anything that looks like a marker but is not one (``<mask:-1>``, ``<mask:x>``) is refused, never read as text.
+
+Other prompt syntaxes come from plugins (``prompt_reader.PromptReader``, hook ``imadarem_prompt_readers``): e.g. SMILES
+fragments with attachment points (``imadarem.chem``, the ``chem`` extra), which give each sample its own
+layout and check the finished molecule against the prompt.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from imadarem.runtime.errors import ImadaremError, PluginError, PromptError
@@ -32,10 +37,36 @@ class Layout:
     fixed: np.ndarray  # [L] bool
     eos_allowed: np.ndarray  # [L] bool
     eos_only: np.ndarray  # [L] bool
+    #: ((position, ids), ...): blanks that may hold only these ids (no EOS), e.g. a fragment's chain atoms
+    allowed: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @property
     def length(self) -> int:
         return int(self.ids.shape[0])
+
+
+def with_allowed(layout: Layout, allowed: dict[int, tuple[int, ...]]) -> Layout:
+    """``layout`` with blanks restricted to the given ids (a fixed position cannot be restricted)."""
+    for pos in allowed:
+        if not 0 <= pos < layout.length or layout.fixed[pos]:
+            raise PromptError(f"position {pos} of the prompt is not a blank and cannot be restricted")
+    return Layout(layout.ids, layout.fixed, layout.eos_allowed, layout.eos_only,
+                  tuple(sorted((int(p), tuple(sorted(map(int, ids)))) for p, ids in allowed.items())))
+
+
+def layout_key(layout: Layout) -> tuple:
+    """A hashable identity of a layout (samples with equal layouts share batches)."""
+    return (layout.ids.tobytes(), layout.fixed.tobytes(), layout.eos_allowed.tobytes(), layout.eos_only.tobytes(),
+            layout.allowed)
+
+
+def prompt_layout(request: Any, tokenizer: TokenizerAdapter, special: SpecialIds, max_len: int) -> Layout:
+    """A request's layout: the one a prompt reader drew for its samples, its template or prefix, or blanks."""
+    if getattr(request, "layout", None) is not None:
+        return request.layout
+    if request.prompt is None:
+        return blank_layout(max_len, special)
+    return parse_prompt(request.prompt, tokenizer, special, max_len)
 
 
 def blank_layout(length: int, special: SpecialIds) -> Layout:

@@ -26,17 +26,20 @@ __all__ = ["RowRandom", "SampleStreams"]
 
 
 class SampleStreams:
-    """The generators of samples ``first .. first + count - 1`` of a request seeded ``root``."""
+    """The generators of samples ``first .. first + count - 1`` of a request seeded ``root``, or of the
+    samples ``indices`` (a prompt reader's group of samples that share a layout)."""
 
-    def __init__(self, root: np.random.SeedSequence, first: int, count: int):
-        self.root, self.first, self.count = root, first, count
+    def __init__(self, root: np.random.SeedSequence, first: int, count: int, indices: Sequence[int] | None = None):
+        self.root = root
+        self.indices = np.arange(first, first + count) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.first, self.count = int(self.indices[0]) if len(self.indices) else first, len(self.indices)
 
     @cached_property
     def generators(self) -> list[np.random.Generator]:
         """One generator per sample, made on first use (a decode graph never needs them)."""
         root = self.root
         return [np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, i)))
-                for i in range(self.first, self.first + self.count)]
+                for i in self.indices.tolist()]
 
     @cached_property
     def shared(self) -> np.random.Generator:
@@ -50,7 +53,13 @@ class SampleStreams:
         """[count] int64 counter keys of these samples (``rules.sample_keys``), from two words of the
         request's own seed sequence (no sample's stream is drawn from)."""
         words = self.root.generate_state(2)
-        return rules.sample_keys((int(words[0]), int(words[1])), self.first, self.count)
+        return rules.keys_at((int(words[0]), int(words[1])), self.indices)
+
+    @staticmethod
+    def of_layout(root: np.random.SeedSequence, index: int) -> np.random.Generator:
+        """The generator a prompt reader draws sample ``index``'s layout with (a three-entry key: never a
+        sample's stream nor a batch's shared one)."""
+        return np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, index, 0, 1)))
 
     @classmethod
     def for_request(cls, seed: int | None, first: int, count: int) -> SampleStreams:

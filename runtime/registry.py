@@ -19,6 +19,7 @@ import click
 import pluggy
 from imadarem.runtime import hookspecs
 from imadarem.runtime.errors import ImadaremError, PluginError, TokenizerError, UnknownPluginError
+from imadarem.runtime.prompt_reader import PromptReader
 from imadarem.runtime.selector import Selector
 from imadarem.runtime.tokenizer import TokenizerAdapter
 
@@ -28,6 +29,7 @@ _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 KINDS = {
     "selector": ("imadarem_selectors", Selector),
     "tokenizer": ("imadarem_tokenizers", TokenizerAdapter),
+    "prompt_reader": ("imadarem_prompt_readers", PromptReader),
     "command": ("imadarem_commands", click.Command),
 }
 
@@ -205,6 +207,18 @@ def get_selector_class(name: str) -> type[Selector]:
 
 def get_tokenizer_class(name: str) -> type[TokenizerAdapter]:
     return default_registry().get("tokenizer", name).cls
+
+
+def prompt_reader_for(prompt: str | None, tokenizer: TokenizerAdapter) -> PromptReader | None:
+    """The first installed prompt reader (by name) that accepts ``prompt``, or None (a template or prefix)."""
+    if not prompt:
+        return None
+    registry = default_registry()
+    for name in registry.names("prompt_reader"):
+        reader = registry.get("prompt_reader", name).cls()
+        if reader.accepts(prompt, tokenizer):
+            return reader
+    return None
 
 
 def create_selector(name: str, **options: Any) -> Selector:

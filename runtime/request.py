@@ -61,6 +61,7 @@ class Request:
     drafts: int | None = None  # causal files: draft heads a call may use (0: one token per call)
     selector_options: dict[str, Any] = field(default_factory=dict)
     seed: np.random.SeedSequence = field(default_factory=np.random.SeedSequence)
+    layout: Any = None  # set by the Generator for a prompt reader's group of samples (prompt.Layout)
 
     @classmethod
     def checked(cls, n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size, trajectory, drafts,

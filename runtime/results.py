@@ -33,10 +33,13 @@ class Sample:
     edits: list[int]  # tokens edited at each step (empty where a strategy does not count them)
     early_stop: bool
     trajectory: list[TrajectoryStep] | None = None
+    kept: bool | None = None  # a prompt reader's check (e.g. the molecule holds the prompt's fragments)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"text": self.text, "ids": self.ids, "steps": self.steps, "edits": self.edits,
                "early_stop": self.early_stop}
+        if self.kept is not None:
+            out["kept"] = self.kept
         if self.trajectory is not None:
             out["trajectory"] = [vars(s) for s in self.trajectory]
         return out

@@ -164,7 +164,12 @@ def _mix31_numpy(c: np.ndarray) -> np.ndarray:
 def sample_keys(words: tuple[int, int], first: int, count: int) -> np.ndarray:
     """[count] int64 keys in [0, 2**31) of samples first .. first + count - 1 of a request whose seed gave
     the two ``words``: a sample's key depends only on (seed, its index), never on its batch."""
-    index = _word(np.arange(first, first + count, dtype=np.int64) + int(words[0]))
+    return keys_at(words, np.arange(first, first + count, dtype=np.int64))
+
+
+def keys_at(words: tuple[int, int], indices: np.ndarray) -> np.ndarray:
+    """:func:`sample_keys` of the samples ``indices`` (any order, e.g. a prompt reader's group)."""
+    index = _word(np.asarray(indices, dtype=np.int64) + int(words[0]))
     return _mix31(_word(_mix31(index) + int(words[1])))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("runtime", "plugins", "training", "export", "bench")
+PARTS = ("runtime", "plugins", "training", "export", "bench", "chem")
 
 
 def _lint(tmp_path: Path, plant: dict[str, str] | None = None) -> subprocess.CompletedProcess:

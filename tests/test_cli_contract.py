@@ -176,7 +176,8 @@ def _documented_prompts():
     readme = (ROOT / "README.md").read_text()
     code, help_text, _ = in_process(["--help"])
     assert code == 0
-    found = re.findall(r"--prompt '([^']+)'", readme) + re.findall(r"'([^' ]*<mask:\d+>)'", " ".join(help_text.split()))
+    # the examples run on the bundled model (those naming another model file need that model)
+    found = re.findall(r"imadarem-run --prompt '([^']+)'", readme) + re.findall(r"'([^' ]*<mask:\d+>)'", " ".join(help_text.split()))
     return found
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 from conftest import FIXTURES
-from imadarem.runtime import Generator
+from imadarem.runtime import Generator, PromptError
 
 PINNED = FIXTURES / "pinned"
 EXPECTED = json.loads((PINNED / "expected.json").read_text())
@@ -32,6 +32,11 @@ def generators():
 @pytest.mark.parametrize("name,i", CASES, ids=[f"{n}-{i}" for n, i in CASES])
 def test_same_seed_same_molecules_and_steps(generators, name, i):
     run = EXPECTED["generate"][name][i]
+    if name.startswith("causal") and run["request"].get("prompt", "").endswith("[N]"):
+        # pinned before left-to-right files refused a blank before fixed symbols (which they cannot see)
+        with pytest.raises(PromptError, match="left-to-right model"):
+            generators(name).generate(**run["request"], decode=False)
+        return
     samples = generators(name).generate(**run["request"], decode=False)
     assert [s.ids for s in samples] == run["ids"]
     assert [s.steps for s in samples] == run["steps"]

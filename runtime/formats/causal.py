@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 from imadarem.runtime import rules
 from imadarem.runtime.bans import run_bias
-from imadarem.runtime.errors import ImadaremError, ModelFileError
+from imadarem.runtime.errors import ImadaremError, ModelFileError, PromptError
 from imadarem.runtime.formats.base import Format, ModelFile
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields, config_of
-from imadarem.runtime.prompt import Layout, blank_layout, parse_prompt
+from imadarem.runtime.prompt import Layout, prompt_layout
 from imadarem.runtime.randomness import SampleStreams
 from imadarem.runtime.refinement import LoopSettings, ModelStep, RefinementPlan, Shown, make_selector
 from imadarem.runtime.request import Request
@@ -112,8 +112,10 @@ class CausalFile(ModelFile):
         drafts = cfg.num_drafts if request.drafts is None else request.drafts
         if drafts > cfg.num_drafts:
             raise ImadaremError(f"drafts {drafts}: {self.name} has {cfg.num_drafts} draft heads")
-        layout = (blank_layout(cfg.max_seq_len, self.special) if request.prompt is None
-                  else parse_prompt(request.prompt, self.tokenizer, self.special, cfg.max_seq_len))
+        layout = prompt_layout(request, self.tokenizer, self.special, cfg.max_seq_len)
+        if not _prefix_only(layout):
+            raise PromptError(f"{self.name} is a left-to-right model: a blank before fixed symbols would not see "
+                              "them; keep blanks at the end of the prompt (a prefix), or use a refinement model")
         temperature = cfg.sampling_temperature if request.temperature is None else request.temperature
         bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
         if drafts == 0 and request.steps is None and not request.trajectory and _prefix_only(layout):

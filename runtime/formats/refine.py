@@ -30,7 +30,7 @@ from imadarem.runtime.bans import ban_logits, run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats.base import Format, ModelFile
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields
-from imadarem.runtime.prompt import blank_layout, parse_prompt
+from imadarem.runtime.prompt import prompt_layout
 from imadarem.runtime.randomness import SampleStreams
 from imadarem.runtime.refinement import LoopSettings, ModelStep, RefinementPlan, Shown
 from imadarem.runtime.request import Request
@@ -143,8 +143,7 @@ class RefineFile(ModelFile):
             raise ImadaremError(f"{self.name} is a refinement model: it has no draft heads (drafts applies to "
                                 "causal files)")
         cfg = self.typed
-        layout = (blank_layout(cfg.max_seq_len, self.special) if request.prompt is None
-                  else parse_prompt(request.prompt, self.tokenizer, self.special, cfg.max_seq_len))
+        layout = prompt_layout(request, self.tokenizer, self.special, cfg.max_seq_len)
         settings = LoopSettings(
             num_steps=cfg.max_refinement_steps if request.steps is None else request.steps,
             temperature=cfg.sampling_temperature if request.temperature is None else request.temperature,

@@ -1,0 +1,1 @@
+"""Chemistry helpers that need RDKit (an optional dependency): fragment prompts and their checks."""
