@@ -44,7 +44,7 @@ from selfies.grammar_rules import get_index_from_selfies, get_selfies_from_index
 
 try:
     from rdkit import Chem, rdBase
-except ImportError:  # looks_like_fragment_prompt works without RDKit; the rest says what to install
+except ImportError:  # importable without RDKit; every function that needs it says what to install
     Chem = rdBase = None
 
 #: linker lengths in atoms, drawn uniformly: our choice of short chains (GenMol draws no linker length:
@@ -88,14 +88,6 @@ class Template:
 
     def __str__(self) -> str:
         return self.text
-
-
-def looks_like_fragment_prompt(prompt: str) -> bool:
-    """Whether ``prompt`` reads as a fragment prompt: it has an attachment point and no mask marker.
-
-    Needs no RDKit. A plain SMILES without ``*`` already means "continue this prefix", so only the caller
-    can say that it asks for a superstructure (and then calls ``parse_fragment_prompt`` itself)."""
-    return isinstance(prompt, str) and "*" in prompt and "<mask" not in prompt
 
 
 def parse_fragment_prompt(prompt: str) -> FragmentTask:

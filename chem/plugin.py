@@ -23,7 +23,7 @@ class FragmentPrompts(PromptReader):
     summary = "SMILES fragments with attachment points ('*'): decorate a scaffold, grow a motif, link two fragments"
 
     def accepts(self, prompt, tokenizer) -> bool:
-        return getattr(tokenizer, "name", None) == "selfies" and "*" in prompt and "<mask" not in prompt
+        return getattr(tokenizer, "name", None) == "selfies" and looks_like_fragment_prompt(prompt)
 
     def layout(self, prompt, tokenizer, special, max_len, rng):
         fragments = _fragments()
@@ -38,6 +38,14 @@ class FragmentPrompts(PromptReader):
 
     def keeps(self, prompt, text) -> bool | None:
         return _fragments().keeps(_task(prompt), text)
+
+
+def looks_like_fragment_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` reads as a fragment prompt: it has an attachment point and no mask marker.
+
+    Needs no RDKit. A plain SMILES without ``*`` already means "continue this prefix", so only the caller
+    can say that it asks for a superstructure (and then calls ``fragments.parse_fragment_prompt`` itself)."""
+    return isinstance(prompt, str) and "*" in prompt and "<mask" not in prompt
 
 
 @lru_cache(maxsize=64)

@@ -150,7 +150,7 @@ class Generator:
             started = time.perf_counter()
             count = min(batch, n - first)
             streams = (SampleStreams(request.seed, first, count) if indices is None
-                       else SampleStreams(request.seed, 0, 0, indices[first : first + count]))
+                       else SampleStreams.at(request.seed, indices[first : first + count]))
             decoding = plan.start(count, streams)
             while decoding.active:
                 if cancel is not None and cancel.is_set():

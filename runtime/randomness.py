@@ -62,6 +62,11 @@ class SampleStreams:
         return np.random.default_rng(np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, index, 0, 1)))
 
     @classmethod
+    def at(cls, root: np.random.SeedSequence, indices: Sequence[int]) -> SampleStreams:
+        """The streams of the samples ``indices`` (a prompt reader's group of samples sharing a layout)."""
+        return cls(root, 0, 0, indices)
+
+    @classmethod
     def for_request(cls, seed: int | None, first: int, count: int) -> SampleStreams:
         return cls(np.random.SeedSequence(seed), first, count)
 

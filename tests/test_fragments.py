@@ -16,6 +16,7 @@ Chem = pytest.importorskip("rdkit.Chem")
 
 
 from imadarem.chem import fragments as fr  # noqa: E402  (after the RDKit skip)
+from imadarem.chem.plugin import looks_like_fragment_prompt  # noqa: E402
 
 # GenMol's data/fragments.csv (NVIDIA-Digital-Bio/genmol, Apache-2.0), drawn from the SAFE-DRUGS set
 # (datamol-io/safe, CC-BY-4.0): name, SMILES, then the prompts for linker design, motif extension,
@@ -124,7 +125,7 @@ def test_genmol_prompts_parse_and_their_drug_keeps_them(name, column, prompt):
     task = fr.parse_fragment_prompt(prompt)
     assert task.kind == TASKS[column]
     assert len(task.fragments) == (2 if column == "linker_design" else 1)
-    assert fr.looks_like_fragment_prompt(prompt) == (column != "superstructure_generation")
+    assert looks_like_fragment_prompt(prompt) == (column != "superstructure_generation")
     drug = dict((row[0], row[1]) for row in GENMOL_FRAGMENTS)[name]
     assert fr.keeps(task, drug)
     assert not fr.keeps(task, "CCO") and not fr.keeps(task, "") and not fr.keeps(task, "C1CC")
@@ -149,10 +150,10 @@ def test_bad_prompts_are_refused_in_one_line(prompt, says):
 
 
 def test_looks_like_fragment_prompt():
-    assert fr.looks_like_fragment_prompt("[1*]c1ccccc1")
-    assert fr.looks_like_fragment_prompt("*CC.*c1ccccc1")
+    assert looks_like_fragment_prompt("[1*]c1ccccc1")
+    assert looks_like_fragment_prompt("*CC.*c1ccccc1")
     for prompt in ("c1ccccc1", "CC(=O)<mask:12>", "[C][C]<mask:3>", "*C<mask:3>", None):
-        assert not fr.looks_like_fragment_prompt(prompt)
+        assert not looks_like_fragment_prompt(prompt)
 
 
 # -- SELFIES facts the templates rest on ----------------------------------------------------------------
