@@ -14,3 +14,8 @@ MAX_TEMPERATURE = 100.0
 #: the most onnxruntime intra-op threads per CPU core: more only oversubscribes the cores (onnxruntime's
 #: threads spin while they wait, so 10,000 threads on 2 cores stall the machine instead of failing)
 MAX_THREADS_PER_CPU = 4
+
+#: the longest sequence and the largest vocabulary a model file may declare (every format): a file's buffers
+#: are sized from them before its first call, so a corrupt value must fail as one line, not as a 34 GiB allocation
+MAX_SEQ_LEN = 4096
+MAX_VOCAB = 1 << 20

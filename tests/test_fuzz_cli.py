@@ -7,7 +7,7 @@ import os
 
 import pytest
 from conftest import FIXTURES, rewrite_metadata
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from imadarem.runtime.cli import cli
 from test_cli_contract import in_process
@@ -95,6 +95,8 @@ def scratch(tmp_path_factory):
 @settings(max_examples=int(os.environ.get("IMADAREM_FUZZ_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(metadata_edit())
+# found by this test: a refine file's max_seq_len sized a 34 GiB probe before any check
+@example(("refine.onnx", "imadarem.format", "config-field", 4_599_949_568, "max_seq_len"))
 def test_a_file_with_fuzzed_metadata_opens_or_is_refused_in_one_line(scratch, edit):
     name, key, kind, value, field = edit
 

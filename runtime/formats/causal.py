@@ -37,6 +37,7 @@ from imadarem.runtime import rules
 from imadarem.runtime.bans import run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError, PromptError
 from imadarem.runtime.formats.base import Format, ModelFile
+from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields, config_of
 from imadarem.runtime.prompt import Layout, prompt_layout
 from imadarem.runtime.randomness import SampleStreams
@@ -53,8 +54,6 @@ OUTPUTS = ("logits", "drafts", "present")
 #: what a causal file presents to selectors (StepState.logits, .gate, .critic), computed from its heads
 PRESENTED_OUTPUTS = ("logits", "gate", "critic")
 #: the largest sizes a config may ask for (a file claiming more is refused before anything is allocated)
-MAX_SEQ_LEN = 4096
-MAX_VOCAB = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ when the file has the sampling head. On CUDA the self-conditioning state stays o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from imadarem.runtime import rules
 from imadarem.runtime.bans import ban_logits, run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats.base import Format, ModelFile
+from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields
 from imadarem.runtime.prompt import prompt_layout
 from imadarem.runtime.randomness import SampleStreams
@@ -51,9 +52,9 @@ class RefineConfig:
     """The config values the loop reads (the file keeps every field the trainer recorded; selectors see
     that whole dict as ``StepState.config``)."""
 
-    vocab_size: int
+    vocab_size: int = field(metadata={"max": MAX_VOCAB})
     hidden_size: int
-    max_seq_len: int
+    max_seq_len: int = field(metadata={"max": MAX_SEQ_LEN})
     max_refinement_steps: int
     stop_threshold: float
     sampling_temperature: float
