@@ -242,9 +242,9 @@ def _config(**changes):
 @pytest.mark.parametrize("change,message", [
     (lambda m: m.__setitem__(KEY_PROVENANCE, "{not json"), "'imadarem.provenance' is not valid JSON"),
     (lambda m: m.__setitem__(KEY_PROVENANCE, "[1]"), "must be a JSON object"),
-    (_config(vocab_size="abc"), "vocab_size must be a positive integer, got 'abc'"),
-    (_config(vocab_size=None), "vocab_size must be a positive integer, got None"),
-    (_config(max_seq_len=0), "max_seq_len must be a positive integer, got 0"),
+    (_config(vocab_size="abc"), "vocab_size must be a positive integer and <= 1,048,576, got 'abc'"),
+    (_config(vocab_size=None), "vocab_size must be a positive integer and <= 1,048,576, got None"),
+    (_config(max_seq_len=0), "max_seq_len must be a positive integer and <= 4,096, got 0"),
     (_config(max_seq_len=128), "cannot run one step at the config's max_seq_len 128"),
     (_config(sampling_temperature=-1), "sampling_temperature must be a number >= 0, got -1"),
     (_config(max_refinement_steps=0), "model config max_refinement_steps"),
