@@ -40,6 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 import selfies as sf
+from imadarem.chem.syntax import SUPERSTRUCTURE
 from selfies.grammar_rules import get_index_from_selfies, get_selfies_from_index, process_atom_symbol
 
 try:
@@ -60,7 +61,8 @@ _RING = re.compile(r"\[(.*)Ring([123])\]")
 _XE = re.compile(r"\[[=#/\\]?Xe\]")
 _LABELLED_POINT = re.compile(r"\[\d*\*(?::\d+)?\]")
 _ACCEPTED = ("accepted: 'A*.B*' (linker: two fragments with one attachment point each), one fragment with "
-             "attachment points '*' or '[1*]' (decoration), or one without (superstructure)")
+             "attachment points '*' or '[1*]' (decoration), or 'superstructure:SMILES' (a fragment without "
+             "attachment points that the molecule must contain)")
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,12 @@ class Template:
 
 
 def parse_fragment_prompt(prompt: str) -> FragmentTask:
-    """The task a fragment prompt asks for; ``ValueError`` with one line saying what is wrong."""
+    """The task a fragment prompt asks for; ``ValueError`` with one line saying what is wrong. A fragment
+    without attachment points, with or without the ``superstructure:`` mark, asks for a superstructure."""
     _need_rdkit()
     text = prompt.strip() if isinstance(prompt, str) else ""
+    superstructure = text.startswith(SUPERSTRUCTURE)
+    text = text.removeprefix(SUPERSTRUCTURE).strip()
     pieces = text.split(".")
     if not all(pieces):
         raise ValueError(f"fragment prompt {prompt!r} has an empty fragment; {_ACCEPTED}")
@@ -105,6 +110,8 @@ def parse_fragment_prompt(prompt: str) -> FragmentTask:
         raise ValueError(f"linker prompt {prompt!r} has {points[0]} and {points[1]} attachment points, "
                          f"not one each; {_ACCEPTED}")
     kind = "linker" if len(mols) == 2 else "decoration" if points[0] else "superstructure"
+    if superstructure and kind != "superstructure":
+        raise ValueError(f"superstructure prompt {prompt!r} has attachment points; {_ACCEPTED}")
     return FragmentTask(kind, tuple(Chem.MolToSmiles(mol) for mol in mols))
 
 
@@ -430,3 +437,23 @@ def _text(tokens: list) -> str:
         else:
             parts.append("<mask:1>")
     return "".join(parts)
+
+
+# -- a left-to-right model's form of a prompt ------------------------------------------------------------
+
+def prefix_prompt(task: FragmentTask) -> str:
+    """The prompt a left-to-right model can take, as SAFE-GPT takes fragments, first: one fragment with one
+    attachment point (the open end). A linker's first fragment; a decoration's fragment with its first
+    attachment point kept and the others hydrogens; a superstructure's prompt as it is (it grows from one
+    atom already). Its molecules are still checked against ``task``."""
+    _need_rdkit()
+    if task.kind == "superstructure":
+        return SUPERSTRUCTURE + task.fragments[0]
+    mol = Chem.RWMol(Chem.MolFromSmiles(task.fragments[0]))
+    points = [atom.GetIdx() for atom in mol.GetAtoms() if atom.GetAtomicNum() == 0]
+    for index in points[1:]:
+        atom = mol.GetAtomWithIdx(index)
+        atom.SetAtomicNum(1)
+        atom.SetIsotope(0)
+        atom.SetAtomMapNum(0)
+    return Chem.MolToSmiles(Chem.RemoveHs(mol.GetMol()))

@@ -3,24 +3,30 @@
 ``imadarem-run refine --prompt 'c1ccc(*)cc1'`` decorates a benzene ring, ``'A*.B*'`` links two fragments:
 each sample gets its own SELFIES template (``fragments.templates``: which writing, how long each blank) and
 its molecule is checked for the fragments (``fragments.keeps``, as GenMol checks). RDKit loads only when a
-prompt with ``*`` arrives (the ``chem`` extra), so this module costs nothing to the rest of the runtime.
+fragment prompt arrives (the ``chem`` extra), so this module costs nothing to the rest of the runtime.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from imadarem.chem.syntax import looks_like_fragment_prompt
+from imadarem.runtime.drawer import SampleDrawer
 from imadarem.runtime.errors import ImadaremError, PromptError
 from imadarem.runtime.hookspecs import hookimpl
 from imadarem.runtime.prompt import parse_prompt, with_allowed
 from imadarem.runtime.prompt_reader import PromptReader
 
+__all__ = ["FragmentPrompts", "looks_like_fragment_prompt"]
+
 
 class FragmentPrompts(PromptReader):
-    """SMILES fragments with attachment points ('*', '[1*]'): linker (A*.B*) or decoration."""
+    """SMILES fragments with attachment points ('*', '[1*]'): linker (A*.B*) or decoration; or
+    'superstructure:SMILES', a fragment the molecule must contain."""
 
     name = "fragments"
-    summary = "SMILES fragments with attachment points ('*'): decorate a scaffold, grow a motif, link two fragments"
+    summary = ("SMILES fragments with attachment points ('*'): decorate a scaffold, grow a motif, link two fragments; "
+               "'superstructure:SMILES': a molecule that contains the fragment")
 
     def accepts(self, prompt, tokenizer) -> bool:
         return getattr(tokenizer, "name", None) == "selfies" and looks_like_fragment_prompt(prompt)
@@ -38,14 +44,6 @@ class FragmentPrompts(PromptReader):
 
     def keeps(self, prompt, text) -> bool | None:
         return _fragments().keeps(_task(prompt), text)
-
-
-def looks_like_fragment_prompt(prompt: str) -> bool:
-    """Whether ``prompt`` reads as a fragment prompt: it has an attachment point and no mask marker.
-
-    Needs no RDKit. A plain SMILES without ``*`` already means "continue this prefix", so only the caller
-    can say that it asks for a superstructure (and then calls ``fragments.parse_fragment_prompt`` itself)."""
-    return isinstance(prompt, str) and "*" in prompt and "<mask" not in prompt
 
 
 @lru_cache(maxsize=64)
@@ -66,6 +64,31 @@ def _fragments():
     return fragments
 
 
+class MoleculeGrid(SampleDrawer):
+    """Molecules (a SELFIES model's SMILES) in a grid, a fragment prompt's fragments highlighted."""
+
+    name = "molecule-grid"
+    summary = "molecules in a grid (.svg, .png), a fragment prompt's fragments highlighted (RDKit)"
+
+    def accepts(self, tokenizer) -> bool:
+        return getattr(tokenizer, "name", None) == "selfies"
+
+    def draw(self, texts, path, prompt=None) -> None:
+        _fragments()  # RDKit, or the one-line hint
+        from imadarem.chem.drawing import draw_grid
+
+        task = _task(prompt) if looks_like_fragment_prompt(prompt) else None
+        try:
+            draw_grid(texts, path, task=task, legend=f"prompt: {prompt}" if prompt else "")
+        except (ValueError, OSError) as exc:
+            raise ImadaremError(f"--grid {path!r}: {exc}") from None
+
+
 @hookimpl
 def imadarem_prompt_readers():
     return [FragmentPrompts]
+
+
+@hookimpl
+def imadarem_sample_drawers():
+    return [MoleculeGrid]

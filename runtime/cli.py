@@ -161,8 +161,11 @@ HELP = {"help_option_names": ["-h", "--help"]}
               help="Selector option, repeatable (e.g. -o schedule=linear).")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
 @click.option("--trajectory", is_flag=True, help="Show each step: refined positions, change ratio, early stop.")
+@click.option("--grid", "grid_path", metavar="FILE",
+              help="Also draw the samples into FILE (.svg or .png): molecules in a grid, a fragment prompt's "
+                   "fragments highlighted (the chem extra).")
 def run_command(model, n, selector, steps, temperature, stop_threshold, seed, provider, threads, prompt,
-                batch_size, drafts, options, fmt, trajectory):
+                batch_size, drafts, options, fmt, trajectory, grid_path):
     """Generate sequences with MODEL: an Imadarem .onnx file or a bundled model's name (see `imadarem
     models`; default: the bundled default model).
 
@@ -172,18 +175,41 @@ def run_command(model, n, selector, steps, temperature, stop_threshold, seed, pr
     from imadarem.runtime.generator import Generator
 
     gen = Generator(model, provider=provider, threads=threads)
+    drawer = _grid_drawer(grid_path, gen.tokenizer) if grid_path else None
     if selector is not None:
         options["selector"] = selector
     samples = gen.iter_generate(n, steps=steps, temperature=temperature,
                                 stop_threshold=stop_threshold, seed=seed, prompt=prompt, batch_size=batch_size,
                                 trajectory=trajectory, drafts=drafts, **options)
+    texts = []
     with _progress(n) as progress:
         for i, sample in enumerate(samples):
             try:
                 _print_sample(i, sample, fmt, trajectory, gen)
             except BrokenPipeError:  # the reader has enough (`| head`): stop quietly, as Unix tools do
                 raise _ReaderGone() from None
+            texts.append(sample.text)
             progress.update(1)
+    if drawer is not None:
+        drawer.draw(texts, grid_path, prompt)
+
+
+def _grid_drawer(path: str, tokenizer):
+    """The drawer for --grid, checked before any sample is generated: its file can be written, and some
+    installed plugin draws this model's texts into that kind of file."""
+    from pathlib import Path
+
+    from imadarem.runtime.files import check_output
+    from imadarem.runtime.registry import drawer_for
+
+    check_output(path, "--grid")
+    drawer = drawer_for(tokenizer)
+    if drawer is None:
+        raise ImadaremError(f"--grid: no installed plugin draws {getattr(tokenizer, 'name', '?')} samples (molecules "
+                            "of a SELFIES model need the chem extra: pip install 'imadarem[chem]')")
+    if Path(path).suffix.lower() not in drawer.suffixes:
+        raise ImadaremError(f"--grid {path!r}: {drawer.name} writes {' or '.join(drawer.suffixes)} files")
+    return drawer
 
 
 class _ReaderGone(Exception):

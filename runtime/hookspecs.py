@@ -44,6 +44,15 @@ def imadarem_prompt_readers():
 
 
 @hookspec
+def imadarem_sample_drawers():
+    """Return a list of sample drawer classes (subclasses of :class:`imadarem.runtime.drawer.SampleDrawer`).
+
+    A drawer writes a picture of finished samples (``imadarem-run --grid FILE``): e.g. molecules in a grid,
+    a prompt's fragments highlighted. Like a reader, its module imports nothing heavy at import time.
+    """
+
+
+@hookspec
 def imadarem_commands():
     """Return a list of click commands to add to the ``imadarem`` command group.
 

@@ -18,6 +18,7 @@ from typing import Any
 import click
 import pluggy
 from imadarem.runtime import hookspecs
+from imadarem.runtime.drawer import SampleDrawer
 from imadarem.runtime.errors import ImadaremError, PluginError, TokenizerError, UnknownPluginError
 from imadarem.runtime.prompt_reader import PromptReader
 from imadarem.runtime.selector import Selector
@@ -30,6 +31,7 @@ KINDS = {
     "selector": ("imadarem_selectors", Selector),
     "tokenizer": ("imadarem_tokenizers", TokenizerAdapter),
     "prompt_reader": ("imadarem_prompt_readers", PromptReader),
+    "drawer": ("imadarem_sample_drawers", SampleDrawer),
     "command": ("imadarem_commands", click.Command),
 }
 
@@ -218,6 +220,16 @@ def prompt_reader_for(prompt: str | None, tokenizer: TokenizerAdapter) -> Prompt
         reader = registry.get("prompt_reader", name).cls()
         if reader.accepts(prompt, tokenizer):
             return reader
+    return None
+
+
+def drawer_for(tokenizer: TokenizerAdapter) -> SampleDrawer | None:
+    """The first installed sample drawer (by name) that draws this tokenizer's texts, or None."""
+    registry = default_registry()
+    for name in registry.names("drawer"):
+        drawer = registry.get("drawer", name).cls()
+        if drawer.accepts(tokenizer):
+            return drawer
     return None
 
 

@@ -248,6 +248,56 @@ def eval_molecules_command(model, n, selectors, steps_list, options, temperature
         em.plot(rows, plot_path)
 
 
+@eval_group.command("fragments")
+@click.option("--model", "models", multiple=True, type=click.Path(dir_okay=False),
+              help="Model file or bundled model's name, repeatable: one row per model and task [default: the "
+                   "bundled model]. A left-to-right model gets each prompt as a prefix (SAFE-GPT's way).")
+@click.option("--suite", type=click.Choice(["genmol", "moses"]), default="genmol", show_default=True,
+              help="genmol: GenMol's 10 drugs, its published rows beside ours; moses: 240 prompts cut from MOSES "
+                   "test molecules by the same rules.")
+@click.option("--task", "tasks", multiple=True, help="Repeatable: linker_design, motif_extension, "
+              "scaffold_decoration, superstructure_generation [default: all four].")
+@click.option("--samples", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Molecules per prompt and seed (GenMol: 100).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds (GenMol: 3).")
+@click.option("--selector", help="Selector for every row [default: the model's].")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES (SA scores).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row (per task and prompt) as JSON.")
+@click.option("--grid", "grid_dir", type=click.Path(file_okay=False),
+              help="Draw one picture per task and model into this folder (the task's first prompt, fragments highlighted).")
+def eval_fragments_command(models, suite, tasks, samples, seeds, selector, batch_size, threads, moses_cache,
+                           json_path, grid_dir):
+    """GenMol's fragment tasks (linker design, motif extension, scaffold decoration, superstructure
+    generation) and metrics as its code computes them: validity (molecules that keep the fragments), uniqueness,
+    quality (QED >= 0.6 and SA <= 4), diversity and distance; plus kept, valid and model calls."""
+    from imadarem.runtime.files import check_output
+    from imadarem.training.data import fetch_moses
+    from imadarem.training.evaluation import fragments as ef
+    from imadarem.training.evaluation import moses_reference as mr
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ImadaremError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seed_list:
+        raise ImadaremError("--seeds: give at least one seed")
+    task_list = ef.check_tasks(tasks)
+    if json_path:
+        check_output(json_path, "--json")
+    sa_path = mr.sa_scores_file(fetch_moses(moses_cache)["test"].parent)
+    results = []
+    for model in models or (None,):
+        result = ef.evaluate(model, suite, task_list, samples, seed_list, sa_path, selector=selector,
+                             batch_size=batch_size, threads=threads,
+                             grid_dir=str(Path(grid_dir) / Path(str(model or "default")).stem) if grid_dir else None)
+        results.append(result)
+        ef.write(results, json_path)
+    for line in ef.table(results):
+        click.echo(line)
+
+
 @hookimpl
 def imadarem_commands():
     return [train_command, data_group, eval_group]
