@@ -40,6 +40,8 @@ from imadarem.runtime.results import LoopTimings
 
 #: a timed run generates at least this many molecules (in batches of the row's batch size)
 MIN_MOLECULES = 32
+#: the row of ``--reference FILE`` (another model file, e.g. the previous bundled model, run as it is)
+REFERENCE = "reference"
 FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "torch-decode", "torch-decode-l2r", "torch-compile",
             "torch-compile-l2r")
 #: int8 is static (calibrated) quantisation, as `imadarem export --dtype int8` writes; int8dyn the dynamic
@@ -138,6 +140,8 @@ class CausalBench:
         self.source = f"model file {self.args.model}" + (" (int8; the other files are built from its dequantised "
                                                          "weights)" if report.quantized else "")
         self.quantized = report.quantized
+        # the engine that runs the model file as it is (an int8 file is its own ort-loop-int8 row)
+        self.shipped = "ort-loop-int8" if report.quantized else "ort-loop-fp32"
         self.trunk = self.model.without_drafts()
         needed = {(e.family, e.precision) for engines in self.engines.values() for e in engines}
         for family, precision in sorted(needed):
@@ -211,10 +215,26 @@ class CausalBench:
             self._generators[key] = gen
         return self._generators[key]
 
-    def measure(self, engine: Engine, provider: str, batch: int) -> CausalRow:
+    def _reference_runner(self, provider: str, batch: int) -> Callable[[LoopTimings, int, int], tuple]:
+        """``--reference FILE`` as a user runs it (its own format and precision, the bench's selector)."""
+        from imadarem.runtime.generator import Generator
+
+        key = (REFERENCE, "", provider, False)
+        if key not in self._generators:
+            self._generators[key] = Generator(self.args.reference, provider=provider, threads=self.threads)
+        gen = self._generators[key]
+
+        def run(tm: LoopTimings, seed: int, n: int) -> tuple:
+            parts = list(gen.iter_results(n, seed=seed, batch_size=batch, timings=tm, selector=self.args.selector))
+            return np.concatenate([p.ids for p in parts]), np.concatenate([p.steps for p in parts])
+        return run
+
+    def measure(self, engine: Engine | None, provider: str, batch: int) -> CausalRow:
         """Warm-up, then ``repeats`` timed runs of ``MIN_MOLECULES`` molecules or one batch, whichever is
-        more, in batches of ``batch`` (so a batch-1 row averages over many molecules' lengths)."""
-        run = self._runner(engine, provider, batch)
+        more, in batches of ``batch`` (so a batch-1 row averages over many molecules' lengths). ``engine``
+        None: the ``--reference`` file."""
+        run = self._runner(engine, provider, batch) if engine is not None else self._reference_runner(provider, batch)
+        name = engine.name if engine is not None else REFERENCE
         n = batch * max(1, -(-MIN_MOLECULES // batch))
         run(LoopTimings(), self.args.seed + 10_000, batch)  # warm-up: sessions, CUDA graph capture, caches
         runs = []
@@ -223,11 +243,11 @@ class CausalBench:
             ids, calls = run(tm, self.args.seed + r, n)
             runs.append((tm, calls))
             if r == 0:
-                self._ids[(engine.name, provider, batch)] = ids
+                self._ids[(name, provider, batch)] = ids
         walls = [t.total_seconds for t, _ in runs]
         steps = np.concatenate([t.step_seconds for t, _ in runs]) * 1e3
         wall = float(np.median(walls))
-        return CausalRow(engine.name, provider, batch, wall, n / wall, float(np.percentile(steps, 50)),
+        return CausalRow(name, provider, batch, wall, n / wall, float(np.percentile(steps, 50)),
                          float(np.percentile(steps, 95)),
                          float(np.mean([len(t.step_seconds) for t, _ in runs])) * batch / n,
                          float(np.mean(np.concatenate([c for _, c in runs]))),
@@ -244,6 +264,9 @@ class CausalBench:
                     for engine in self.engines[provider]:
                         progress(f"{provider} batch {batch}: {engine.name}")
                         rows.append(self.measure(engine, provider, batch))
+                    if a.reference:
+                        progress(f"{provider} batch {batch}: {REFERENCE} ({a.reference})")
+                        rows.append(self.measure(None, provider, batch))
                     _compare(rows, provider, batch, self._ids)
                 if a.samples:
                     self._quality(rows, provider, progress)
@@ -251,7 +274,10 @@ class CausalBench:
         result = {"machine": _machine_info(self.threads), "source": self.source, "selector": a.selector,
                   "max_seq_len": c.max_seq_len, "drafts": c.num_drafts, "parameters": self.model.num_parameters(),
                   "repeats": a.repeats, "seed": a.seed, "rows": [asdict(r) for r in rows],
-                  "summary": summary(rows)}
+                  "summary": summary(rows, self.shipped)}
+        if a.reference:
+            result["reference"] = {"file": str(a.reference), "bytes": Path(a.reference).stat().st_size,
+                                   "compared": self.shipped}
         if any(e.family.startswith("torch-compile") for engines in self.engines.values() for e in engines):
             result["torch_compile"] = {"mode": a.torch_compile_mode, "backend": "inductor", "dynamic": False,
                                        "torch": torch.__version__}
@@ -291,7 +317,7 @@ class CausalBench:
 
 
 def _compare(rows: list[CausalRow], provider: str, batch: int, ids: dict) -> None:
-    here = {r.engine: r for r in rows if r.provider == provider and r.batch == batch}
+    here = {r.engine: r for r in rows if r.provider == provider and r.batch == batch and r.engine != REFERENCE}
     torch_best: dict[bool, float] = {}
     for r in here.values():
         e = Engine.parse(r.engine)
@@ -309,12 +335,15 @@ def _compare(rows: list[CausalRow], provider: str, batch: int, ids: dict) -> Non
             r.vs_torch = r.seq_per_s / torch_best[e.left_to_right]
 
 
-def summary(rows: list[CausalRow]) -> list[dict[str, Any]]:
+def summary(rows: list[CausalRow], shipped: str | None = None) -> list[dict[str, Any]]:
     """Per provider and batch: the fastest refinement row against the fastest left-to-right row, and the
-    fastest onnxruntime refinement row against the fastest PyTorch one."""
+    fastest onnxruntime refinement row against the fastest PyTorch one; with a ``--reference`` row, the
+    ``shipped`` engine (the model file as it is run) and the fastest refinement row against it."""
     out = []
     for provider, batch in dict.fromkeys((r.provider, r.batch) for r in rows):
-        here = [r for r in rows if r.provider == provider and r.batch == batch]
+        here = [r for r in rows if r.provider == provider and r.batch == batch and r.engine != REFERENCE]
+        reference = next((r for r in rows if r.provider == provider and r.batch == batch and r.engine == REFERENCE),
+                         None)
 
         def best(pick, here=here):
             chosen = [r for r in here if pick(Engine.parse(r.engine))]
@@ -331,6 +360,12 @@ def summary(rows: list[CausalRow]) -> list[dict[str, Any]]:
             item.update(refinement=refine.engine, baseline=l2r.engine, vs_baseline=refine.seq_per_s / l2r.seq_per_s)
         if refine and torch_refine:
             item.update(torch=torch_refine.engine, vs_torch=refine.seq_per_s / torch_refine.seq_per_s)
+        if reference is not None:
+            as_shipped = next((r for r in here if r.engine == shipped), None)
+            item.update(reference_mol_s=reference.seq_per_s,
+                        best_vs_reference=refine.seq_per_s / reference.seq_per_s if refine else None,
+                        shipped=shipped if as_shipped else None,
+                        shipped_vs_reference=as_shipped.seq_per_s / reference.seq_per_s if as_shipped else None)
         out.append(item)
     return out
 
@@ -393,6 +428,16 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {s['provider']} | {s['batch']} | {s.get('refinement', '–')} | {s.get('baseline', '–')} | "
                          f"{_fmt(s.get('vs_baseline'), '.2f')} | {s.get('torch', '–')} | {_fmt(s.get('vs_torch'), '.2f')} | "
                          f"{s.get('torch_compile', '–')} | {_fmt(s.get('vs_torch_compile'), '.2f')} |")
+    if result.get("reference"):
+        ref = result["reference"]
+        lines += ["", f"Against `--reference {ref['file']}` ({ref['bytes'] / 1e6:.1f} MB), run as it is, same seeds:", "",
+                  "| provider | batch | reference molecules/s | this model as shipped | × reference | fastest row × reference |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for s in result["summary"]:
+            if s.get("reference_mol_s") is not None:
+                lines.append(f"| {s['provider']} | {s['batch']} | {_fmt(s['reference_mol_s'], '.1f')} | "
+                             f"{s.get('shipped') or '–'} | {_fmt(s.get('shipped_vs_reference'), '.2f')} | "
+                             f"{_fmt(s.get('best_vs_reference'), '.2f')} |")
     quality = [r for r in result["rows"] if r.get("quality")]
     if quality:
         lines += ["", "Quality (`--samples`): one set of molecules per engine and provider, same seed.", "",

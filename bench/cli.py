@@ -50,9 +50,12 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--torch-compile-mode", default="default", show_default=True,
               type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
               help="Causal models: torch.compile's mode for the torch-compile rows (inductor).")
+@click.option("--reference", type=click.Path(dir_okay=False),
+              help="Causal models: another model file or bundled model's name (e.g. the previous bundled model), "
+                   "timed as it is beside the rows, same seeds and batch sizes.")
 @click.option("-o", "--out-dir", default="bench-results", show_default=True, type=click.Path(file_okay=False))
 def bench_command(model, checkpoint, batch_sizes, providers, engines, samples, steps, selector, repeats, threads,
-                  seed, agreement_n, torch_compile_mode, out_dir):
+                  seed, agreement_n, torch_compile_mode, reference, out_dir):
     """Time the runtime against the real alternatives, side by side. A refinement model: its loop against
     PyTorch eager, x-transformers and a KV-cache AR decoder. A causal model (the bundled one): the
     refinement loop (draft-and-verify) against the same model's left-to-right decoder, on onnxruntime
@@ -75,7 +78,8 @@ def bench_command(model, checkpoint, batch_sizes, providers, engines, samples, s
         check_output(Path(out_dir) / name, "-o")
     args = BenchArgs(model=model, checkpoint=checkpoint, batch_sizes=batch_sizes, providers=providers,
                      engines=engines, steps=steps, selector=selector, repeats=repeats, threads=threads, seed=seed,
-                     agreement_n=agreement_n, out_dir=out_dir, samples=samples, torch_compile_mode=torch_compile_mode)
+                     agreement_n=agreement_n, out_dir=out_dir, samples=samples, torch_compile_mode=torch_compile_mode,
+                     reference=reference)
     bench = Bench(args)
     bench.run(progress=lambda msg: click.echo(f"bench: {msg}", err=True))
     click.echo((Path(out_dir) / "bench.md").read_text())

@@ -58,6 +58,7 @@ class BenchArgs:
     agreement_n: int = 256
     out_dir: str = "bench-results"
     samples: int = 0  # causal models: molecules per engine written as SMILES (and scored, with the extras)
+    reference: str | None = None  # causal models: another model file timed as it is, beside the rows
     torch_compile_mode: str = "default"  # causal models' torch-compile rows: torch.compile's mode
 
 
@@ -127,6 +128,13 @@ class Bench:
                 raise ImadaremError("provider 'cuda' asked for, but PyTorch sees no CUDA device")
         self.threads = args.threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
+        if args.reference:
+            if not self.causal:
+                raise ImadaremError("--reference times another causal model file beside a causal model; this model "
+                                    "is a refinement model")
+            from imadarem.runtime.models import resolve_model
+
+            args.reference = str(resolve_model(args.reference))
         if self.causal:
             from imadarem.bench.causal import CausalBench
 

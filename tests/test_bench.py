@@ -178,3 +178,32 @@ def test_the_bench_of_a_refinement_model_prints_no_exporter_chatter(tiny_run, tm
                         "-o", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert all(line.startswith("bench: ") for line in r.stderr.splitlines()), r.stderr
+
+
+def test_a_reference_file_is_timed_as_it_is_beside_the_rows(causal_model_file, tmp_path):
+    """``--reference FILE`` (issue #23: the new bundled model against the previous one, in one run): the file
+    runs as it is, its molecules are its own, and the summary sets the model as shipped and the fastest row
+    against it."""
+    import shutil
+
+    from imadarem.bench.runner import Bench, BenchArgs
+
+    reference = shutil.copy(causal_model_file, tmp_path / "previous.onnx")  # the same weights: same molecules
+    args = BenchArgs(model=str(causal_model_file), batch_sizes=(2,), repeats=1, out_dir=str(tmp_path / "out"),
+                     engines=("ort-loop-fp32",), reference=str(reference))
+    result = Bench(args).run()
+    rows = {r["engine"]: r for r in result["rows"]}
+    assert set(rows) == {"ort-loop-fp32", "reference"}
+    (item,) = result["summary"]
+    assert item["shipped"] == "ort-loop-fp32"
+    assert item["shipped_vs_reference"] == pytest.approx(rows["ort-loop-fp32"]["seq_per_s"] / rows["reference"]["seq_per_s"])
+    assert rows["reference"]["calls_per_molecule"] == rows["ort-loop-fp32"]["calls_per_molecule"]
+    assert result["reference"]["file"] == str(reference)
+    assert "Against `--reference" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_a_reference_needs_a_causal_model(tiny_onnx, tmp_path):
+    from imadarem.bench.runner import Bench, BenchArgs
+
+    with pytest.raises(ImadaremError, match="--reference"):
+        Bench(BenchArgs(model=str(tiny_onnx), reference=str(tiny_onnx), out_dir=str(tmp_path)))
