@@ -14,7 +14,13 @@ from typing import Any
 
 import click
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS, MAX_TEMPERATURE
+from imadarem.runtime.limits import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RETRIES,
+    MAX_RETRIES,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -161,11 +167,14 @@ HELP = {"help_option_names": ["-h", "--help"]}
               help="Selector option, repeatable (e.g. -o schedule=linear).")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
 @click.option("--trajectory", is_flag=True, help="Show each step: refined positions, change ratio, early stop.")
+@click.option("--retries", type=click.IntRange(0, MAX_RETRIES),
+              help=f"Fragment prompts: draw a sample that lost its fragments again, at most this many times "
+                   f"[default: {DEFAULT_RETRIES}; 0: never].")
 @click.option("--grid", "grid_path", metavar="FILE",
               help="Also draw the samples into FILE (.svg or .png): molecules in a grid, a fragment prompt's "
                    "fragments highlighted (the chem extra).")
 def run_command(model, n, selector, steps, temperature, stop_threshold, seed, provider, threads, prompt,
-                batch_size, drafts, options, fmt, trajectory, grid_path):
+                batch_size, drafts, options, fmt, trajectory, retries, grid_path):
     """Generate sequences with MODEL: an Imadarem .onnx file or a bundled model's name (see `imadarem
     models`; default: the bundled default model).
 
@@ -180,7 +189,7 @@ def run_command(model, n, selector, steps, temperature, stop_threshold, seed, pr
         options["selector"] = selector
     samples = gen.iter_generate(n, steps=steps, temperature=temperature,
                                 stop_threshold=stop_threshold, seed=seed, prompt=prompt, batch_size=batch_size,
-                                trajectory=trajectory, drafts=drafts, **options)
+                                trajectory=trajectory, drafts=drafts, retries=retries, **options)
     texts = []
     with _progress(n) as progress:
         for i, sample in enumerate(samples):

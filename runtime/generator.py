@@ -37,6 +37,9 @@ from imadarem.runtime.results import BatchResult, LoopTimings, Sample, Trajector
 from imadarem.runtime.selector import Selector
 from imadarem.runtime.strategy import Model
 
+#: a retried sample's virtual index is i + attempt * RETRY_STRIDE (beyond any request's n)
+RETRY_STRIDE = 1 << 40
+
 
 class Cancelled(ImadaremError):
     """The request was cancelled (its ``cancel`` event was set) between two model calls."""
@@ -69,31 +72,33 @@ class Generator:
                  temperature: float | None = None, stop_threshold: float | None = None, seed: int | None = None,
                  prompt: str | None = None, batch_size: int | None = None, trajectory: bool = False,
                  timings: LoopTimings | None = None, decode: bool = True, drafts: int | None = None,
-                 cancel: threading.Event | None = None, **selector_options: Any) -> list[Sample]:
+                 cancel: threading.Event | None = None, retries: int | None = None,
+                 **selector_options: Any) -> list[Sample]:
         """Generate ``n`` sequences (a list of :meth:`iter_generate`'s samples); every knob left None
         defaults from the model.
 
         ``selector``: a selector plugin's name or instance (default: the model's, ``gate`` for the bundled
         model); ``steps``: a step budget; ``drafts`` (causal files): draft heads a call may use, 0 for one
         token per call; ``timings``, when given, is filled with per-call wall and model times;
-        ``decode=False`` leaves ``Sample.text`` None (ids only).
+        ``decode=False`` leaves ``Sample.text`` None (ids only); ``retries`` (a prompt reader's prompts, e.g.
+        fragments): how many times a sample that does not keep the prompt is drawn again (default 3).
         """
         return list(self.iter_generate(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
-                                       trajectory, timings, decode, drafts, cancel, **selector_options))
+                                       trajectory, timings, decode, drafts, cancel, retries, **selector_options))
 
     def iter_generate(self, n: int = 1, selector: str | Selector | None = None, steps: int | None = None,
                       temperature: float | None = None, stop_threshold: float | None = None,
                       seed: int | None = None, prompt: str | None = None, batch_size: int | None = None,
                       trajectory: bool = False, timings: LoopTimings | None = None, decode: bool = True,
                       drafts: int | None = None, cancel: threading.Event | None = None,
-                      **selector_options: Any) -> Iterator[Sample]:
+                      retries: int | None = None, **selector_options: Any) -> Iterator[Sample]:
         """The samples of :meth:`generate`, yielded batch by batch as each batch finishes.
 
         The same seed gives the same samples for any ``n`` (a smaller ``n`` gives a prefix) and any
         ``batch_size``. The arguments are checked here, before the first batch runs.
         """
         request, runs, reader = self._plan(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
-                                           trajectory, drafts, selector_options)
+                                           trajectory, drafts, selector_options, retries)
         if reader is None:
             results = self._batches(request, runs[0][0], timings, cancel, None)
             return (sample for result in results for sample in self.samples(result, decode))
@@ -112,35 +117,49 @@ class Generator:
 
     # -- the loop --------------------------------------------------------------------------------
     def _plan(self, n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size, trajectory, drafts,
-              options):
+              options, retries=None):
         """The checked request, its runs [(plan, sample indices or None for all)] and its prompt reader."""
         request = Request.checked(n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size,
-                                  trajectory, drafts, options)
+                                  trajectory, drafts, options, retries)
         reader = prompt_reader_for(request.prompt, self.tokenizer)
         if reader is None:
             return request, [(self.model.plan(request), None)], None
+        return request, self._groups(request, reader, range(request.n)), reader
+
+    def _groups(self, request: Request, reader, indices) -> list[tuple]:
+        """Runs [(plan, indices)] of the samples ``indices``, grouped by the layout each draws from its own
+        generator (so a sample's layout is the same for any n)."""
         max_len = int(self.config["max_seq_len"])
         groups: dict[tuple, tuple] = {}
-        for i in range(request.n):  # each sample's layout from its own generator: the same for any n
+        for i in indices:
             layout = reader.layout(request.prompt, self.tokenizer, self.special, max_len,
                                    SampleStreams.of_layout(request.seed, i))
             groups.setdefault(layout_key(layout), (layout, []))[1].append(i)
-        runs = [(self.model.plan(dataclasses.replace(request, layout=layout)), indices)
-                for layout, indices in groups.values()]
-        return request, runs, reader
+        return [(self.model.plan(dataclasses.replace(request, layout=layout)), members)
+                for layout, members in groups.values()]
 
     def _read_samples(self, request: Request, runs, reader, timings, cancel, decode: bool) -> Iterator[Sample]:
-        """A prompt reader's samples: its groups run one after another, then every sample is checked
-        against the prompt and yielded in index order."""
+        """A prompt reader's samples: its groups run one after another, every sample is checked against the
+        prompt, and one that does not keep it is drawn again (``request.retries`` times at most) as sample
+        ``i + attempt * RETRY_STRIDE``: a new layout and new randomness that depend only on (seed, i,
+        attempt). A sample reports the calls of all its attempts. Yielded in index order."""
         done: dict[int, Sample] = {}
-        for plan, indices in runs:
-            first = 0
-            for result in self._batches(request, plan, timings, cancel, indices):
-                for sample in self.samples(result, True):
-                    kept = reader.keeps(request.prompt, sample.text)
-                    done[indices[first]] = dataclasses.replace(sample, kept=kept,
-                                                               text=sample.text if decode else None)
-                    first += 1
+        for attempt in range(request.retries + 1):
+            if attempt:
+                failed = [i for i, s in sorted(done.items()) if s.kept is False]
+                if not failed:
+                    break
+                runs = self._groups(request, reader, [i + attempt * RETRY_STRIDE for i in failed])
+            for plan, indices in runs:
+                first = 0
+                for result in self._batches(request, plan, timings, cancel, indices):
+                    for sample in self.samples(result, True):
+                        i = indices[first] % RETRY_STRIDE
+                        kept = reader.keeps(request.prompt, sample.text)
+                        calls = sample.steps + (done[i].steps if attempt else 0)
+                        done[i] = dataclasses.replace(sample, kept=kept, steps=calls, attempts=attempt + 1,
+                                                      text=sample.text if decode else None)
+                        first += 1
         return iter([done[i] for i in range(request.n)])
 
     def _batches(self, request: Request, plan, timings: LoopTimings | None, cancel: threading.Event | None,

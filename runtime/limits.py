@@ -19,3 +19,8 @@ MAX_THREADS_PER_CPU = 4
 #: are sized from them before its first call, so a corrupt value must fail as one line, not as a 34 GiB allocation
 MAX_SEQ_LEN = 4096
 MAX_VOCAB = 1 << 20
+
+#: a prompt reader's sample that does not keep its prompt (``Sample.kept`` False) is drawn again this many times
+#: by default, with a new layout and new randomness (``retries``); ``MAX_RETRIES`` bounds what a caller may ask
+DEFAULT_RETRIES = 3
+MAX_RETRIES = 100

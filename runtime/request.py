@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 from imadarem.runtime.errors import ImadaremError
-from imadarem.runtime.limits import DEFAULT_BATCH_SIZE, MAX_STEPS, MAX_TEMPERATURE
+from imadarem.runtime.limits import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RETRIES,
+    MAX_RETRIES,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+)
 
 
 def positive_int(name: str, value: Any, most: int | None = None) -> int:
@@ -62,10 +68,11 @@ class Request:
     selector_options: dict[str, Any] = field(default_factory=dict)
     seed: np.random.SeedSequence = field(default_factory=np.random.SeedSequence)
     layout: Any = None  # set by the Generator for a prompt reader's group of samples (prompt.Layout)
+    retries: int = DEFAULT_RETRIES  # a prompt reader's sample that does not keep the prompt is drawn again
 
     @classmethod
     def checked(cls, n, selector, steps, temperature, stop_threshold, seed, prompt, batch_size, trajectory, drafts,
-                options) -> Request:
+                options, retries=None) -> Request:
         """Types and ranges of what every format shares; the format checks the rest."""
         if steps is not None:
             steps = positive_int("steps", steps, MAX_STEPS)
@@ -78,11 +85,17 @@ class Request:
         if drafts is not None and (isinstance(drafts, bool) or not isinstance(drafts, (int, np.integer))
                                    or drafts < 0):
             raise ImadaremError(f"drafts must be an integer >= 0, got {drafts!r}")
+        if retries is None:
+            retries = DEFAULT_RETRIES
+        elif (isinstance(retries, bool) or not isinstance(retries, (int, np.integer))
+              or not 0 <= retries <= MAX_RETRIES):
+            raise ImadaremError(f"retries must be an integer in [0, {MAX_RETRIES}], got {retries!r}")
         return cls(n=positive_int("n", n), selector=selector, steps=steps, temperature=temperature,
                    stop_threshold=stop_threshold, prompt=prompt,
                    batch_size=DEFAULT_BATCH_SIZE if batch_size is None else positive_int("batch_size", batch_size),
                    trajectory=bool(trajectory), drafts=None if drafts is None else int(drafts),
-                   selector_options=dict(options), seed=np.random.SeedSequence(checked_seed(seed)))
+                   selector_options=dict(options), seed=np.random.SeedSequence(checked_seed(seed)),
+                   retries=int(retries))
 
     def asked(self, **knobs: bool) -> list[str]:
         """The names of the given knobs the caller set (for a format's one-line refusal)."""

@@ -34,12 +34,15 @@ class Sample:
     early_stop: bool
     trajectory: list[TrajectoryStep] | None = None
     kept: bool | None = None  # a prompt reader's check (e.g. the molecule holds the prompt's fragments)
+    attempts: int | None = None  # a prompt reader's sample: draws it took (see Generator ``retries``)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"text": self.text, "ids": self.ids, "steps": self.steps, "edits": self.edits,
                "early_stop": self.early_stop}
         if self.kept is not None:
             out["kept"] = self.kept
+        if self.attempts is not None:
+            out["attempts"] = self.attempts
         if self.trajectory is not None:
             out["trajectory"] = [vars(s) for s in self.trajectory]
         return out

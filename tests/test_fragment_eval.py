@@ -212,3 +212,51 @@ def test_run_grid_refuses_a_file_it_cannot_write_before_generating(tmp_path, nam
     code, out, err = in_process([str(FIXTURES / "pinned" / "refine.onnx"), "-n", "2", "--grid",
                                  str(tmp_path / name)])
     assert code == 2 and out == "" and says in err and err.count("\n") == 1, err
+
+
+# -- redrawing samples that lost their fragments ------------------------------------------------------------
+
+def _flaky_keeps(monkeypatch):
+    """FragmentPrompts.keeps that fails every other first draw (by call order) and keeps every redraw."""
+    from imadarem.chem.plugin import FragmentPrompts
+
+    calls = []
+    real = FragmentPrompts.keeps
+
+    def keeps(self, prompt, text):
+        calls.append(text)
+        return real(self, prompt, text) and (len(calls) > 12 or len(calls) % 2 == 0)
+
+    monkeypatch.setattr(FragmentPrompts, "keeps", keeps)
+    return calls
+
+
+def test_a_sample_that_lost_its_fragments_is_drawn_again(monkeypatch):
+    from imadarem.runtime import Generator
+
+    gen = Generator(FIXTURES / "pinned" / "refine.onnx")
+    once = gen.generate(12, prompt="N*.O*", seed=0, batch_size=5, retries=0)
+    calls = _flaky_keeps(monkeypatch)
+    redrawn = gen.generate(12, prompt="N*.O*", seed=0, batch_size=5)
+    assert len(calls) == 12 + 6
+    assert all(s.kept for s in redrawn) and sorted(s.attempts for s in redrawn) == [1] * 6 + [2] * 6
+    for first, again in zip(once, redrawn):
+        if again.attempts == 1:
+            assert again.ids == first.ids and again.steps == first.steps
+        else:  # a new draw (layout and randomness), whose calls add to the first draw's
+            assert again.steps > first.steps
+    calls.clear()
+    assert [s.ids for s in gen.generate(12, prompt="N*.O*", seed=0, batch_size=3)] == [s.ids for s in redrawn]
+
+
+def test_retries_are_bounded_and_checked(monkeypatch):
+    from imadarem.chem.plugin import FragmentPrompts
+    from imadarem.runtime import Generator, ImadaremError
+
+    gen = Generator(FIXTURES / "pinned" / "refine.onnx")
+    monkeypatch.setattr(FragmentPrompts, "keeps", lambda self, prompt, text: False)
+    samples = gen.generate(3, prompt="N*", seed=1, retries=2)
+    assert [s.attempts for s in samples] == [3, 3, 3] and not any(s.kept for s in samples)
+    for bad in (-1, 101, 1.5, True):
+        with pytest.raises(ImadaremError, match="retries must be an integer in"):
+            gen.generate(1, prompt="N*", retries=bad)

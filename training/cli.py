@@ -267,8 +267,11 @@ def eval_molecules_command(model, n, selectors, steps_list, options, temperature
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row (per task and prompt) as JSON.")
 @click.option("--grid", "grid_dir", type=click.Path(file_okay=False),
               help="Draw one picture per task and model into this folder (the task's first prompt, fragments highlighted).")
+@click.option("--retries", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Redraws of a sample that lost its fragments (0: one draw, as GenMol samples; imadarem-run's "
+                   "default is 3). Calls count every draw.")
 def eval_fragments_command(models, suite, tasks, samples, seeds, selector, batch_size, threads, moses_cache,
-                           json_path, grid_dir):
+                           json_path, grid_dir, retries):
     """GenMol's fragment tasks (linker design, motif extension, scaffold decoration, superstructure
     generation) and metrics as its code computes them: validity (molecules that keep the fragments), uniqueness,
     quality (QED >= 0.6 and SA <= 4), diversity and distance; plus kept, valid and model calls."""
@@ -291,7 +294,8 @@ def eval_fragments_command(models, suite, tasks, samples, seeds, selector, batch
     for model in models or (None,):
         result = ef.evaluate(model, suite, task_list, samples, seed_list, sa_path, selector=selector,
                              batch_size=batch_size, threads=threads,
-                             grid_dir=str(Path(grid_dir) / Path(str(model or "default")).stem) if grid_dir else None)
+                             grid_dir=str(Path(grid_dir) / Path(str(model or "default")).stem) if grid_dir else None,
+                             retries=retries)
         results.append(result)
         ef.write(results, json_path)
     for line in ef.table(results):

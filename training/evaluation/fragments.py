@@ -115,9 +115,11 @@ def left_to_right(generator) -> bool:
 
 def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, seeds: Sequence[int],
              sa_path: Path, selector: str | None = None, batch_size: int = 500, threads: int | None = None,
-             progress: Callable[[str], None] | None = None, grid_dir: str | None = None) -> dict[str, Any]:
+             progress: Callable[[str], None] | None = None, grid_dir: str | None = None,
+             retries: int | None = None) -> dict[str, Any]:
     """One model on one suite: per-task means of :data:`METRICS` over prompts and seeds, plus every prompt's
-    own row. ``grid_dir``: one drawing per task (the first prompt's first seed)."""
+    own row. ``grid_dir``: one drawing per task (the first prompt's first seed); ``retries``: the
+    Generator's redraws of a sample that lost its fragments (None: its default; 0: one draw, as GenMol)."""
     from imadarem.runtime.generator import Generator
 
     gen = Generator(model, threads=threads)
@@ -133,14 +135,16 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
             row: dict[str, Any] = {"task": case.task, "name": case.name, "prompt": case.prompt, "asked": asked,
                                    "seed": seed}
             try:
-                out = gen.generate(samples, selector=selector, seed=seed, prompt=asked, batch_size=batch_size)
+                out = gen.generate(samples, selector=selector, seed=seed, prompt=asked, batch_size=batch_size,
+                                   retries=retries)
             except PromptError as exc:  # e.g. a symbol outside the model's vocabulary: no molecule, as GenMol counts
                 row.update({"error": str(exc), **{m: 0.0 for m in ("validity", "uniqueness", "quality", "valid",
                                                                  "kept")}})
             else:
                 texts = [s.text for s in out]
                 row.update(scorer(task, case.original, texts, samples))
-                row["calls"] = float(np.mean([s.steps for s in out]))
+                row["calls"] = float(np.mean([s.steps for s in out]))  # every attempt's calls
+                row["attempts"] = float(np.mean([s.attempts or 1 for s in out]))
                 row["samples"] = texts
                 if grid_dir and seed == seeds[0] and not any(p["task"] == case.task for p in per_prompt):
                     _draw(grid_dir, case, task, texts)
@@ -149,6 +153,7 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
             progress(f"{case.task} {case.name}: {per_prompt[-1].get('quality', 0.0):.2f} quality")
     summary = {task: _mean(per_prompt, task) for task in tasks}
     return {"model": model or "default", "suite": suite, "prefix_prompts": prefix, "samples": samples,
+            "retries": retries,
             "seeds": list(seeds), "selector": selector or "default", "seconds": round(time.perf_counter() - t0, 1),
             "tasks": summary, "prompts": per_prompt}
 
