@@ -23,8 +23,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "moses-causal": {
         "summary": "the bundled model: a 4.96 M-parameter left-to-right transformer with 3 draft heads on MOSES "
                    "(SELFIES), one GPU",
-        "args": {**_MOSES, "family": "causal", "steps": 120_000, "compile": True},
-        "model": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "num_drafts": 3, "max_seq_len": 56},
+        # docs/models.md: the run behind default.onnx (experiments/runs/shared-h200-2026-12-05/causal-drop)
+        "args": {**_MOSES, "family": "causal", "steps": 35_000, "batch_size": 1024, "lr": 1.5e-3, "compile": True},
+        "model": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "num_drafts": 3, "max_seq_len": 56,
+                  "dropout": 0.1},
     },
     "moses-refine": {
         "summary": "a refinement model on MOSES (SELFIES), issue #24 in progress: block diffusion (blocks of 4 "
