@@ -10,7 +10,8 @@ the device (the repository copy loses ignored folders between calls).
     python3 experiments/device/session.py wait --call-seconds S
     python3 experiments/device/session.py collect --call-seconds S
 
-SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem train flags]}. ``start`` also
+SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem train flags]}, "fixed": true for a
+run whose --steps must stay as given (a recipe's reproduction; it resumes in the next session if it runs out). ``start`` also
 *fits each run's schedule to the deadline*: once a run has logged ~2,000 steps it measures that run's
 steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
 by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
@@ -193,8 +194,10 @@ def main() -> None:
         (RUNS / "spec.json").write_text(json.dumps(spec))
         for run in added:
             launch(run["name"], ["--steps", str(run["steps"]), *run["args"]])
-    names = [r["name"] for r in json.loads((RUNS / "spec.json").read_text())]
-    pending = set(names) if a.verb == "start" else {r["name"] for r in added}
+    runs = json.loads((RUNS / "spec.json").read_text())
+    names = [r["name"] for r in runs]
+    fixed = {r["name"] for r in runs if r.get("fixed")}  # a recipe's exact --steps (a reproduction): never fitted
+    pending = (set(names) if a.verb == "start" else {r["name"] for r in added}) - fixed
     last_status = 0.0
     while time.time() < end - 45:
         for name in sorted(pending):
