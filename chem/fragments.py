@@ -41,7 +41,8 @@ from functools import lru_cache
 import numpy as np
 import selfies as sf
 from imadarem.chem.syntax import SUPERSTRUCTURE
-from selfies.grammar_rules import get_index_from_selfies, get_selfies_from_index, process_atom_symbol
+from imadarem.plugins.tokenizers.selfies import atom_bond
+from selfies.grammar_rules import get_index_from_selfies, get_selfies_from_index
 
 try:
     from rdkit import Chem, rdBase
@@ -189,21 +190,9 @@ def _without_stereo(smiles: str) -> str:
 
 # -- the symbols a blank may hold ------------------------------------------------------------------------
 
-@lru_cache(maxsize=4096)
-def _atom(symbol: str) -> tuple[tuple, bool] | None:
-    """(its bond, whether a free bond is left after it whatever came before) for an atom symbol; None for
-    anything else. SELFIES lowers a bond to what the atoms can take, so an atom whose valence exceeds its
-    own bond's order always keeps one free."""
-    if _BRANCH.fullmatch(symbol) or _RING.fullmatch(symbol):
-        return None
-    try:
-        parsed = process_atom_symbol(symbol)
-    except Exception:
-        return None
-    if parsed is None:
-        return None
-    bond, atom = parsed
-    return bond, atom.bonding_capacity > bond[0]
+#: (its bond, whether a free bond is left after it) of an atom symbol, None for anything else: the SELFIES
+#: adapter's rule, which also keeps a template's middle blanks to atoms (``between_fixed_ids``)
+_atom = atom_bond
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,13 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         fixed.append(False)
         eos_allowed.append(True)
         eos_only.append(True)
-    return Layout(np.array(ids, dtype=np.int64), np.array(fixed, bool), np.array(eos_allowed, bool),
-                  np.array(eos_only, bool))
+    layout = Layout(np.array(ids, dtype=np.int64), np.array(fixed, bool), np.array(eos_allowed, bool),
+                    np.array(eos_only, bool))
+    between = tokenizer.between_fixed_ids()
+    middle = [i for i in range(last_fixed) if not fixed[i]]
+    if between is not None and middle:  # blanks before the last fixed piece: what keeps it meaning the same
+        layout = with_allowed(layout, {i: between for i in middle})
+    return layout
 
 
 def _encode(tokenizer: TokenizerAdapter, text: str, *, first: bool, open_end: bool) -> list[int]:

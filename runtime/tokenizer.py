@@ -58,6 +58,13 @@ class TokenizerAdapter(abc.ABC):
         """
         return self.encode(text)
 
+    def between_fixed_ids(self) -> tuple[int, ...] | None:
+        """Ids a blank *between* fixed pieces of a template may hold (optional hook; default None: any).
+
+        An adapter whose tokens read the ones after them (SELFIES: a branch or ring symbol takes the next
+        symbols as its length) names the ids that leave the fixed tokens after a blank their meaning."""
+        return None
+
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` up to the first EOS, special tokens left out."""

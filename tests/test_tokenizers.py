@@ -154,3 +154,23 @@ def test_eos_falls_back_to_sep_then_none():
 def test_unknown_adapter_in_spec_lists_available():
     with pytest.raises(UnknownPluginError, match="available: char, hf, selfies"):
         tokenizer_from_json(json.dumps({"adapter": "nope", "spec": {}}))
+
+
+def test_a_selfies_blank_between_fixed_symbols_holds_only_atoms_that_carry_the_chain_on():
+    """A branch or ring symbol in a middle blank would read the fixed symbols after it as its length, and an
+    atom without a free bond would end the chain: the ring after the blank would be lost (issue #24's example
+    lost its benzene ring in 7 of 20 samples). Such blanks hold atoms that keep a free bond."""
+    from conftest import FIXTURES
+    from imadarem.runtime import Generator
+
+    gen = Generator(FIXTURES / "pinned" / "refine.onnx")  # [C] [N] [O] [=C] [=O] [Branch1] [Ring1] [F]
+    tok = gen.tokenizer
+    assert sorted(tok.ids_to_symbols(tok.between_fixed_ids())) == ["[=C]", "[C]", "[N]", "[O]"]
+    for sample in gen.generate(16, prompt="[C][O]<mask:4>[N]", seed=0):
+        symbols = tok.ids_to_symbols(sample.ids[:-1])
+        assert symbols[:2] == ["[C]", "[O]"] and symbols[-1] == "[N]" and len(symbols) == 7
+        assert set(symbols[2:6]) <= {"[=C]", "[C]", "[N]", "[O]"}
+        assert sample.text.count("N") >= 1 and "." not in sample.text
+    # blanks at the end are free, as before
+    assert any(set(tok.ids_to_symbols(s.ids[2:-1])) - {"[=C]", "[C]", "[N]", "[O]"}
+               for s in gen.generate(32, prompt="[C][O]<mask:8>", seed=0))

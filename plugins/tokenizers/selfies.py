@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 import selfies as sf
 from imadarem.runtime.errors import TokenizerError
 from imadarem.runtime.tokenizer import VocabularyTokenizer
+from selfies.grammar_rules import process_atom_symbol
 
 _SELFIES_RE = re.compile(r"^(\[[^\[\]]+\])+$")
 #: an atom no molecule in the data holds, bonded to a fragment's last atom to read the fragment as a prefix
@@ -57,6 +59,26 @@ def smiles_to_selfies(smiles: str) -> str:
         return sf.encoder(smiles, strict=True)
     except Exception as exc:
         raise TokenizerError(f"cannot convert SMILES {smiles!r} to SELFIES: {exc}") from None
+
+
+_BRANCH_OR_RING = re.compile(r"\[.*(Branch|Ring)[123]\]")
+
+
+@lru_cache(maxsize=4096)
+def atom_bond(symbol: str) -> tuple[tuple, bool] | None:
+    """(the bond it is written with, whether a free bond is left after it whatever came before) for a SELFIES
+    atom symbol; None for anything else. SELFIES lowers a bond to what the atoms can take, so an atom whose
+    valence exceeds its own bond's order always keeps one free."""
+    if _BRANCH_OR_RING.fullmatch(symbol):
+        return None
+    try:
+        parsed = process_atom_symbol(symbol)
+    except Exception:  # noqa: BLE001 - not an atom symbol (e.g. [nop], a special token)
+        return None
+    if parsed is None:
+        return None
+    bond, atom = parsed
+    return bond, atom.bonding_capacity > bond[0]
 
 
 class SelfiesTokenizer(VocabularyTokenizer):
@@ -110,6 +132,12 @@ class SelfiesTokenizer(VocabularyTokenizer):
         if not symbols or symbols[-1] != _PLACEHOLDER:
             raise TokenizerError(f"the SMILES fragment {text!r} cannot be read as a prefix")
         return self.symbols_to_ids(symbols[:-1], text)
+
+    def between_fixed_ids(self) -> tuple[int, ...]:
+        """Atoms that keep a free bond after them, whatever came before: in a blank between fixed symbols a
+        branch or ring symbol would read the next symbols, fixed ones included, as its length, and an atom
+        without a free bond would end the chain there; such atoms carry the chain on to the fixed symbols."""
+        return tuple(self._ids[s] for s in self.symbols if (atom := atom_bond(s)) is not None and atom[1])
 
     def decode_selfies(self, ids: Sequence[int]) -> str:
         return "".join(self.ids_to_symbols(ids))
