@@ -100,19 +100,22 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         if count > max_len:
             raise PromptError(f"prompt marker {match.group(0)!r} asks for more blanks than the model allows "
                               f"(at most {max_len} positions)")
-        pieces.append(("mask", count))
+        pieces.append(("mask", count, match.group(1) is not None))
         pos = match.end()
     if pos < len(prompt):
         pieces.append(("text", prompt[pos:]))
 
     ids: list[int] = []
     fixed: list[bool] = []
-    for i, (kind, value) in enumerate(pieces):  # every marker holds at most max_len blanks (checked above)
+    counted: list[int] = []  # positions of <mask:N> blanks (a counted run of new tokens, not one in place)
+    for i, (kind, value, *explicit) in enumerate(pieces):  # every marker holds at most max_len blanks (checked above)
         if kind == "text":
             enc = _encode(tokenizer, value, first=i == 0, open_end=i + 1 < len(pieces))  # type: ignore[arg-type]
             ids += enc
             fixed += [True] * len(enc)
         else:
+            if explicit and explicit[0]:
+                counted += range(len(ids), len(ids) + int(value))  # type: ignore[arg-type]
             ids += [special.mask] * int(value)  # type: ignore[arg-type]
             fixed += [False] * int(value)  # type: ignore[arg-type]
     total = len(ids) + (1 if special.eos is not None else 0)
@@ -131,9 +134,12 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         eos_only.append(True)
     layout = Layout(np.array(ids, dtype=np.int64), np.array(fixed, bool), np.array(eos_allowed, bool),
                     np.array(eos_only, bool))
+    # a <mask:N> before the last fixed piece inserts N tokens there: they may only be what leaves the fixed
+    # tokens after them their meaning (SELFIES: atoms that carry the chain on). A bare <mask> stands for one
+    # token in place (re-predicting a symbol of a known string) and may be anything.
     between = tokenizer.between_fixed_ids()
-    middle = [i for i in range(last_fixed) if not fixed[i]]
-    if between is not None and middle:  # blanks before the last fixed piece: what keeps it meaning the same
+    middle = [i for i in counted if i < last_fixed]
+    if between is not None and middle:
         layout = with_allowed(layout, {i: between for i in middle})
     return layout
 

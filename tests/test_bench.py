@@ -180,6 +180,7 @@ def test_the_bench_of_a_refinement_model_prints_no_exporter_chatter(tiny_run, tm
     assert all(line.startswith("bench: ") for line in r.stderr.splitlines()), r.stderr
 
 
+@pytest.mark.slow  # exports and times two files: CI's slow pass
 def test_a_reference_file_is_timed_as_it_is_beside_the_rows(causal_model_file, tmp_path):
     """``--reference FILE`` (issue #23: the new bundled model against the previous one, in one run): the file
     runs as it is, its molecules are its own, and the summary sets the model as shipped and the fastest row

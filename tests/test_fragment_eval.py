@@ -158,6 +158,7 @@ def test_no_kept_molecule_counts_zero_as_genmol_does(sa_path):
     assert "diversity" not in row and "distance" not in row
 
 
+@pytest.mark.slow  # ~5 s of generation and scoring: CI's slow pass (the README command stays under 5 minutes)
 def test_eval_fragments_end_to_end(tmp_path):
     """The bundled (left-to-right) model on GenMol's motif prompts: rows, prefix prompts, JSON, grids."""
     from test_cli_contract import in_process

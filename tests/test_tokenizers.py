@@ -171,6 +171,11 @@ def test_a_selfies_blank_between_fixed_symbols_holds_only_atoms_that_carry_the_c
         assert symbols[:2] == ["[C]", "[O]"] and symbols[-1] == "[N]" and len(symbols) == 7
         assert set(symbols[2:6]) <= {"[=C]", "[C]", "[N]", "[O]"}
         assert sample.text.count("N") >= 1 and "." not in sample.text
+    # a bare <mask> stands for one symbol in place (re-predicting a known string) and may be anything
+    from imadarem.runtime.prompt import parse_prompt
+
+    assert parse_prompt("[C]<mask>[O]<mask:2>[N]", tok, gen.special, 14).allowed == tuple(
+        (i, tuple(sorted(tok.between_fixed_ids()))) for i in (3, 4))
     # blanks at the end are free, as before
     assert any(set(tok.ids_to_symbols(s.ids[2:-1])) - {"[=C]", "[C]", "[N]", "[O]"}
                for s in gen.generate(32, prompt="[C][O]<mask:8>", seed=0))
