@@ -147,7 +147,12 @@ def keeps(task: FragmentTask, smiles: str) -> bool:
         return False
     with rdBase.BlockLogs():
         mol = Chem.MolFromSmiles(smiles)
-    return mol is not None and mol.HasSubstructMatch(task.query())
+    return mol is not None and keeps_mol(task, mol)
+
+
+def keeps_mol(task: FragmentTask, mol) -> bool:
+    """:func:`keeps` of an RDKit molecule already read (an evaluation scores the same molecule further)."""
+    return mol.HasSubstructMatch(task.query())
 
 
 # -- the prompt and the check ---------------------------------------------------------------------------

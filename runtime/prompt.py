@@ -89,11 +89,11 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         layout.fixed[: len(ids)] = True
         return layout
 
-    pieces: list[tuple[str, object]] = []
+    pieces: list[tuple[str, object, bool]] = []  # (kind, text or count, whether a mask marker gave its count)
     pos = 0
     for match in MASK_MARKER.finditer(prompt):
         if match.start() > pos:
-            pieces.append(("text", prompt[pos : match.start()]))
+            pieces.append(("text", prompt[pos : match.start()], False))
         count = int(match.group(1)) if match.group(1) is not None else 1
         if count < 1:
             raise PromptError(f"prompt marker {match.group(0)!r} asks for no blanks")
@@ -103,18 +103,18 @@ def parse_prompt(prompt: str, tokenizer: TokenizerAdapter, special: SpecialIds, 
         pieces.append(("mask", count, match.group(1) is not None))
         pos = match.end()
     if pos < len(prompt):
-        pieces.append(("text", prompt[pos:]))
+        pieces.append(("text", prompt[pos:], False))
 
     ids: list[int] = []
     fixed: list[bool] = []
     counted: list[int] = []  # positions of <mask:N> blanks (a counted run of new tokens, not one in place)
-    for i, (kind, value, *explicit) in enumerate(pieces):  # every marker holds at most max_len blanks (checked above)
+    for i, (kind, value, counted_marker) in enumerate(pieces):  # each marker holds <= max_len blanks (checked above)
         if kind == "text":
             enc = _encode(tokenizer, value, first=i == 0, open_end=i + 1 < len(pieces))  # type: ignore[arg-type]
             ids += enc
             fixed += [True] * len(enc)
         else:
-            if explicit and explicit[0]:
+            if counted_marker:
                 counted += range(len(ids), len(ids) + int(value))  # type: ignore[arg-type]
             ids += [special.mask] * int(value)  # type: ignore[arg-type]
             fixed += [False] * int(value)  # type: ignore[arg-type]

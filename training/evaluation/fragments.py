@@ -89,7 +89,7 @@ class PromptScorer:
         Chem = self.Chem
         mols = [Chem.MolFromSmiles(t) if t else None for t in texts]
         valid = [(t, m) for t, m in zip(texts, mols) if m is not None and m.GetNumAtoms() > 0]
-        kept = [(t, m) for t, m in valid if fragments.keeps(task, t)]
+        kept = [(t, m) for t, m in valid if fragments.keeps_mol(task, m)]
         row = {"valid": len(valid) / num_samples, "kept": len(kept) / len(valid) if valid else 0.0,
                "validity": len(kept) / num_samples}
         distinct: dict[str, Any] = {}
@@ -129,8 +129,9 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
     per_prompt: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for case in cases:
-        task = fragments.parse_fragment_prompt(_as_prompt(case))
-        asked = fragments.prefix_prompt(task) if prefix else _as_prompt(case)
+        prompt = _as_prompt(case)
+        task = fragments.parse_fragment_prompt(prompt)
+        asked = fragments.prefix_prompt(task) if prefix else prompt
         for seed in seeds:
             row: dict[str, Any] = {"task": case.task, "name": case.name, "prompt": case.prompt, "asked": asked,
                                    "seed": seed}
