@@ -205,3 +205,42 @@ def test_the_confidence_selector_commits_trusted_masks_and_else_the_leftmost(blo
     assert np.mean([s.steps for s in loose]) < np.mean([s.steps for s in strict])
     with pytest.raises(Exception, match="fallback"):
         gen.generate(1, selector="confidence", fallback="random")
+
+
+def test_with_refills_off_a_block_shows_only_its_true_tokens_and_masks_and_needs_no_teacher(tiny):
+    """The block presets' setting: a model that sees wrong tokens inside its blocks learns to discount what it
+    committed there (training/block_objective.py); with the refill rates at 0 the noisy stream holds only
+    the clean text's own tokens or masks, and the EMA teacher is not run at all."""
+    import dataclasses
+
+    from imadarem.training.block_objective import block_loss
+    from imadarem.training.presets import PRESETS
+
+    for name in ("moses-refine", "tiny-refine"):
+        model = PRESETS[name]["model"]
+        assert model["sample_replace_rate"] == 0 and model["random_replace_rate"] == 0, name
+
+    sp, L = tiny.special, 16
+    clean = _clean(sp, tiny.config.vocab_size, rows=40, length=L)
+
+    def noisy_streams(cfg, teacher):
+        seen = []
+
+        def forward(tokens, *rest):
+            seen.append(tokens[:, :L])
+            return tiny.forward_train(tokens, *rest)
+        with torch.no_grad():
+            block_loss(forward, teacher, clean, torch.Generator().manual_seed(0), 40, slice(0, 40), cfg, sp)
+        return seen[0]
+
+    class NoTeacher:
+        def forward_train(self, *args):
+            raise AssertionError("the teacher ran with refills off")
+
+    off = dataclasses.replace(tiny.config, sample_replace_rate=0.0, random_replace_rate=0.0, span_weight=0.0)
+    xt = noisy_streams(off, NoTeacher())
+    assert ((xt == sp.mask) | (xt == clean)).all()
+    assert (xt == sp.mask).any()
+    on = dataclasses.replace(off, sample_replace_rate=0.3, random_replace_rate=0.3)
+    xt = noisy_streams(on, tiny)
+    assert ((xt != sp.mask) & (xt != clean) & (xt != sp.pad)).any()  # refills show, so the check above can fail

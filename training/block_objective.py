@@ -11,9 +11,13 @@ blocks before it, exactly the state a decoder reaches with the same model's sing
 Per row (every draw for the global batch, from the step's generator):
 
 - *block rows* (1 - ``span_weight``): each block masked either as a suffix of the block from a random offset
-  (``block_suffix_share``, what left-to-right commits inside a block leave) or at a random rate; some masked
-  positions are refilled with the EMA teacher's samples or random tokens (committed tokens that may be
-  wrong), as in the mixture objective;
+  (``block_suffix_share``, what left-to-right commits inside a block leave) or at a random rate. With
+  ``sample_replace_rate`` / ``random_replace_rate`` above 0, some masked positions are refilled with the EMA
+  teacher's samples or random tokens (committed tokens that may be wrong, the gate's revision targets).
+  **The block presets set both to 0**: a model that has seen refills inside its blocks learns to discount the
+  tokens committed there, and its own left-to-right samples lose coherence (refine-block4: teacher-forced
+  NLL 0.62 per token, yet FCD/Test 8.4 sampled one token per call; swapping the token just before a
+  prediction moves it 5x less inside a block than across a block boundary; experiments/refine/PLAN.md, "Third finding");
 - *span rows* (``span_weight``): one span masked at a random rate with clean text on both sides, in a single
   stream (a middle blank; the model sees the clean suffix after a row's last mask).
 
@@ -80,17 +84,20 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         positions = torch.cat([pos, pos])
         zeros = torch.zeros(c.shape[0], 2 * L, cfg.hidden_size, device=dev)
         step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
-        with torch.no_grad(), ctx:
-            first_pass = teacher.forward_train(torch.cat([xt, c], 1), step, zeros, allowed, positions)
-        samples = sample_tokens(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
         p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
-        u = d["replace"][b_rows]
-        refill = corrupted & upto & (samples != special.eos)
-        xt = torch.where(refill & (u < p_s), samples, xt)
-        xt = torch.where(refill & (u >= p_s) & (u < p_s + p_r), d["random"][b_rows], xt)
-        xt = rules.pad_after_eos(xt, special.eos, special.pad)
+        if p_s + p_r > 0:  # refills: committed-looking tokens that may be wrong (see the module docstring)
+            with torch.no_grad(), ctx:
+                first_pass = teacher.forward_train(torch.cat([xt, c], 1), step, zeros, allowed, positions)
+            samples = sample_tokens(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
+            u = d["replace"][b_rows]
+            refill = corrupted & upto & (samples != special.eos)
+            xt = torch.where(refill & (u < p_s), samples, xt)
+            xt = torch.where(refill & (u >= p_s) & (u < p_s + p_r), d["random"][b_rows], xt)
+            xt = rules.pad_after_eos(xt, special.eos, special.pad)
         with ctx:
             out = forward(torch.cat([xt, c], 1), step, zeros, allowed, positions)
+        if p_s + p_r == 0:  # the gate's target at a mask: is the model's own sample right
+            samples = sample_tokens(out["logits"][:, :L].detach(), d["gumbel"][b_rows], special)
         valid = upto & (xt != special.pad)
         parts["block"] = (out["logits"][:, :L], out["gate_logits"][:, :L], xt, t, samples, corrupted & valid, valid)
 

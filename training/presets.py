@@ -19,6 +19,9 @@ _MOSES = {"data": "moses", "batch_size": 512, "lr": 1e-3, "warmup_steps": 300, "
           "weight_decay": 0.01, "val_fraction": 0.002, "eval_interval": 2000, "eval_batches": 8,
           "checkpoint_interval": 2000, "log_interval": 200, "seed": 0}
 
+#: block models see only true tokens inside their blocks: no refills (training/block_objective.py says why)
+_CLEAN_BLOCKS = {"sample_replace_rate": 0.0, "random_replace_rate": 0.0}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "moses-causal": {
         "summary": "the bundled model: a 4.96 M-parameter left-to-right transformer with 3 draft heads on MOSES "
@@ -35,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "args": {**_MOSES, "family": "refine", "steps": 60_000, "compile": True},
         "model": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "dropout": 0.0, "max_seq_len": 56,
                   "max_refinement_steps": 64, "objective": "block", "block_size": 4, "stop_threshold": 0.0,
-                  "sampling_temperature": 1.0, "use_critic": False},
+                  "sampling_temperature": 1.0, "use_critic": False, **_CLEAN_BLOCKS},
     },
     "moses-imadarem-v": {
         "summary": "Imadarem V on MOSES (SELFIES), the previous bundled model's recipe, one GPU",
@@ -55,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "args": {"family": "refine", "steps": 600, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50,
                  "eval_interval": 200, "checkpoint_interval": 200, "log_interval": 50},
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "dropout": 0.0, "max_refinement_steps": 64,
-                  "objective": "block", "block_size": 4, "stop_threshold": 0.0, "sampling_temperature": 1.0},
+                  "objective": "block", "block_size": 4, "stop_threshold": 0.0, "sampling_temperature": 1.0,
+                  **_CLEAN_BLOCKS},
     },
 }
 
