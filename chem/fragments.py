@@ -195,11 +195,6 @@ def _without_stereo(smiles: str) -> str:
 
 # -- the symbols a blank may hold ------------------------------------------------------------------------
 
-#: (its bond, whether a free bond is left after it) of an atom symbol, None for anything else: the SELFIES
-#: adapter's rule, which also keeps a template's middle blanks to atoms (``between_fixed_ids``)
-_atom = atom_bond
-
-
 @dataclass(frozen=True)
 class _Blank:
     """A blank position: the symbols it may hold (None: any, or the end token), and whether it starts a
@@ -216,9 +211,9 @@ class _Missing(ValueError):
 class _Alphabet:
     def __init__(self, vocabulary: Iterable[str]):
         self.vocabulary = frozenset(vocabulary)
-        self.bond = {s: a[0] for s in self.vocabulary if (a := _atom(s)) is not None}
+        self.bond = {s: a[0] for s in self.vocabulary if (a := atom_bond(s)) is not None}
         self.atoms = frozenset(self.bond)
-        self.chain = frozenset(s for s in self.bond if _atom(s)[1])
+        self.chain = frozenset(s for s in self.bond if atom_bond(s)[1])
 
     def writable(self, writings: Iterable[tuple[str, ...]], fragment: str) -> list[tuple[str, ...]]:
         """The writings whose symbols (xenon aside) are all in the vocabulary; _Missing if none is."""
@@ -348,7 +343,7 @@ def _blanks(chain: list[tuple], rng: np.random.Generator, alphabet: _Alphabet, s
     for item in chain:
         if item[0] == "atom" and _XE.fullmatch(item[1]):
             n = 1 if short else int(rng.integers(BRANCH_LENGTHS.start, BRANCH_LENGTHS.stop))
-            item = ("blank", alphabet.chain_blank(_atom(item[1])[0], n, closed=False))
+            item = ("blank", alphabet.chain_blank(atom_bond(item[1])[0], n, closed=False))
         elif item[0] == "branch":
             item = ("branch", item[1], _blanks(item[2], rng, alphabet, short))
         items.append(item)
@@ -400,7 +395,7 @@ def _tokens(kind: str, fragments: tuple[str, ...], rng: np.random.Generator, alp
     else:
         writings = list(_writings(_placed(fragments[0]), False))
     tree = _tree(_pick(rng, alphabet.writable(writings, fragments[0])))
-    bond = _atom(tree.pop()[1])[0]  # the open end: the xenon written last
+    bond = atom_bond(tree.pop()[1])[0]  # the open end: the xenon written last
     if kind == "linker":
         head = _write(tree)
         tail = list(_pick(rng, alphabet.writable(_writings(_placed(fragments[1]), True), fragments[1]))[1:])

@@ -85,7 +85,8 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         zeros = torch.zeros(c.shape[0], 2 * L, cfg.hidden_size, device=dev)
         step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
         p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
-        if p_s + p_r > 0:  # refills: committed-looking tokens that may be wrong (see the module docstring)
+        refills = p_s + p_r > 0  # committed-looking tokens that may be wrong (see the module docstring)
+        if refills:
             with torch.no_grad(), ctx:
                 first_pass = teacher.forward_train(torch.cat([xt, c], 1), step, zeros, allowed, positions)
             samples = sample_tokens(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
@@ -96,7 +97,7 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
             xt = rules.pad_after_eos(xt, special.eos, special.pad)
         with ctx:
             out = forward(torch.cat([xt, c], 1), step, zeros, allowed, positions)
-        if p_s + p_r == 0:  # the gate's target at a mask: is the model's own sample right
+        if not refills:  # the gate's target at a mask: is the model's own sample right
             samples = sample_tokens(out["logits"][:, :L].detach(), d["gumbel"][b_rows], special)
         valid = upto & (xt != special.pad)
         parts["block"] = (out["logits"][:, :L], out["gate_logits"][:, :L], xt, t, samples, corrupted & valid, valid)
