@@ -16,12 +16,15 @@ run whose --steps must stay as given (a recipe's reproduction; it resumes in the
 steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
 by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
 ``--steps`` set to what fits; the cosine schedule is then the one of that many steps, except for the few
-hundred steps already taken (where the two schedules differ by < 1% of the learning rate). ``add`` launches a
+hundred steps already taken (where the two schedules differ by < 1% of the learning rate). Once the fixed runs end, ``wait`` fits the others again to
+the speed they have alone (the learning rate then follows the longer cosine from that
+step: a step up, as in a warm restart). ``add`` launches a
 further spec's runs under the running session's deadline: a call's working tree may hold 64 MiB, so a run that
 starts from a checkpoint kept in the repository can follow in the next call, once the data is on the device.
 ``collect`` waits for the runs to end and packs each run's log, run.json and last checkpoint with the EMA
 weights only (what ``imadarem export`` uses; the raw weights and optimiser moments stay on the device)
-into 15 MiB parts under $OUT. Needs the wheels in .whl/ and .devdata/ (train.csv.gz, encoded/*.npz).
+into 15 MiB parts under $OUT. Every other verb returns as soon as no run is left alive, and sends back the
+snapshot of each run that ended since the last call (all of them with ``--snapshots``). Needs the wheels in .whl/ and .devdata/ (train.csv.gz, encoded/*.npz).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def launch(name: str, args: list[str], resume_steps: int | None = None) -> None:
         cmd = [sys.executable, "-m", "imadarem.training", "--data", str(DATA), *common, *args]
     else:
         cmd = [sys.executable, "-m", "imadarem.training", "--resume", "--steps", str(resume_steps), *common]
+        (RUNS / f"{name}.steps").write_text(str(resume_steps))  # run.json keeps the steps of the first launch
     out = open(RUNS / f"{name}.out", "a")
     out.write(f"\n# {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
     out.flush()
@@ -121,6 +125,10 @@ def status(names: list[str]) -> None:
 
 
 def steps_of(name: str) -> int:
+    """The steps the run now trains to: those of its last resume, else those it was launched with."""
+    fitted = RUNS / f"{name}.steps"
+    if fitted.exists():
+        return int(fitted.read_text())
     return int(json.loads((RUNS / name / "run.json").read_text())["args"]["steps"])
 
 
@@ -143,6 +151,36 @@ def fit(name: str, restart_cost: float = 80.0, min_span: int = 1600) -> bool:
         time.sleep(1)
     launch(name, [], resume_steps=fits)
     return True
+
+
+def refit_alone(names: list[str], marks: dict[str, tuple[float, int]], span: float = 90.0) -> None:
+    """Once the fixed runs have ended, fit the others again to the speed they now have on their own.
+
+    ``start`` fitted them to the speed they had beside the fixed runs; left alone they would end early and
+    leave the GPU idle until the deadline. Each is measured over ``span`` seconds of wall time, then resumed
+    with the steps that fit (at most once: RUNS/<name>.refit marks it).
+    """
+    for name in names:
+        if (RUNS / f"{name}.refit").exists() or not alive(name) or not log(name):
+            continue
+        step, now = log(name)[-1]["step"], time.time()
+        if name not in marks:
+            marks[name] = (now, step)
+            continue
+        t0, s0 = marks[name]
+        if now - t0 < span or step <= s0:
+            continue
+        rate = (step - s0) / (now - t0)
+        left = deadline() - now - 45
+        fits = int(step + rate * (left - 80.0)) // 500 * 500
+        (RUNS / f"{name}.refit").write_text(str(fits))
+        print(f"[{now - START:5.0f}s] {name} alone: {rate:.1f} steps/s, {steps_of(name)} planned, {fits} fit",
+              flush=True)
+        if fits > steps_of(name) * 1.04:
+            os.killpg(int((RUNS / f"{name}.pid").read_text()), signal.SIGTERM)
+            while alive(name):
+                time.sleep(1)
+            launch(name, [], resume_steps=fits)
 
 
 def snapshot(name: str, out: Path) -> None:
@@ -175,10 +213,15 @@ def main() -> None:
     p.add_argument("spec", nargs="?")
     p.add_argument("--deadline-in", type=float, help="start: seconds from now when every run must have stopped")
     p.add_argument("--call-seconds", type=float, required=True, help="return before this many seconds")
+    p.add_argument("--snapshots", action="store_true",
+                   help="start/add/wait: send the checkpoints back too (their transfer can outlast the 30 s the "
+                        "machine waits for the next call)")
     a = p.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
     end = START + a.call_seconds
+    if a.verb != "start" and not (RUNS / "spec.json").exists():
+        sys.exit(f"session.py {a.verb}: no session on this machine (a fresh one: the last went back with its runs)")
     install()
     if a.verb == "start":
         RUNS.mkdir(parents=True, exist_ok=True)
@@ -199,11 +242,14 @@ def main() -> None:
     fixed = {r["name"] for r in runs if r.get("fixed")}  # a recipe's exact --steps (a reproduction): never fitted
     pending = (set(names) if a.verb == "start" else {r["name"] for r in added}) - fixed
     last_status = 0.0
+    marks: dict[str, tuple[float, int]] = {}
     while time.time() < end - 45:
         for name in sorted(pending):
             if fit(name):
                 pending.discard(name)
-        if a.verb == "collect" and not any(alive(n) for n in names):
+        if a.verb == "wait" and fixed and not any(alive(n) for n in fixed):
+            refit_alone(sorted(set(names) - fixed), marks)
+        if not any(alive(n) for n in names):  # nothing left to train: return now, with the snapshots
             break
         if time.time() - last_status > 60:
             status(names)
@@ -217,12 +263,19 @@ def main() -> None:
         while any(alive(n) for n in names) and time.time() - t < 40:
             time.sleep(1)
     status(names)
-    # every call sends back every run's newest checkpoint (EMA weights, ~20 MB for 5 M parameters): the next
-    # call must come within 30 s of this one's end or the machine goes back with /tmp/runs, and a stalled
-    # caller (an API outage on 2026-12-05 did this) must not lose the session's training
+    # The next call must come within 30 s of this one's end or the machine goes back with /tmp/runs. Sending
+    # every checkpoint back every call (~20 MB each) made the transfer outlast that window (2026-12-06: the
+    # machine went back between calls); sending none lost two finished runs when a caller stalled on an API
+    # error (2026-12-06, refine-clean-cont3 and causal-seed1). So a run's checkpoint comes back once, in the
+    # first call after it ended (it changes no more), and every call's with --snapshots or collect.
     for name in names:
+        ended = not alive(name) and log(name) and not (RUNS / f"{name}.sent").exists()
+        if not (ended or a.verb == "collect" or a.snapshots):
+            continue
         try:
             snapshot(name, out)
+            if not alive(name):
+                (RUNS / f"{name}.sent").write_text("")
         except (OSError, ValueError) as exc:
             print(f"{name}: no snapshot ({exc})", flush=True)
     for name in names:
