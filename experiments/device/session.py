@@ -16,15 +16,15 @@ run whose --steps must stay as given (a recipe's reproduction; it resumes in the
 steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
 by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
 ``--steps`` set to what fits; the cosine schedule is then the one of that many steps, except for the few
-hundred steps already taken (where the two schedules differ by < 1% of the learning rate). Once the fixed runs end, ``wait`` fits the others again to
-the speed they have alone (the learning rate then follows the longer cosine from that
-step: a step up, as in a warm restart). ``add`` launches a
-further spec's runs under the running session's deadline: a call's working tree may hold 64 MiB, so a run that
-starts from a checkpoint kept in the repository can follow in the next call, once the data is on the device.
-``collect`` waits for the runs to end and packs each run's log, run.json and last checkpoint with the EMA
-weights only (what ``imadarem export`` uses; the raw weights and optimiser moments stay on the device)
-into 15 MiB parts under $OUT. Every other verb returns as soon as no run is left alive, and sends back the
-snapshot of each run that ended since the last call (all of them with ``--snapshots``). Needs the wheels in .whl/ and .devdata/ (train.csv.gz, encoded/*.npz).
+hundred steps already taken (where the two schedules differ by < 1% of the learning rate). Once the fixed runs
+end, ``wait`` fits the others again to the speed they have alone (the learning rate then follows the longer
+cosine from that step: a step up, as in a warm restart). ``add`` launches a further spec's runs under the running
+session's deadline: a call's working tree may hold 64 MiB, so a run that starts from a checkpoint kept in the
+repository can follow in the next call, once the data is on the device. ``collect`` waits for the runs to end and
+packs each run's log, run.json and last checkpoint with the EMA weights only (what ``imadarem export`` uses; the
+raw weights and optimiser moments stay on the device) into 15 MiB parts under $OUT. Every other verb returns as
+soon as no run is left alive, and sends back the snapshot of each run that ended since the last call (all of
+them with ``--snapshots``). Needs the wheels in .whl/ and .devdata/ (train.csv.gz, encoded/*.npz).
 """
 
 from __future__ import annotations
@@ -132,24 +132,29 @@ def steps_of(name: str) -> int:
     return int(json.loads((RUNS / name / "run.json").read_text())["args"]["steps"])
 
 
-def fit(name: str, restart_cost: float = 80.0, min_span: int = 1600) -> bool:
-    """Resume ``name`` with the steps that fit before the deadline; True once it needs no more fitting."""
+def resume_to_fit(name: str, step: int, rate: float, label: str = "", restart_cost: float = 80.0) -> None:
+    """Stop ``name`` and resume it with the steps that fit before the deadline at ``rate`` steps/s, unless its
+    planned steps are already within 4% of them."""
+    left = deadline() - time.time() - 45
+    planned = steps_of(name)
+    fits = int(step + rate * (left - restart_cost)) // 500 * 500
+    print(f"[{time.time() - START:5.0f}s] {name}{label}: {rate:.1f} steps/s, {planned} planned, {fits} fit",
+          flush=True)
+    if abs(fits - planned) <= 0.04 * planned:
+        return
+    os.killpg(int((RUNS / f"{name}.pid").read_text()), signal.SIGTERM)
+    while alive(name):
+        time.sleep(1)
+    launch(name, [], resume_steps=fits)
+
+
+def fit(name: str, min_span: int = 1600) -> bool:
+    """Fit ``name`` to the deadline once it has logged ``min_span`` steps; True once it needs no more fitting."""
     rows = [r for r in log(name) if r.get("step", 0) >= 400]
     if len(rows) < 2 or rows[-1]["step"] - rows[0]["step"] < min_span:
         return False
     a, b = rows[0], rows[-1]
-    rate = (b["step"] - a["step"]) / max(b["seconds"] - a["seconds"], 1e-6)
-    left = deadline() - time.time() - 45
-    planned = steps_of(name)
-    fits = int(b["step"] + rate * (left - restart_cost)) // 500 * 500
-    print(f"[{time.time() - START:5.0f}s] {name}: {rate:.1f} steps/s, {planned} planned, {fits} fit", flush=True)
-    if abs(fits - planned) <= 0.04 * planned:
-        return True
-    pid = int((RUNS / f"{name}.pid").read_text())
-    os.killpg(pid, signal.SIGTERM)
-    while alive(name):
-        time.sleep(1)
-    launch(name, [], resume_steps=fits)
+    resume_to_fit(name, b["step"], (b["step"] - a["step"]) / max(b["seconds"] - a["seconds"], 1e-6))
     return True
 
 
@@ -157,30 +162,22 @@ def refit_alone(names: list[str], marks: dict[str, tuple[float, int]], span: flo
     """Once the fixed runs have ended, fit the others again to the speed they now have on their own.
 
     ``start`` fitted them to the speed they had beside the fixed runs; left alone they would end early and
-    leave the GPU idle until the deadline. Each is measured over ``span`` seconds of wall time, then resumed
-    with the steps that fit (at most once: RUNS/<name>.refit marks it).
+    leave the GPU idle until the deadline. Each is measured over ``span`` seconds of wall time, then fitted
+    (at most once: RUNS/<name>.refit marks it).
     """
     for name in names:
-        if (RUNS / f"{name}.refit").exists() or not alive(name) or not log(name):
+        rows = log(name)
+        if (RUNS / f"{name}.refit").exists() or not alive(name) or not rows:
             continue
-        step, now = log(name)[-1]["step"], time.time()
+        step, now = rows[-1]["step"], time.time()
         if name not in marks:
             marks[name] = (now, step)
             continue
         t0, s0 = marks[name]
         if now - t0 < span or step <= s0:
             continue
-        rate = (step - s0) / (now - t0)
-        left = deadline() - now - 45
-        fits = int(step + rate * (left - 80.0)) // 500 * 500
-        (RUNS / f"{name}.refit").write_text(str(fits))
-        print(f"[{now - START:5.0f}s] {name} alone: {rate:.1f} steps/s, {steps_of(name)} planned, {fits} fit",
-              flush=True)
-        if fits > steps_of(name) * 1.04:
-            os.killpg(int((RUNS / f"{name}.pid").read_text()), signal.SIGTERM)
-            while alive(name):
-                time.sleep(1)
-            launch(name, [], resume_steps=fits)
+        (RUNS / f"{name}.refit").write_text("")
+        resume_to_fit(name, step, (step - s0) / (now - t0), label=" alone")
 
 
 def snapshot(name: str, out: Path) -> None:
