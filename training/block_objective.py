@@ -22,7 +22,8 @@ Per row (every draw for the global batch, from the step's generator):
   stream (a middle blank; the model sees the clean suffix after a row's last mask).
 
 Loss: cross-entropy on the corrupted positions of the blocks up to each row's EOS block, plus the gate's
-BCE (a mask: will the token sampled there be right; a committed token: is it wrong), the mixture's gate.
+BCE: with ``gate_target: "match"`` the mixture's gate (a mask: will the token sampled there be right; a committed
+token: is it wrong), with ``"acceptance"`` the acceptance gate of training/acceptance_gate.py (its own states).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from imadarem.runtime import rules
 from imadarem.runtime.tokenizer import SpecialIds
+from imadarem.training.acceptance_gate import acceptance_gate_loss
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.distributed import global_sum
 from imadarem.training.model import two_stream_attention
@@ -49,7 +51,8 @@ def _draws(gen: torch.Generator, batch: int, length: int, cfg: ImplicitRefinemen
             "offset": torch.rand(batch, blocks, **kw), "u": torch.rand(batch, length, **kw),
             "replace": torch.rand(batch, length, **kw),
             "random": allowed[torch.randint(0, len(allowed), (batch, length), **kw)],
-            "gumbel": rules.gumbel(torch.rand(batch, length, V, **kw)), "span": torch.rand(batch, 3, **kw)}
+            "gumbel": rules.gumbel(torch.rand(batch, length, V, **kw)), "span": torch.rand(batch, 3, **kw),
+            "gate_offset": torch.rand(batch, blocks, **kw), "gate_state": torch.rand(batch, blocks, **kw)}
 
 
 def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, global_batch: int, rows: slice,
@@ -124,18 +127,33 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
     V = cfg.vocab_size
     metrics_sums = torch.zeros(3, device=dev)  # ce, gate bce, gate correct
     metric_counts = torch.zeros(2, device=dev)  # loss positions, gate positions
+    acceptance = cfg.gate_target == "acceptance"
     for logits, gate_logits, xt, t, samples, loss_pos, valid in parts.values():
         ce = F.cross_entropy(logits.float().reshape(-1, V), t.reshape(-1), reduction="none").view_as(t)
+        if acceptance:  # the gate learns from its own states below
+            metrics_sums = metrics_sums + torch.stack([(ce * loss_pos).sum(), ce.new_zeros(()), ce.new_zeros(())])
+            metric_counts = metric_counts + torch.stack([loss_pos.sum().float(), ce.new_zeros(())])
+            continue
         masked = xt == special.mask
         gate_target = torch.where(masked, (samples == t).float(), (xt != t).float())
         bce = F.binary_cross_entropy_with_logits(gate_logits.float(), gate_target, reduction="none")
         correct = ((gate_logits > 0) == (gate_target > 0.5)) & valid
         metrics_sums = metrics_sums + torch.stack([(ce * loss_pos).sum(), (bce * valid).sum(), correct.sum().float()])
         metric_counts = metric_counts + torch.stack([loss_pos.sum(), valid.sum()]).float()
+    accept_mean = None
+    if acceptance and b_rows.any():
+        keep = ("gate_offset", "gate_state", "gumbel")
+        bce_sum, correct_sum, target_sum, count = acceptance_gate_loss(
+            forward, teacher, clean[b_rows], ends[b_rows], {k: d[k][b_rows] for k in keep}, cfg, special, autocast)
+        metrics_sums = metrics_sums + torch.stack([bce_sum.new_zeros(()), bce_sum, correct_sum])
+        metric_counts = metric_counts + torch.stack([count.new_zeros(()), count])
+        accept_mean = global_sum(target_sum.detach()) / global_sum(count.detach()).clamp(min=1.0)
     n = global_sum(metric_counts).clamp(min=1.0)
     ce_mean, bce_mean = metrics_sums[0] / n[0], metrics_sums[1] / n[1]
     loss = ce_mean + cfg.gate_loss_weight * bce_mean
     stats = global_sum(metrics_sums.detach())
     metrics = {"loss": stats[0] / n[0] + cfg.gate_loss_weight * stats[1] / n[1], "ce": stats[0] / n[0],
                "gate_bce": stats[1] / n[1], "gate_acc": stats[2] / n[1], "tokens": n[0]}
+    if accept_mean is not None:
+        metrics["gate_target"] = accept_mean  # the mean target: how often parallel commits agree
     return loss * world, metrics

@@ -46,6 +46,14 @@ class ImplicitRefinementConfig:
     semi_ar_weight: float = 0.6  # mixture: share of rows masked as a clean prefix, a block, a masked suffix
     span_weight: float = 0.2  # mixture, block: share masked as one span with a clean suffix (mixture: the rest uniform)
     block_suffix_share: float = 0.5  # block: share of blocks masked as a suffix of the block (the rest at a random rate)
+    # block: what the gate learns. "match": at a mask, will the token sampled there equal the data's; at a token,
+    # is it not the data's. "acceptance" (training/acceptance_gate.py): at a mask, the chance that committing its
+    # sample now, beside the block's other commits, agrees with committing it after them (1 - total variation
+    # between the two conditionals); at a committed token, the chance the left-to-right conditional rejects it
+    # (speculative sampling's 1 - min(1, p/q)). The acceptance gate reads detached features: it never moves the trunk
+    gate_target: str = "match"
+    gate_head_hidden: int = 0  # 0: a linear gate on the last hidden state; > 0: an MLP of that width on it + confidence
+    freeze_trunk: bool = False  # train the gate head only (e.g. an acceptance gate on a trained model, --init-from)
 
     def __post_init__(self):
         checks = [
@@ -61,6 +69,9 @@ class ImplicitRefinementConfig:
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.corruption_schedule in ("linear", "cosine"), "corruption_schedule must be 'linear' or 'cosine'"),
             (self.objective in ("imadarem-v", "mixture", "block"), "objective must be 'imadarem-v', 'mixture' or 'block'"),
+            (self.gate_target in ("match", "acceptance"), "gate_target must be 'match' or 'acceptance'"),
+            (self.gate_target == "match" or self.objective == "block", "gate_target 'acceptance' needs objective 'block'"),
+            (self.gate_head_hidden >= 0, "gate_head_hidden must be >= 0"),
             (0.0 <= self.block_suffix_share <= 1.0, "block_suffix_share must be in [0, 1]"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (0.0 <= self.semi_ar_weight and 0.0 <= self.span_weight and self.semi_ar_weight + self.span_weight <= 1.0,

@@ -132,6 +132,24 @@ class Block(nn.Module):
         return x + F.dropout(self.mlp(self.ln2(x)), p, self.training)
 
 
+class GateMLP(nn.Module):
+    """The gate as a small MLP over the last hidden state and the position's confidence (log-probability of
+    its most likely token, and entropy): the commit and revision questions of the acceptance gate depend on
+    how peaked the conditional is, which a linear map of the hidden state cannot compute."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.inp = nn.Linear(hidden + 2, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top1 = logp.max(-1).values
+        entropy = -(logp.exp() * logp).sum(-1)
+        features = torch.cat([hidden, top1[..., None].to(hidden.dtype), entropy[..., None].to(hidden.dtype)], -1)
+        return self.out(F.gelu(self.inp(features))).squeeze(-1)
+
+
 class ImplicitRefinementModel(nn.Module):
     def __init__(self, config: ImplicitRefinementConfig, tokenizer: TokenizerAdapter | None = None):
         """``tokenizer`` None: ids only, with VocabularyTokenizer's special ids ([PAD]=0, [MASK]=1,
@@ -158,12 +176,16 @@ class ImplicitRefinementModel(nn.Module):
         self.self_cond = nn.Linear(h, h)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(h)
-        self.gate_head = nn.Linear(h, 1)
+        g = config.gate_head_hidden
+        self.gate_head = nn.Linear(h, 1) if g == 0 else GateMLP(h, g)
         self.critic_head = nn.Linear(h, 1) if config.use_critic else None
         self.apply(self._init)
         nn.init.zeros_(self.self_cond.weight)  # self-conditioning starts as a no-op
         nn.init.zeros_(self.self_cond.bias)
-        nn.init.constant_(self.gate_head.bias, config.gate_bias_init)  # sigmoid(2) = 0.88: refine at first
+        nn.init.constant_(self.gate_head_output().bias, config.gate_bias_init)  # sigmoid(2) = 0.88: refine at first
+
+    def gate_head_output(self) -> nn.Linear:
+        return self.gate_head if isinstance(self.gate_head, nn.Linear) else self.gate_head.out
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -202,9 +224,15 @@ class ImplicitRefinementModel(nn.Module):
     def heads(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = hidden @ self.tok_emb.weight.t()
         soft = torch.softmax(logits.float(), dim=-1)
+        if isinstance(self.gate_head, GateMLP):
+            # the acceptance gate judges the trained conditionals; its gradient must not change them
+            detach = self.config.gate_target == "acceptance"
+            gate = self.gate_head(hidden.detach() if detach else hidden, logits.detach() if detach else logits)
+        else:
+            gate = self.gate_head(hidden).squeeze(-1)
         out = {
             "logits": logits,
-            "gate_logits": self.gate_head(hidden).squeeze(-1),
+            "gate_logits": gate,
             "cond_next": soft @ self.tok_emb.weight.float(),
         }
         if self.critic_head is not None:

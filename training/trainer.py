@@ -181,13 +181,24 @@ class Trainer:
         elif init is not None:
             weights = init.model_weights("ema" if any(k.startswith(ckpt_io.EMA_PREFIX) for k in init.weights) else "raw")
             own = self.model.state_dict()
+            fresh = self.family.fresh_on_init(self.config)  # a head this run replaces: it starts from scratch
+            misfits = []
             for name in sorted(set(own) | set(weights)):
                 if name not in own or name not in weights or own[name].shape != weights[name].shape:
+                    if name.startswith(fresh):
+                        continue
                     shapes = [tuple(w[name].shape) if name in w else "absent" for w in (weights, own)]
-                    raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
-                                          f"({name}: {shapes[0]} there, {shapes[1]} here)")
-            self.model.load_state_dict(weights)
-            self.ema.load_state_dict(weights)
+                    misfits.append(f"{name}: {shapes[0]} there, {shapes[1]} here")
+            if misfits:
+                raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
+                                      f"({misfits[0]})")
+            weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+            starting = sorted({k.split(".")[0] for k in own if k not in weights})
+            if starting and self.is_main:
+                print(f"imadarem train: {', '.join(starting)} starts from fresh weights (--init-from has none that fit)",
+                      file=sys.stderr)
+            self.model.load_state_dict(weights, strict=False)
+            self.ema.load_state_dict(weights, strict=False)
         self.train_fn = self.family.train_module(self.model)
         self.teacher = self.ema  # what the refine objectives sample their corruptions from (no grad)
         if a.compile:
@@ -235,6 +246,8 @@ class Trainer:
         a = self.args
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:  # frozen by the family (e.g. a gate trained on a fixed trunk)
+                continue
             (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if a.optimizer == "ranger21":

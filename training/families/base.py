@@ -66,6 +66,11 @@ class Family(abc.ABC):
         """Whether some parameters get no gradient (DDP must be told)."""
         return False
 
+    def fresh_on_init(self, config) -> tuple[str, ...]:
+        """Weight-name prefixes that ``--init-from`` may leave out or find in another shape (a head this run
+        replaces, which starts from its initial weights); any other misfit is an error."""
+        return ()
+
     def max_seq_len(self, config) -> int:
         return config.max_seq_len
 

@@ -53,7 +53,15 @@ class RefineFamily(Family):
         return config
 
     def build(self, config, tokenizer) -> ImplicitRefinementModel:
-        return ImplicitRefinementModel(config, tokenizer)
+        model = ImplicitRefinementModel(config, tokenizer)
+        if config.freeze_trunk:  # only the gate learns; the optimiser skips the rest
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("gate_head."))
+        return model
+
+    def fresh_on_init(self, config) -> tuple[str, ...]:
+        """A gate head of another shape (``gate_head_hidden``) starts fresh on a trained trunk."""
+        return ("gate_head.",)
 
     def train_module(self, model):
         return _TrainView(model)
