@@ -23,13 +23,11 @@ trained model. The states use BD3-LM's two streams, so every block of every row 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.config import ImplicitRefinementConfig
-from imadarem.training.model import two_stream_attention
+from imadarem.training.model import two_stream_forward
 from imadarem.training.objective import sample_tokens
 
 
@@ -78,8 +76,9 @@ def acceptance_targets(teacher, clean: torch.Tensor, ends: torch.Tensor, draws: 
     with torch.no_grad():
         logps, xhat = [], clean  # x^ is drawn in state 0, which holds none of it
         for i in range(B):
-            logits = _two_stream(teacher.forward_train, _state(clean, xhat, m, offset, i, special, B), clean, cfg,
-                                 autocast)["logits"][:, :L]
+            state_i = _state(clean, xhat, m, offset, i, special, B)
+            logits = two_stream_forward(teacher.forward_train, state_i, clean, cfg.hidden_size, B, autocast)["logits"]
+            logits = logits[:, :L]
             if i == 0:
                 xhat = sample_tokens(logits, draws["gumbel"], special)
             logits = logits.float()
@@ -103,24 +102,14 @@ def acceptance_targets(teacher, clean: torch.Tensor, ends: torch.Tensor, draws: 
             "offset": offset, "k": k}
 
 
-def _two_stream(model_forward, xt: torch.Tensor, clean: torch.Tensor, cfg: ImplicitRefinementConfig, autocast=None):
-    """``model_forward`` over x_t ++ x_0 under BD3-LM's training mask."""
-    b, L = clean.shape
-    pos = torch.arange(L, device=clean.device)
-    ctx = autocast() if autocast else contextlib.nullcontext()
-    with ctx:
-        return model_forward(torch.cat([xt, clean], 1), torch.zeros(b, dtype=torch.long, device=clean.device),
-                             torch.zeros(b, 2 * L, cfg.hidden_size, device=clean.device),
-                             two_stream_attention(L, cfg.block_size, clean.device)[None], torch.cat([pos, pos]))
-
-
 def acceptance_gate_loss(forward, teacher, clean: torch.Tensor, ends: torch.Tensor, draws: dict[str, torch.Tensor],
                          cfg: ImplicitRefinementConfig, special: SpecialIds, autocast=None):
     """The gate's BCE against :func:`acceptance_targets`, through the training ``forward`` (its gradient
     reaches the gate head only). Returns (bce sum, correct sum, target sum, positions) as 0-dim tensors."""
     t = acceptance_targets(teacher, clean, ends, draws, cfg, special, autocast)
     L = clean.shape[1]
-    gate_logits = _two_stream(forward, t["state"], clean, cfg, autocast)["gate_logits"][:, :L].float()
+    out = two_stream_forward(forward, t["state"], clean, cfg.hidden_size, cfg.block_size, autocast)
+    gate_logits = out["gate_logits"][:, :L].float()
     bce = F.binary_cross_entropy_with_logits(gate_logits, t["target"], reduction="none")
     correct = ((gate_logits > 0) == (t["target"] > 0.5)) & t["where"]
     w = t["where"].float()

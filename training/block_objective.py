@@ -37,7 +37,7 @@ from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.acceptance_gate import acceptance_gate_loss
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.distributed import global_sum
-from imadarem.training.model import two_stream_attention
+from imadarem.training.model import two_stream_forward
 from imadarem.training.objective import sample_tokens, tail_with_eos, targets_of
 
 
@@ -83,23 +83,18 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         corrupted = tail_with_eos(corrupted, e)
         xt = torch.where(corrupted, torch.full_like(c, special.mask), c)
         upto = blk[None] <= torch.div(e.clamp(max=L - 1), cfg.block_size, rounding_mode="floor")[:, None]
-        allowed = two_stream_attention(L, cfg.block_size, dev)[None]
-        positions = torch.cat([pos, pos])
-        zeros = torch.zeros(c.shape[0], 2 * L, cfg.hidden_size, device=dev)
-        step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
         p_s, p_r = cfg.sample_replace_rate, cfg.random_replace_rate
         refills = p_s + p_r > 0  # committed-looking tokens that may be wrong (see the module docstring)
         if refills:
-            with torch.no_grad(), ctx:
-                first_pass = teacher.forward_train(torch.cat([xt, c], 1), step, zeros, allowed, positions)
+            with torch.no_grad():
+                first_pass = two_stream_forward(teacher.forward_train, xt, c, cfg.hidden_size, cfg.block_size, autocast)
             samples = sample_tokens(first_pass["logits"][:, :L], d["gumbel"][b_rows], special)
             u = d["replace"][b_rows]
             refill = corrupted & upto & (samples != special.eos)
             xt = torch.where(refill & (u < p_s), samples, xt)
             xt = torch.where(refill & (u >= p_s) & (u < p_s + p_r), d["random"][b_rows], xt)
             xt = rules.pad_after_eos(xt, special.eos, special.pad)
-        with ctx:
-            out = forward(torch.cat([xt, c], 1), step, zeros, allowed, positions)
+        out = two_stream_forward(forward, xt, c, cfg.hidden_size, cfg.block_size, autocast)
         if not refills:  # the gate's target at a mask: is the model's own sample right
             samples = sample_tokens(out["logits"][:, :L].detach(), d["gumbel"][b_rows], special)
         valid = upto & (xt != special.pad)

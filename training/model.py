@@ -12,6 +12,7 @@ Attention is written with ``scaled_dot_product_attention`` and a key-padding mas
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -91,6 +92,18 @@ def two_stream_attention(length: int, block: int, device=None) -> torch.Tensor:
     top = torch.cat([same, before], 1)
     bottom = torch.cat([torch.zeros_like(upto), upto], 1)
     return torch.cat([top, bottom], 0)
+
+
+def two_stream_forward(model_forward, xt: torch.Tensor, clean: torch.Tensor, hidden_size: int, block: int,
+                       autocast=None) -> dict[str, torch.Tensor]:
+    """``model_forward`` (a ``forward_train``) over x_t ++ x_0 [b, 2L] under :func:`two_stream_attention`, both
+    streams at the same positions, step 0 and no self-conditioning: one example of every block of every row."""
+    b, L = clean.shape
+    pos = torch.arange(L, device=clean.device)
+    with autocast() if autocast else contextlib.nullcontext():
+        return model_forward(torch.cat([xt, clean], 1), torch.zeros(b, dtype=torch.long, device=clean.device),
+                             torch.zeros(b, 2 * L, hidden_size, device=clean.device),
+                             two_stream_attention(L, block, clean.device)[None], torch.cat([pos, pos]))
 
 
 class TimeEmbedding(nn.Module):

@@ -182,16 +182,12 @@ class Trainer:
             weights = init.model_weights("ema" if any(k.startswith(ckpt_io.EMA_PREFIX) for k in init.weights) else "raw")
             own = self.model.state_dict()
             fresh = self.family.fresh_on_init(self.config)  # a head this run replaces: it starts from scratch
-            misfits = []
             for name in sorted(set(own) | set(weights)):
-                if name not in own or name not in weights or own[name].shape != weights[name].shape:
-                    if name.startswith(fresh):
-                        continue
+                fits = name in own and name in weights and own[name].shape == weights[name].shape
+                if not fits and not name.startswith(fresh):
                     shapes = [tuple(w[name].shape) if name in w else "absent" for w in (weights, own)]
-                    misfits.append(f"{name}: {shapes[0]} there, {shapes[1]} here")
-            if misfits:
-                raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
-                                      f"({misfits[0]})")
+                    raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
+                                          f"({name}: {shapes[0]} there, {shapes[1]} here)")
             weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
             starting = sorted({k.split(".")[0] for k in own if k not in weights})
             if starting and self.is_main:
