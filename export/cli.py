@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import click
+from imadarem.runtime.cli import parse_options
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.hookspecs import hookimpl
 from imadarem.training.cli import require_torch
@@ -37,7 +38,12 @@ from imadarem.training.cli import require_torch
                    "fp16].")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the file with the PyTorch model on random batches.")
-def export_command(source, output, target, dtype, decode, drafts, weights, device_state, sampling, check):
+@click.option("--selector", help="Record this selector as the file's recommended decoding: a request that names "
+                                 "none runs with it (and the --selector-option values) [default: the format's].")
+@click.option("--selector-option", "selector_options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
+              help="An option of --selector, repeatable (e.g. --selector-option threshold=0.9).")
+def export_command(source, output, target, dtype, decode, drafts, weights, device_state, sampling, check, selector,
+                   selector_options):
     """Export SOURCE (a run folder, one of its checkpoints, or a model file to rebuild, such as the bundled
     model) as one ONNX model file. Family, shapes and tokenizer come from SOURCE: a refine model becomes a
     refinement step, a causal model a causal step (or, with --decode, a decode file)."""
@@ -49,18 +55,32 @@ def export_command(source, output, target, dtype, decode, drafts, weights, devic
         src = load_source(source, weights)
         if src.family != "causal":
             raise ImadaremError(f"--to transformers exports a causal model; {source} is a {src.family} model")
-        if decode or drafts is not None or dtype != "fp32" or device_state is not None or sampling is not None:
+        if decode or drafts is not None or dtype != "fp32" or device_state is not None or sampling is not None \
+                or selector is not None:
             raise ImadaremError("--to transformers writes the fp32 trunk: it takes no --dtype, --decode, --drafts, "
-                                "--device-state or --sampling")
+                                "--device-state, --sampling or --selector")
         from imadarem.export.transformers_export import save_transformers
 
         click.echo(json.dumps(save_transformers(src.model, output)))
         return
+    if selector_options and selector is None:
+        raise ImadaremError("--selector-option needs --selector")
+    if selector is not None:
+        if decode:
+            raise ImadaremError("--selector: a decode file runs its own draft-and-verify step; it has no selector")
+        from imadarem.runtime.registry import create_selector
+
+        create_selector(selector, **selector_options)  # a bad name or option fails before anything is written
     check_writable(output)
     src = load_source(source, weights)
     num_drafts = getattr(src.model.config, "num_drafts", None)
     check_options(src.family, dtype, decode, drafts, device_state is not None or sampling is not None, num_drafts)
-    click.echo(json.dumps(export_source(src, output, dtype, decode, drafts, device_state, sampling, check)))
+    summary = export_source(src, output, dtype, decode, drafts, device_state, sampling, check)
+    if selector is not None:
+        from imadarem.export.exporters import stamp_decoding
+
+        summary["decoding"] = stamp_decoding(output, selector, selector_options)
+    click.echo(json.dumps(summary))
 
 
 @hookimpl

@@ -302,6 +302,10 @@ def inspect_command(model, as_json):
             click.echo(f"{kind[:-1]:<12} {io['name']:<10} {io['type']:<15} {io['shape']}")
     for key, value in sorted(info["provenance"].items()):
         click.echo(f"provenance   {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if info["decoding"]:
+        options = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(info["decoding"]["options"].items()))
+        click.echo(f"decoding     {info['decoding']['selector']} {options}".rstrip()
+                   + "  (recommended: what a run that names no --selector gets)")
 
 
 class PluginGroup(click.Group):

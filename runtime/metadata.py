@@ -3,7 +3,9 @@
 ``imadarem.format`` names the format, ``imadarem.config`` its config (each format checks its own fields
 through a typed view), ``imadarem.tokenizer`` the adapter and its spec, ``imadarem.special_ids`` the ids
 the graph was built for, ``imadarem.provenance`` where the weights came from, and optionally
-``imadarem.tokenizer_origin`` the distribution whose plugin made the tokenizer. Reading and checking these
+``imadarem.tokenizer_origin`` the distribution whose plugin made the tokenizer and ``imadarem.decoding`` the
+selector and options a request that names no selector gets (the model's recommended decoding, as a
+Hugging Face model's generation_config; ``imadarem export --selector``). Reading and checking these
 is written once here; ``formats/`` adds each format's own keys and graph contract.
 """
 
@@ -26,6 +28,7 @@ KEY_TOKENIZER = "imadarem.tokenizer"
 KEY_SPECIAL_IDS = "imadarem.special_ids"
 KEY_PROVENANCE = "imadarem.provenance"
 KEY_TOKENIZER_ORIGIN = "imadarem.tokenizer_origin"  # {"name", "version"} of the adapter's distribution
+KEY_DECODING = "imadarem.decoding"  # {"selector": name, "options": {...}}: a request without a selector gets these
 
 
 class TokenizerOriginWarning(UserWarning):
@@ -41,6 +44,7 @@ class Common:
     tokenizer: TokenizerAdapter
     special: SpecialIds
     provenance: dict[str, Any]
+    decoding: dict[str, Any] = dataclasses.field(default_factory=dict)  # {} or {"selector", "options"}
 
 
 def json_field(meta: dict[str, str], key: str, path: str) -> Any:
@@ -123,7 +127,21 @@ def check_metadata(meta: dict[str, str], path: str, fmt: str, typed) -> Common:
         raise ModelFileError(f"{path}: stored special ids {stored} contradict the tokenizer's {special.as_dict()}")
     provenance = json_object(meta, KEY_PROVENANCE, path) if KEY_PROVENANCE in meta else {}
     check_tokenizer_origin(meta, tokenizer, path)
-    return Common(config, view, tokenizer, special, provenance)
+    return Common(config, view, tokenizer, special, provenance, decoding_of(meta, path))
+
+
+def decoding_of(meta: dict[str, str], path: str) -> dict[str, Any]:
+    """The file's recommended decoding, checked in shape: {} when it has none, else a selector name and an
+    options object (whether the selector exists and takes them is checked when a request uses them)."""
+    if KEY_DECODING not in meta:
+        return {}
+    decoding = json_object(meta, KEY_DECODING, path)
+    selector, options = decoding.get("selector"), decoding.get("options", {})
+    if not isinstance(selector, str) or not selector or not isinstance(options, dict) \
+            or set(decoding) - {"selector", "options"}:
+        raise ModelFileError(f"{path}: metadata {KEY_DECODING!r} must be {{\"selector\": NAME, \"options\": {{...}}}}, "
+                             f"got {meta[KEY_DECODING][:200]!r}")
+    return {"selector": selector, "options": options}
 
 
 def check_tokenizer_origin(meta: dict[str, str], tokenizer: TokenizerAdapter, path: str) -> None:

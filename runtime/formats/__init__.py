@@ -66,6 +66,7 @@ def describe_model(path_or_name: str | os.PathLike | None = None) -> dict[str, A
         "inputs": [{"name": i.name, "type": i.type, "shape": i.shape} for i in sess.get_inputs()],
         "outputs": [{"name": o.name, "type": o.type, "shape": o.shape} for o in sess.get_outputs()],
         "provenance": model.provenance,
+        "decoding": model.common.decoding,
     }
 
 

@@ -73,6 +73,16 @@ class ModelFile(Model):
     def sampling_temperature(self) -> float:
         return self.typed.sampling_temperature
 
+    def chosen_selector(self, request, fallback: str) -> tuple[Any, dict[str, Any]]:
+        """The selector and options a request runs with: its own when it names a selector; otherwise the file's
+        recommended decoding (``imadarem.decoding``) with the request's options on top; otherwise ``fallback``."""
+        if request.selector is not None:
+            return request.selector, request.selector_options
+        decoding = self.common.decoding
+        if decoding:
+            return decoding["selector"], {**decoding["options"], **request.selector_options}
+        return fallback, request.selector_options
+
     @property
     def name(self) -> str:
         import os

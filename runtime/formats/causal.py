@@ -130,8 +130,8 @@ class CausalFile(ModelFile):
 
         def new_step(size: int, streams: SampleStreams) -> ModelStep:
             return DraftVerifyStep(self, size, layout, temperature, bias, streams.keys(), drafts)
-        return RefinementPlan(settings, "gate" if request.selector is None else request.selector,
-                              request.selector_options, self.outputs, self.path, self.special, new_step)
+        selector, options = self.chosen_selector(request, "gate")
+        return RefinementPlan(settings, selector, options, self.outputs, self.path, self.special, new_step)
 
 
 def _prefix_only(layout: Layout) -> bool:

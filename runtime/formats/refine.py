@@ -151,11 +151,11 @@ class RefineFile(ModelFile):
             stop_threshold=cfg.stop_threshold if request.stop_threshold is None else request.stop_threshold,
             layout=layout, trajectory=request.trajectory, config=dict(self.config), block=decode_block(self.config))
         bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
-        selector = self.default_selector if request.selector is None else request.selector
+        selector, options = self.chosen_selector(request, self.default_selector)
 
         def new_step(size: int, streams: SampleStreams) -> ModelStep:
             return SelfConditionedStep(self, size, settings, bias, streams)
-        return RefinementPlan(settings, selector, request.selector_options, self.outputs, self.path, self.special,
+        return RefinementPlan(settings, selector, options, self.outputs, self.path, self.special,
                               new_step)
 
 
