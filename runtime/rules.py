@@ -196,6 +196,13 @@ def counter_gumbel(keys: Any, positions: Any, vocab: int) -> Any:
     return -(-u.log()).log() if is_tensor(u) else -np.log(-np.log(u))
 
 
+def position_noise(keys: np.ndarray, length: int, vocab: int) -> np.ndarray:
+    """[B, length, vocab] Gumbel noise of every position of each sample (computed once per batch): the noise
+    of every exact token and draft of a draft-and-verify decoder (causal files, block refine files)."""
+    positions = np.broadcast_to(np.arange(length, dtype=np.int64), (keys.shape[0], length))
+    return counter_gumbel(keys, positions, vocab)
+
+
 def tempered_noise(noise: Any, temperature: Any) -> Any:
     """T g: the Gumbel noise of :func:`coupled_sample` scaled by the temperature (once per call in a
     decode graph, shared by the exact tokens and the drafts)."""

@@ -140,12 +140,6 @@ def _prefix_only(layout: Layout) -> bool:
     return not layout.fixed[k:].any()
 
 
-def position_noise(keys: np.ndarray, length: int, vocab: int) -> np.ndarray:
-    """[B, length, vocab] Gumbel noise of every position of each sample (computed once per batch)."""
-    positions = np.broadcast_to(np.arange(length, dtype=np.int64), (keys.shape[0], length))
-    return rules.counter_gumbel(keys, positions, vocab)
-
-
 # -- one token per call --------------------------------------------------------------------------------
 class AncestralPlan(Plan):
     def __init__(self, model: CausalFile, layout: Layout, bias: np.ndarray, temperature: float):
@@ -169,7 +163,7 @@ class AncestralDecoding(Decoding):
         self.ids[:, :k] = layout.ids[:k]
         self.calls = np.zeros(n, dtype=np.int64)
         self.rows = np.arange(n)
-        self.noise = position_noise(keys, self.length, model.vocab_size)
+        self.noise = rules.position_noise(keys, self.length, model.vocab_size)
         self.past, self.valid = model.empty_cache(n)
         self.tokens = np.broadcast_to(np.concatenate([[sp.mask], layout.ids[:k]]), (n, k + 1)).astype(np.int64)
         self.positions = np.broadcast_to(np.arange(k + 1, dtype=np.int64), (n, k + 1)).copy()
@@ -216,7 +210,7 @@ class DraftVerifyStep(ModelStep):
         self.past, self.valid = model.empty_cache(n)
         self.cached = np.zeros(n, dtype=np.int64)  # sequence positions whose keys and values count
         self.started = np.zeros(n, dtype=bool)  # BOS fed
-        self.noise = position_noise(keys, layout.length, model.vocab_size)
+        self.noise = rules.position_noise(keys, layout.length, model.vocab_size)
         self.eos_only = layout.eos_only
         self._base: np.ndarray | None = None
         self._tempered_noise: np.ndarray | None = None

@@ -29,6 +29,7 @@ from imadarem.runtime import rules
 from imadarem.runtime.bans import ban_logits, run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats.base import Format, ModelFile
+from imadarem.runtime.formats.block_verify import PRESENTED_OUTPUTS, BlockVerifyStep
 from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields
 from imadarem.runtime.prompt import prompt_layout
@@ -140,10 +141,16 @@ class RefineFile(ModelFile):
         return feed
 
     def plan(self, request: Request) -> Plan:
-        if request.drafts is not None:
-            raise ImadaremError(f"{self.name} is a refinement model: it has no draft heads (drafts applies to "
-                                "causal files)")
         cfg = self.typed
+        block = decode_block(self.config)
+        if request.drafts is not None:
+            if not block:
+                raise ImadaremError(f"{self.name} is a refinement model without blocks: drafts applies to causal "
+                                    "files and block refine models")
+            if request.drafts > block - 1:
+                raise ImadaremError(f"drafts {request.drafts}: {self.name} drafts inside its blocks of {block}, "
+                                    f"at most {block - 1}")
+            return self._verify_plan(request, block)
         layout = prompt_layout(request, self.tokenizer, self.special, cfg.max_seq_len)
         settings = LoopSettings(
             num_steps=cfg.max_refinement_steps if request.steps is None else request.steps,
@@ -157,6 +164,28 @@ class RefineFile(ModelFile):
             return SelfConditionedStep(self, size, settings, bias, streams)
         return RefinementPlan(settings, selector, options, self.outputs, self.path, self.special,
                               new_step)
+
+
+    def _verify_plan(self, request: Request, block: int) -> Plan:
+        """Draft-and-verify (formats/block_verify.py): the left-to-right samples of a block model, the
+        selector choosing which of the presented drafts to place."""
+        cfg = self.typed
+        layout = prompt_layout(request, self.tokenizer, self.special, cfg.max_seq_len)
+        temperature = cfg.sampling_temperature if request.temperature is None else request.temperature
+        settings = LoopSettings(
+            # each call commits at least one exact token, so max_seq_len + 1 calls verify every row; no early
+            # stop on a quiet step, and no block rule in the loop: a row ends when it is all verified (the
+            # step verifies drafts at the next open positions only and masks the rest again)
+            num_steps=cfg.max_seq_len + 1 if request.steps is None else request.steps,
+            temperature=temperature, stop_threshold=0.0 if request.stop_threshold is None else request.stop_threshold,
+            layout=layout, trajectory=request.trajectory, config=dict(self.config))
+        bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
+        selector, options = self.chosen_selector(request, "gate")
+        drafts = request.drafts
+
+        def new_step(size: int, streams: SampleStreams) -> ModelStep:
+            return BlockVerifyStep(self, size, layout, temperature, bias, streams.keys(), drafts, block)
+        return RefinementPlan(settings, selector, options, PRESENTED_OUTPUTS, self.path, self.special, new_step)
 
 
 class SelfConditionedStep(ModelStep):
