@@ -42,8 +42,11 @@ from imadarem.training.cli import require_torch
                                  "none runs with it (and the --selector-option values) [default: the format's].")
 @click.option("--selector-option", "selector_options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
               help="An option of --selector, repeatable (e.g. --selector-option threshold=0.9).")
+@click.option("--recommend-drafts", type=click.IntRange(min=0), metavar="N",
+              help="With --selector: also recommend draft-and-verify with N drafts a call (causal files; block refine "
+                   "files, whose drafts are their own predictions).")
 def export_command(source, output, target, dtype, decode, drafts, weights, device_state, sampling, check, selector,
-                   selector_options):
+                   selector_options, recommend_drafts):
     """Export SOURCE (a run folder, one of its checkpoints, or a model file to rebuild, such as the bundled
     model) as one ONNX model file. Family, shapes and tokenizer come from SOURCE: a refine model becomes a
     refinement step, a causal model a causal step (or, with --decode, a decode file)."""
@@ -56,15 +59,15 @@ def export_command(source, output, target, dtype, decode, drafts, weights, devic
         if src.family != "causal":
             raise ImadaremError(f"--to transformers exports a causal model; {source} is a {src.family} model")
         if decode or drafts is not None or dtype != "fp32" or device_state is not None or sampling is not None \
-                or selector is not None:
+                or selector is not None or recommend_drafts is not None:
             raise ImadaremError("--to transformers writes the fp32 trunk: it takes no --dtype, --decode, --drafts, "
                                 "--device-state, --sampling or --selector")
         from imadarem.export.transformers_export import save_transformers
 
         click.echo(json.dumps(save_transformers(src.model, output)))
         return
-    if selector_options and selector is None:
-        raise ImadaremError("--selector-option needs --selector")
+    if (selector_options or recommend_drafts is not None) and selector is None:
+        raise ImadaremError("--selector-option and --recommend-drafts need --selector")
     if selector is not None:
         if decode:
             raise ImadaremError("--selector: a decode file runs its own draft-and-verify step; it has no selector")
@@ -79,7 +82,7 @@ def export_command(source, output, target, dtype, decode, drafts, weights, devic
     if selector is not None:
         from imadarem.export.exporters import stamp_decoding
 
-        summary["decoding"] = stamp_decoding(output, selector, selector_options)
+        summary["decoding"] = stamp_decoding(output, selector, selector_options, recommend_drafts)
     click.echo(json.dumps(summary))
 
 

@@ -137,25 +137,30 @@ def _export_causal(src: Source, out_path: Path, dtype: str, decode: bool, drafts
     return summary
 
 
-def stamp_decoding(out_path: str | os.PathLike, selector: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Record the file's recommended decoding (``imadarem.decoding``: the selector and options a request that
-    names no selector gets), once the written file shows the selector finds the outputs it needs; a file
-    that cannot run it is removed (it was this export's) and the error is one line."""
+def stamp_decoding(out_path: str | os.PathLike, selector: str, options: dict[str, Any],
+                   drafts: int | None = None) -> dict[str, Any]:
+    """Record the file's recommended decoding (``imadarem.decoding``: the selector, options and drafts a request
+    that names no selector gets), once the written file shows it can run them (one sample); a file that
+    cannot is removed (it was this export's) and the error is one line."""
     import onnx
     from imadarem.export.onnx_export import write_with_metadata
     from imadarem.runtime import metadata as mf
     from imadarem.runtime.formats import open_model
+    from imadarem.runtime.generator import Generator
     from imadarem.runtime.refinement import make_selector
 
     out_path = Path(out_path)
     try:
-        make_selector(selector, options, open_model(out_path).outputs, str(out_path))
+        model = open_model(out_path)
+        make_selector(selector, options, model.outputs, str(out_path))
+        if drafts is not None:
+            Generator(model).generate(1, seed=0, selector=selector, drafts=drafts, **options)
     except ImadaremError:
         out_path.unlink(missing_ok=True)
         raise
     proto = onnx.load(str(out_path))
     meta = {p.key: p.value for p in proto.metadata_props}
-    decoding = {"selector": selector, "options": options}
+    decoding = {"selector": selector, "options": options, **({"drafts": drafts} if drafts is not None else {})}
     meta[mf.KEY_DECODING] = json.dumps(decoding, sort_keys=True)
     write_with_metadata(proto, out_path, meta)
     return decoding

@@ -304,6 +304,8 @@ def inspect_command(model, as_json):
         click.echo(f"provenance   {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if info["decoding"]:
         options = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(info["decoding"]["options"].items()))
+        if "drafts" in info["decoding"]:
+            options = f"{options} drafts={info['decoding']['drafts']}".strip()
         click.echo(f"decoding     {info['decoding']['selector']} {options}".rstrip()
                    + "  (recommended: what a run that names no --selector gets)")
 

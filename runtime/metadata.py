@@ -28,7 +28,7 @@ KEY_TOKENIZER = "imadarem.tokenizer"
 KEY_SPECIAL_IDS = "imadarem.special_ids"
 KEY_PROVENANCE = "imadarem.provenance"
 KEY_TOKENIZER_ORIGIN = "imadarem.tokenizer_origin"  # {"name", "version"} of the adapter's distribution
-KEY_DECODING = "imadarem.decoding"  # {"selector": name, "options": {...}}: a request without a selector gets these
+KEY_DECODING = "imadarem.decoding"  # {"selector", "options"[, "drafts"]}: a request without a selector gets these
 
 
 class TokenizerOriginWarning(UserWarning):
@@ -136,12 +136,13 @@ def decoding_of(meta: dict[str, str], path: str) -> dict[str, Any]:
     if KEY_DECODING not in meta:
         return {}
     decoding = json_object(meta, KEY_DECODING, path)
-    selector, options = decoding.get("selector"), decoding.get("options", {})
+    selector, options, drafts = decoding.get("selector"), decoding.get("options", {}), decoding.get("drafts")
     if not isinstance(selector, str) or not selector or not isinstance(options, dict) \
-            or set(decoding) - {"selector", "options"}:
-        raise ModelFileError(f"{path}: metadata {KEY_DECODING!r} must be {{\"selector\": NAME, \"options\": {{...}}}}, "
-                             f"got {meta[KEY_DECODING][:200]!r}")
-    return {"selector": selector, "options": options}
+            or set(decoding) - {"selector", "options", "drafts"} \
+            or (drafts is not None and (isinstance(drafts, bool) or not isinstance(drafts, int) or drafts < 0)):
+        raise ModelFileError(f"{path}: metadata {KEY_DECODING!r} must be {{\"selector\": NAME, \"options\": {{...}}"
+                             f"[, \"drafts\": N]}}, got {meta[KEY_DECODING][:200]!r}")
+    return {"selector": selector, "options": options, **({"drafts": drafts} if drafts is not None else {})}
 
 
 def check_tokenizer_origin(meta: dict[str, str], tokenizer: TokenizerAdapter, path: str) -> None:

@@ -307,3 +307,22 @@ def test_on_the_bundled_refine_model_drafts_save_most_calls():
     assert _ids(drafted) == _ids(one)
     calls = np.mean([s.steps for s in one]), np.mean([s.steps for s in drafted])
     assert calls[1] < 0.6 * calls[0], calls  # measured: 15.5 against 36 calls at n = 200
+
+
+def test_a_recommended_decoding_can_carry_drafts(block_file, tmp_path):
+    import shutil
+
+    from imadarem.export.exporters import stamp_decoding
+    from imadarem.runtime.formats import describe_model
+
+    stamped = tmp_path / "m.onnx"
+    shutil.copy(block_file, stamped)
+    assert stamp_decoding(stamped, "gate", {}, 3) == {"selector": "gate", "options": {}, "drafts": 3}
+    assert describe_model(stamped)["decoding"]["drafts"] == 3
+    gen = Generator(stamped)
+    assert _ids(gen.generate(4, seed=4)) == left_to_right(gen.model, 4, seed=4)  # the recommendation runs verified
+    assert _ids(gen.generate(4, seed=4, drafts=1)) == _ids(gen.generate(4, seed=4))  # the request's drafts on top
+    shutil.copy(block_file, stamped)
+    with pytest.raises(ImadaremError, match="at most 3"):
+        stamp_decoding(stamped, "gate", {}, 4)
+    assert not stamped.exists()

@@ -50,7 +50,8 @@ def test_inspect_shows_the_recommended_decoding(stamped):
 
 
 @pytest.mark.parametrize("value", ['{"options": {}}', '{"selector": "gate", "options": []}', '"gate"',
-                                   '{"selector": "gate", "steps": 3}'])
+                                   '{"selector": "gate", "steps": 3}', '{"selector": "gate", "drafts": -1}',
+                                   '{"selector": "gate", "drafts": true}'])
 def test_a_malformed_recommendation_is_refused(tiny_onnx, tmp_path, value):
     bad = rewrite_metadata(tiny_onnx, tmp_path / "bad.onnx", lambda m: m.__setitem__(mf.KEY_DECODING, value))
     with pytest.raises(ModelFileError, match="imadarem.decoding"):
@@ -82,7 +83,7 @@ def _cli(*args):
 @pytest.mark.slow  # four subprocesses that import torch: CI's slow pass runs it
 def test_export_cli_stamps_and_refuses_bad_selectors_before_writing(tiny_run, tmp_path):
     out = tmp_path / "m.onnx"
-    for args, message in [(["--selector-option", "noise=0"], "needs --selector"),
+    for args, message in [(["--selector-option", "noise=0"], "need --selector"),
                           (["--selector", "nope"], "nope"),
                           (["--selector", "maskgit", "--selector-option", "bogus=1"], "bogus")]:
         r = _cli("export", str(tiny_run), "-o", str(out), "--no-check", *args)

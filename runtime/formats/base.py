@@ -83,6 +83,13 @@ class ModelFile(Model):
             return decoding["selector"], {**decoding["options"], **request.selector_options}
         return fallback, request.selector_options
 
+    def chosen_drafts(self, request) -> int | None:
+        """The drafts a request runs with: its own; else the recommended decoding's when the request names no
+        selector (a recommendation is one decoding: naming another selector leaves its drafts too); else None."""
+        if request.drafts is not None or request.selector is not None:
+            return request.drafts
+        return self.common.decoding.get("drafts") if self.common.decoding else None
+
     @property
     def name(self) -> str:
         import os

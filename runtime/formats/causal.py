@@ -108,7 +108,8 @@ class CausalFile(ModelFile):
 
     def plan(self, request: Request) -> Plan:
         cfg = self.typed
-        drafts = cfg.num_drafts if request.drafts is None else request.drafts
+        drafts = self.chosen_drafts(request)
+        drafts = cfg.num_drafts if drafts is None else drafts
         if drafts > cfg.num_drafts:
             raise ImadaremError(f"drafts {drafts}: {self.name} has {cfg.num_drafts} draft heads")
         layout = prompt_layout(request, self.tokenizer, self.special, cfg.max_seq_len)

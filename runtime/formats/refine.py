@@ -143,14 +143,15 @@ class RefineFile(ModelFile):
     def plan(self, request: Request) -> Plan:
         cfg = self.typed
         block = decode_block(self.config)
-        if request.drafts is not None:
+        drafts = self.chosen_drafts(request)
+        if drafts is not None:
             if not block:
                 raise ImadaremError(f"{self.name} is a refinement model without blocks: drafts applies to causal "
                                     "files and block refine models")
-            if request.drafts > block - 1:
-                raise ImadaremError(f"drafts {request.drafts}: {self.name} drafts inside its blocks of {block}, "
+            if drafts > block - 1:
+                raise ImadaremError(f"drafts {drafts}: {self.name} drafts inside its blocks of {block}, "
                                     f"at most {block - 1}")
-            return self._verify_plan(request, block)
+            return self._verify_plan(request, block, drafts)
         layout = prompt_layout(request, self.tokenizer, self.special, cfg.max_seq_len)
         settings = LoopSettings(
             num_steps=cfg.max_refinement_steps if request.steps is None else request.steps,
@@ -166,7 +167,7 @@ class RefineFile(ModelFile):
                               new_step)
 
 
-    def _verify_plan(self, request: Request, block: int) -> Plan:
+    def _verify_plan(self, request: Request, block: int, drafts: int) -> Plan:
         """Draft-and-verify (formats/block_verify.py): the left-to-right samples of a block model, the
         selector choosing which of the presented drafts to place."""
         cfg = self.typed
@@ -181,7 +182,6 @@ class RefineFile(ModelFile):
             layout=layout, trajectory=request.trajectory, config=dict(self.config))
         bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
         selector, options = self.chosen_selector(request, "gate")
-        drafts = request.drafts
 
         def new_step(size: int, streams: SampleStreams) -> ModelStep:
             return BlockVerifyStep(self, size, layout, temperature, bias, streams.keys(), drafts, block)
