@@ -26,6 +26,10 @@ from imadarem.runtime.results import BatchResult, CallReport, TrajectoryStep
 from imadarem.runtime.selector import Decision, Selector, StepState, decision_problem
 from imadarem.runtime.strategy import Decoding, Plan
 
+#: what a draft-and-verify call presents to selectors (StepState.logits, .gate, .critic), computed from its
+#: verification (causal files, block refine files with drafts)
+PRESENTED_OUTPUTS = ("logits", "gate", "critic")
+
 
 @dataclass
 class Shown:

@@ -28,9 +28,6 @@ from imadarem.runtime import rules
 from imadarem.runtime.prompt import Layout
 from imadarem.runtime.refinement import ModelStep, Shown
 
-#: what a verifying call presents to selectors (StepState.logits, .gate, .critic)
-PRESENTED_OUTPUTS = ("logits", "gate", "critic")
-
 
 class BlockVerifyStep(ModelStep):
     """The per-batch state of draft-and-verify on a block refine file: each row's noise; the rest lives in
@@ -45,6 +42,7 @@ class BlockVerifyStep(ModelStep):
         if model.special.eos is not None:  # EOS is only ever an exact token, except in a template's EOS-only slot
             presented[~layout.eos_only, model.special.eos] = -np.inf
         self.presented_bias = presented
+        self._zeros = np.zeros(0, dtype=np.float32)  # the ignored cond input, grown once, viewed per call
 
     def keep(self, rows: np.ndarray) -> None:
         if not rows.all():
@@ -124,7 +122,10 @@ class BlockVerifyStep(ModelStep):
         """The model's logits for these states: step 0 and no self-conditioning, as the block objective trains."""
         model = self.model
         n, cut = tokens.shape
-        cond = np.zeros((n, cut, model.hidden_size), dtype=np.float32)
+        size = n * cut * model.hidden_size
+        if self._zeros.size < size:  # no per-call allocation of up to (drafts + 1) x batch x length x hidden
+            self._zeros = np.zeros(size, dtype=np.float32)
+        cond = self._zeros[:size].reshape(n, cut, model.hidden_size)
         feed = model.feed(tokens.astype(np.int64), np.zeros(n, dtype=np.int64), cond)
         outs = model.session.run(["logits"], feed)
         return outs[0].astype(np.float32)

@@ -41,7 +41,14 @@ from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields, config_of
 from imadarem.runtime.prompt import Layout, prompt_layout
 from imadarem.runtime.randomness import SampleStreams
-from imadarem.runtime.refinement import LoopSettings, ModelStep, RefinementPlan, Shown, make_selector
+from imadarem.runtime.refinement import (
+    PRESENTED_OUTPUTS,
+    LoopSettings,
+    ModelStep,
+    RefinementPlan,
+    Shown,
+    make_selector,
+)
 from imadarem.runtime.request import Request
 from imadarem.runtime.results import BatchResult, CallReport
 from imadarem.runtime.session import run_failure
@@ -51,8 +58,6 @@ FORMAT = "2"
 KIND = "causal"
 INPUTS = ("tokens", "positions", "past", "past_valid")
 OUTPUTS = ("logits", "drafts", "present")
-#: what a causal file presents to selectors (StepState.logits, .gate, .critic), computed from its heads
-PRESENTED_OUTPUTS = ("logits", "gate", "critic")
 #: the largest sizes a config may ask for (a file claiming more is refused before anything is allocated)
 
 

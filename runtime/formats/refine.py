@@ -29,12 +29,12 @@ from imadarem.runtime import rules
 from imadarem.runtime.bans import ban_logits, run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats.base import Format, ModelFile
-from imadarem.runtime.formats.block_verify import PRESENTED_OUTPUTS, BlockVerifyStep
+from imadarem.runtime.formats.block_verify import BlockVerifyStep
 from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields
 from imadarem.runtime.prompt import prompt_layout
 from imadarem.runtime.randomness import SampleStreams
-from imadarem.runtime.refinement import LoopSettings, ModelStep, RefinementPlan, Shown
+from imadarem.runtime.refinement import PRESENTED_OUTPUTS, LoopSettings, ModelStep, RefinementPlan, Shown
 from imadarem.runtime.request import Request
 from imadarem.runtime.session import run_failure
 from imadarem.runtime.strategy import Plan
@@ -157,7 +157,7 @@ class RefineFile(ModelFile):
             num_steps=cfg.max_refinement_steps if request.steps is None else request.steps,
             temperature=cfg.sampling_temperature if request.temperature is None else request.temperature,
             stop_threshold=cfg.stop_threshold if request.stop_threshold is None else request.stop_threshold,
-            layout=layout, trajectory=request.trajectory, config=dict(self.config), block=decode_block(self.config))
+            layout=layout, trajectory=request.trajectory, config=dict(self.config), block=block)
         bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
         selector, options = self.chosen_selector(request, self.default_selector)
 
@@ -165,7 +165,6 @@ class RefineFile(ModelFile):
             return SelfConditionedStep(self, size, settings, bias, streams)
         return RefinementPlan(settings, selector, options, self.outputs, self.path, self.special,
                               new_step)
-
 
     def _verify_plan(self, request: Request, block: int, drafts: int) -> Plan:
         """Draft-and-verify (formats/block_verify.py): the left-to-right samples of a block model, the
