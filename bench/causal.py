@@ -281,11 +281,7 @@ class CausalBench:
         if any(e.family.startswith("torch-compile") for engines in self.engines.values() for e in engines):
             result["torch_compile"] = {"mode": a.torch_compile_mode, "backend": "inductor", "dynamic": False,
                                        "torch": torch.__version__}
-        out = Path(a.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "bench.json", json.dumps(result, indent=2))
-        write_text(out / "bench.md", markdown(result))
-        return result
+        return write_result(a.out_dir, result, markdown(result))
 
     def _quality(self, rows: list[CausalRow], provider: str, progress: Callable[[str], None]) -> None:
         """N molecules per engine (seed ``--seed``, batches of the largest batch size), written as SMILES,
@@ -300,12 +296,7 @@ class CausalBench:
             progress(f"{provider}: {n} molecules from {engine.name}")
             got, _ = self._runner(engine, provider, batch)(LoopTimings(), a.seed, n)
             ids[engine.name] = got
-            smiles = [self.model.tokenizer.decode(_trim(row, self.model.special)) for row in got]
-            path = out / f"{provider}-{engine.name}.smi"
-            write_text(path, "\n".join(smiles) + "\n")
-            quality = {"n": n, "file": str(path.relative_to(a.out_dir))}
-            if scorer is not None:
-                quality.update(scorer(smiles))
+            quality = sample_quality(self.model, got, out / f"{provider}-{engine.name}.smi", a.out_dir, scorer)
             for row in rows:
                 if row.engine == engine.name and row.provider == provider:
                     row.quality = dict(quality)
@@ -314,6 +305,25 @@ class CausalBench:
                 base = ids.get(Engine.parse(row.engine).baseline.name)
                 if base is not None:
                     row.quality["identical_to_baseline"] = float(np.mean((ids[row.engine] == base).all(-1)))
+
+
+def write_result(out_dir: str, result: dict[str, Any], md: str) -> dict[str, Any]:
+    """``bench.json`` and ``bench.md`` under ``out_dir`` (made if missing)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "bench.json", json.dumps(result, indent=2))
+    write_text(out / "bench.md", md)
+    return result
+
+
+def sample_quality(model, ids: np.ndarray, path: Path, out_dir: str, scorer) -> dict[str, Any]:
+    """Write one row's molecules as SMILES to ``path`` and score them (``scorer`` None: unscored)."""
+    smiles = [model.tokenizer.decode(_trim(row, model.special)) for row in ids]
+    write_text(path, "\n".join(smiles) + "\n")
+    quality: dict[str, Any] = {"n": len(smiles), "file": str(path.relative_to(out_dir))}
+    if scorer is not None:
+        quality.update(scorer(smiles))
+    return quality
 
 
 def _compare(rows: list[CausalRow], provider: str, batch: int, ids: dict) -> None:

@@ -32,7 +32,8 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--providers", default="cpu", show_default=True, callback=_name_list, help="cpu and/or cuda.")
 @click.option("--engines", default="all", show_default=True, callback=_name_list,
               help="Comma-separated. A refinement model (format 1): ort-fp32, ort-int8, ort-fp16, ort-fp32-head, "
-                   "ort-fp16-head (files with the sampling head), torch, torch-bf16, xt-nar, xt-ar-kv. A causal model "
+                   "ort-fp16-head (files with the sampling head), torch, torch-bf16, xt-nar, xt-ar-kv. A block refine "
+                   "model (the bundled refine): l2r, recommended, a selector's name, SELECTOR+dN (N drafts). A causal model "
                    "(the bundled one): FAMILY-PRECISION with FAMILY ort-loop, ort-l2r, ort-decode, ort-decode-l2r, "
                    "torch-decode, torch-decode-l2r (PyTorch eager), torch-compile, torch-compile-l2r (the same step "
                    "under torch.compile, --torch-compile-mode) and PRECISION int8, int4, fp32 (cpu), fp16, fp32 (cuda); "

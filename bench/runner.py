@@ -114,7 +114,21 @@ def _summarise(engine: str, provider: str, batch: int, runs: list[tuple[LoopTimi
 class Bench:
     def __init__(self, args: BenchArgs):
         self.args = args
-        self.causal = not args.checkpoint and _model_kind(args.model) == "causal"
+        kind = "refine" if args.checkpoint else _model_kind(args.model)
+        self.causal = kind == "causal"
+        self.block = kind == "block"
+        if self.block:  # a block refine file (the bundled refine model): bench/block.py
+            from imadarem.bench.block import BlockBench
+
+            for p in args.providers:
+                if p not in ("cpu", "cuda"):
+                    raise ImadaremError(f"unknown provider {p!r} (choose from: cpu, cuda)")
+            if args.reference:
+                raise ImadaremError("--reference times another causal model file beside a causal model; this model "
+                                    "is a block refine model")
+            self.threads = args.threads or os.cpu_count() or 1
+            self.block_bench = BlockBench(args, self.threads)  # checks the engine names
+            return
         if not self.causal:
             unknown = sorted(set(args.engines or ()) - set(ENGINES))
             if unknown:
@@ -254,6 +268,8 @@ class Bench:
         a = self.args
         if self.causal:  # e.g. the bundled model: bench/causal.py
             return self.causal_bench.run(progress)
+        if self.block:  # e.g. the bundled refine model: bench/block.py
+            return self.block_bench.run(progress)
         from imadarem.export.onnx_export import _quiet_exporters
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -333,7 +349,12 @@ def _model_kind(model: str | None) -> str:
     """The format of the file benched (the bundled default's when none is given): each has its bench."""
     from imadarem.runtime.formats import open_model
 
-    kind = open_model(model).format_name
+    opened = open_model(model)
+    kind = opened.format_name
+    if kind == "refine":
+        from imadarem.runtime.formats.refine import decode_block
+
+        return "block" if decode_block(opened.config) else kind
     if kind == "decode":
         raise ImadaremError(f"{model} is a decode file: bench the step file it was exported from (the decode "
                             "files are built from it)")

@@ -297,6 +297,19 @@ def finished(t: int, ratio: Any, stop_threshold: float, masks_left: Any, all_fro
     return all_frozen | ((t > 0) & (ratio < stop_threshold) & ~masks_left)
 
 
+def block_window(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: int, block: int) -> int:
+    """How many leading positions a call of a ``block`` refine model needs for every row of ``tokens``: each
+    block up to the last one that holds a placed token (not mask, not PAD) or a row's ``targets`` position
+    (its first open mask, or a state's verified position). The blocks after that hold only masks, which the
+    model's attention hides from every earlier position (training/model.py: ``block_attention``), so the
+    outputs at the kept positions are the full-length call's; the window grows as decoding moves right."""
+    length = tokens.shape[-1]
+    placed = (tokens != mask_id) & (tokens != pad_id)
+    last = np.where(placed.any(-1), length - 1 - np.argmax(placed[:, ::-1], -1), 0)
+    need = int(max(last.max(initial=0), np.minimum(targets, length - 1).max(initial=0))) + 1
+    return min(length, -(-need // block) * block)
+
+
 def outside_current_block(tokens: np.ndarray, frozen: np.ndarray, mask_id: int, block: int) -> np.ndarray:
     """[B, L] bool: the positions outside each row's current block, the first block of ``block`` positions
     that holds an unfrozen mask (a ``block`` refine model decodes its blocks left to right). A row with no

@@ -120,6 +120,17 @@ def test_outside_current_block_is_each_rows_first_block_with_an_open_mask():
     assert outside_current_block(tokens, frozen, M, 4)[1].tolist() == [True] * 4 + [False] * 4
 
 
+def test_a_block_window_ends_with_the_last_block_that_holds_a_placed_token_or_a_target():
+    M, P = 1, 0
+    tokens = np.array([[5, 5, M, M, M, M, M, M, M, M, M, M], [5, 5, 5, 5, 5, M, M, M, M, 7, P, P]])
+    assert rules.block_window(tokens[:1], np.array([2]), M, P, 4) == 4  # only the current block
+    assert rules.block_window(tokens[:1], np.array([9]), M, P, 4) == 12  # a target further right
+    assert rules.block_window(tokens, np.array([2, 5]), M, P, 4) == 12  # a template's suffix token at 9
+    tokens[1, 9] = M
+    assert rules.block_window(tokens, np.array([2, 5]), M, P, 4) == 8  # PAD is not a placed token
+    assert rules.block_window(tokens, np.array([2, 5]), M, P, 5) == 10  # whole blocks
+
+
 @pytest.fixture(scope="module")
 def block_file(tmp_path_factory):
     from conftest import MOSES_SAMPLE
@@ -159,6 +170,29 @@ def test_a_block_file_commits_only_inside_the_current_block_and_keeps_a_template
         assert sample.ids[9:9 + len(suffix)] == suffix
         for step in sample.trajectory:  # the blank (positions 3-8) and the open end after the template
             assert all(3 <= p <= 8 or p >= 9 + len(suffix) for p in step.refined), step.refined
+
+
+def test_the_loop_runs_a_block_model_on_a_window_that_changes_no_token(block_file, monkeypatch):
+    """The refinement loop on a block file runs each call only up to its current block (rules.block_window) with
+    zero self-conditioning, as the block objective trains: the molecules of the full-length run, in shorter calls."""
+    from imadarem.runtime.formats.refine import SelfConditionedStep
+
+    gen = Generator(block_file)
+    lengths = []
+    run = gen.model.session.run
+    monkeypatch.setattr(gen.model.session, "run", lambda names, feed: lengths.append(feed["tokens"].shape[1])
+                        or run(names, feed))
+    prompt = "[C][C][O]<mask:6>[C][=C][C][=C][C][=C][Ring1][=Branch1]"
+    for options in [{}, {"selector": "confidence"}, {"selector": "entropy"}, {"prompt": prompt}]:
+        lengths.clear()
+        windowed = _ids(gen.generate(6, seed=2, batch_size=3, **options))
+        shortest = min(lengths)
+        monkeypatch.setattr(SelfConditionedStep, "window_blocks", False)
+        full = _ids(gen.generate(6, seed=2, batch_size=3, **options))
+        monkeypatch.setattr(SelfConditionedStep, "window_blocks", True)
+        assert windowed == full, options
+        assert shortest < gen.model.typed.max_seq_len, options  # de novo calls start with one block
+    assert shortest >= 12  # the template's suffix (positions 9-16) stays in every call's window
 
 
 def test_the_pytorch_reference_loop_refuses_a_block_model_in_one_line(tiny):
@@ -298,6 +332,45 @@ def test_drafts_are_refused_where_they_do_not_apply(block_file, tiny_onnx):
         Generator(tiny_onnx).generate(2, drafts=1)
 
 
+@pytest.fixture(scope="module")
+def gated_block_file(tmp_path_factory):
+    """A tiny block file with an acceptance gate (training/acceptance_gate.py), the bundled refine model's kind."""
+    from conftest import MOSES_SAMPLE
+    from imadarem.export.onnx_export import export_checkpoint
+    from imadarem.training.args import TrainArgs
+    from imadarem.training.presets import PRESETS
+    from imadarem.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("gated")
+    preset = PRESETS["tiny-refine"]
+    args = TrainArgs(**{**preset["args"], "steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
+                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
+                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40, "gate_target": "acceptance"})
+    train(args)
+    return export_checkpoint(tmp / "run", tmp / "m.onnx")
+
+
+def test_the_acceptance_gate_chooses_which_drafts_to_place_and_never_the_molecules(gated_block_file, monkeypatch):
+    from imadarem.runtime.formats.block_verify import BlockVerifyStep
+
+    gen = Generator(gated_block_file)
+    want = left_to_right(gen.model, 6, seed=1)
+    rows = []
+    logits = BlockVerifyStep._logits
+    monkeypatch.setattr(BlockVerifyStep, "_logits", lambda self, tokens: rows.append(len(tokens)) or logits(self, tokens))
+    placed = {}
+    for threshold in (0.0, 0.5, 1.0):
+        rows.clear()
+        got = gen.generate(6, seed=1, drafts=3, selector="gate", threshold=threshold, batch_size=3)
+        assert _ids(got) == want, threshold
+        placed[threshold] = sum(rows) - sum(s.steps for s in got)  # rows beyond one a call and sample: drafts
+    # threshold 1: no gate passes, only the forced first draft of each call inside its block; 0: every one
+    assert placed[0.0] >= placed[0.5] >= placed[1.0] and placed[0.0] > placed[1.0], placed
+    rows.clear()
+    one = gen.generate(6, seed=1, drafts=0, batch_size=3)
+    assert sum(rows) == sum(s.steps for s in one)  # the count above: one row a call and sample without drafts
+
+
 @pytest.mark.slow  # ~1 minute of generation on 2 cores: CI's slow pass runs it
 @pytest.mark.skipif(bundled_path("refine") is None, reason="no bundled refine model")
 def test_on_the_bundled_refine_model_drafts_save_most_calls():
@@ -326,3 +399,25 @@ def test_a_recommended_decoding_can_carry_drafts(block_file, tmp_path):
     with pytest.raises(ImadaremError, match="at most 3"):
         stamp_decoding(stamped, "gate", {}, 4)
     assert not stamped.exists()
+
+
+def test_the_bench_of_a_block_file_sets_each_decoding_beside_one_token_per_call(gated_block_file, tmp_path):
+    from imadarem.bench.runner import Bench, BenchArgs
+
+    args = BenchArgs(model=str(gated_block_file), batch_sizes=(3,), repeats=1, out_dir=str(tmp_path),
+                     engines=("recommended", "confidence", "gate+d3", "l2r+d2"))
+    result = Bench(args).run()
+    rows = {r["engine"]: r for r in result["rows"]}
+    assert list(rows) == ["l2r", "recommended", "confidence", "gate+d3", "l2r+d2"]  # the baseline comes first
+    base = rows["l2r"]
+    assert base["vs_baseline"] == 1.0 and base["rows_per_molecule"] == base["calls_per_molecule"]
+    for name in ("gate+d3", "l2r+d2"):  # draft-and-verify: l2r's molecules in fewer calls, more rows
+        assert rows[name]["identical_to_baseline"] == 1.0, name
+        assert rows[name]["calls_per_molecule"] < base["calls_per_molecule"], name
+        assert rows[name]["rows_per_molecule"] > rows[name]["calls_per_molecule"], name
+    # parallel commits: one row a call, fewer calls than one token each
+    assert rows["confidence"]["rows_per_molecule"] == rows["confidence"]["calls_per_molecule"]
+    assert "| cpu | 3 | gate+d3 |" in (tmp_path / "bench.md").read_text()
+    for bad, message in [("gate+d4", "at most 3"), ("nosuch", "unknown engine"), ("gate+dx", "unknown engine")]:
+        with pytest.raises(ImadaremError, match=message):
+            Bench(BenchArgs(model=str(gated_block_file), engines=(bad,), out_dir=str(tmp_path)))

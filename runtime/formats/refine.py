@@ -14,7 +14,8 @@ The optional sampling head adds inputs ``uniform`` [batch, length], ``temperatur
 **Decoding**: the refinement loop (``runtime/refinement.py``) with any selector; the default is ``gate``,
 or ``entropy`` for a model trained without its gate (``use_refine_gate`` false). Each call runs the step on
 the active rows, only up to the last committed EOS among them (what follows is frozen padding, which
-attention ignores), and samples proposals on the host with each sample's own uniforms, or in the graph
+attention ignores), on a block model only up to its current block (``rules.block_window``, with zero
+``cond``: the block objective never self-conditions), and samples proposals on the host with each sample's own uniforms, or in the graph
 when the file has the sampling head. On CUDA the self-conditioning state stays on the GPU (IO binding).
 """
 
@@ -196,13 +197,19 @@ class SelfConditionedStep(ModelStep):
     graph_sampling = True
     #: run the model only up to the last committed EOS of the active rows; off only to measure what it saves
     trim_padding = True
+    #: a block model: run only the blocks up to its current one (rules.block_window); off only to compare
+    window_blocks = True
 
     def __init__(self, model: RefineFile, n: int, settings: LoopSettings, bias: np.ndarray, streams: SampleStreams):
         self.model, self.settings, self.bias, self.streams = model, settings, bias, streams
         length = settings.layout.length
         self.length, self.cut = length, length
         self.in_graph = self.graph_sampling and model.graph_sampling
-        self.cond = (_DeviceCond if model.provider == "cuda" else _HostCond)(model, n, length)
+        self.block = settings.block
+        if self.block:  # a block model trains without self-conditioning: zeros, and only the window it needs
+            self.cond = _ZeroCond(model)
+        else:
+            self.cond = (_DeviceCond if model.provider == "cuda" else _HostCond)(model, n, length)
 
     def keep(self, rows: np.ndarray) -> None:
         self.cond.keep(rows)
@@ -215,6 +222,11 @@ class SelfConditionedStep(ModelStep):
             if self.trim_padding:
                 self.cut = min(self.cut, int(first.max()) + 1)
         length, cut = self.length, self.cut
+        if self.block and self.window_blocks:
+            sp = self.model.special
+            open_mask = (x == sp.mask) & ~fz
+            cut = min(cut, rules.block_window(x, np.where(open_mask.any(-1), open_mask.argmax(-1), 0), sp.mask,
+                                              sp.pad, self.block))
         feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
         step = np.full(x.shape[0], rules.model_step(t, num_steps, self.model.typed.max_refinement_steps), np.int64)
         sampling = None
@@ -251,6 +263,27 @@ def sample_proposals(logits: np.ndarray, temperature: float, uniforms: np.ndarra
     if temperature <= rules.GREEDY_TEMPERATURE:
         return logits.argmax(-1)
     return rules.gumbel_max(logits, np.float32(temperature), uniforms)
+
+
+class _ZeroCond:
+    """``cond`` of a block model: always zeros (the block objective never self-conditions, so the trained
+    model's ``self_cond`` projection never saw anything else), so each call may run a different window."""
+
+    def __init__(self, model: RefineFile):
+        self.model = model
+        self.zeros = np.zeros(0, dtype=np.float32)
+
+    def run(self, tokens: np.ndarray, step: np.ndarray, sampling: tuple | None = None) -> dict[str, np.ndarray]:
+        b, cut = tokens.shape
+        size = b * cut * self.model.hidden_size
+        if self.zeros.size < size:  # grown once, viewed per call
+            self.zeros = np.zeros(size, dtype=np.float32)
+        cond = self.zeros[:size].reshape(b, cut, self.model.hidden_size)
+        outs = self.model.session.run(None, self.model.feed(tokens, step, cond, sampling))
+        return dict(zip(self.model.outputs, outs))
+
+    def keep(self, rows: np.ndarray) -> None:
+        pass
 
 
 class _HostCond:
