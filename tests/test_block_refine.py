@@ -183,7 +183,8 @@ def test_the_loop_runs_a_block_model_on_a_window_that_changes_no_token(block_fil
     monkeypatch.setattr(gen.model.session, "run", lambda names, feed: lengths.append(feed["tokens"].shape[1])
                         or run(names, feed))
     prompt = "[C][C][O]<mask:6>[C][=C][C][=C][C][=C][Ring1][=Branch1]"
-    for options in [{}, {"selector": "confidence"}, {"selector": "entropy"}, {"prompt": prompt}]:
+    # steps=2: the last step fills every mask left, past the window too, so it runs the full length
+    for options in [{}, {"selector": "confidence"}, {"selector": "entropy"}, {"steps": 2}, {"prompt": prompt}]:
         lengths.clear()
         windowed = _ids(gen.generate(6, seed=2, batch_size=3, **options))
         shortest = min(lengths)
@@ -192,7 +193,7 @@ def test_the_loop_runs_a_block_model_on_a_window_that_changes_no_token(block_fil
         monkeypatch.setattr(SelfConditionedStep, "window_blocks", True)
         assert windowed == full, options
         assert shortest < gen.model.typed.max_seq_len, options  # de novo calls start with one block
-    assert shortest >= 12  # the template's suffix (positions 9-16) stays in every call's window
+    assert shortest >= 17  # the suffix (positions 9-16) stays in every window (the EOS trim may end it at 18)
 
 
 def test_the_pytorch_reference_loop_refuses_a_block_model_in_one_line(tiny):
@@ -356,8 +357,20 @@ def test_the_acceptance_gate_chooses_which_drafts_to_place_and_never_the_molecul
     gen = Generator(gated_block_file)
     want = left_to_right(gen.model, 6, seed=1)
     rows = []
-    logits = BlockVerifyStep._logits
-    monkeypatch.setattr(BlockVerifyStep, "_logits", lambda self, tokens: rows.append(len(tokens)) or logits(self, tokens))
+    run, presented = BlockVerifyStep.run, []
+
+    def watched(self, *args):  # what the step presents: the model's own gate at offered drafts, 0 elsewhere
+        shown = run(self, *args)
+        presented.append((shown.gate.copy(), self.offered.copy(), self.stash_gates))
+        return shown
+    monkeypatch.setattr(BlockVerifyStep, "run", watched)
+    original = BlockVerifyStep._logits
+
+    def stash(self, tokens):
+        out = original(self, tokens)
+        self.stash_gates = out[1]
+        return out
+    monkeypatch.setattr(BlockVerifyStep, "_logits", lambda self, tokens: rows.append(len(tokens)) or stash(self, tokens))
     placed = {}
     for threshold in (0.0, 0.5, 1.0):
         rows.clear()
@@ -366,6 +379,13 @@ def test_the_acceptance_gate_chooses_which_drafts_to_place_and_never_the_molecul
         placed[threshold] = sum(rows) - sum(s.steps for s in got)  # rows beyond one a call and sample: drafts
     # threshold 1: no gate passes, only the forced first draft of each call inside its block; 0: every one
     assert placed[0.0] >= placed[0.5] >= placed[1.0] and placed[0.0] > placed[1.0], placed
+    offered_any = False
+    for gate, offered, gates in presented:
+        assert (gate[~offered] == 0).all()
+        if offered.any():
+            offered_any = True
+            assert np.isin(gate[offered], gates).all() and (gate[offered] < 1).any()  # the gate's values, not 1s
+    assert offered_any
     rows.clear()
     one = gen.generate(6, seed=1, drafts=0, batch_size=3)
     assert sum(rows) == sum(s.steps for s in one)  # the count above: one row a call and sample without drafts

@@ -16,7 +16,8 @@ or ``entropy`` for a model trained without its gate (``use_refine_gate`` false).
 the active rows, only up to the last committed EOS among them (what follows is frozen padding, which
 attention ignores), on a block model only up to its current block (``rules.block_window``, with zero
 ``cond``: the block objective never self-conditions), and samples proposals on the host with each sample's own uniforms, or in the graph
-when the file has the sampling head. On CUDA the self-conditioning state stays on the GPU (IO binding).
+when the file has the sampling head. On CUDA the self-conditioning state stays on the GPU (IO binding); a block
+model has none to keep (zeros go up with the tokens).
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ class SelfConditionedStep(ModelStep):
             if self.trim_padding:
                 self.cut = min(self.cut, int(first.max()) + 1)
         length, cut = self.length, self.cut
-        if self.block and self.window_blocks:
+        if self.block and self.window_blocks and t < num_steps - 1:  # the last step fills every mask left
             sp = self.model.special
             open_mask = (x == sp.mask) & ~fz
             cut = min(cut, rules.block_window(x, np.where(open_mask.any(-1), open_mask.argmax(-1), 0), sp.mask,
