@@ -32,6 +32,21 @@ from imadarem.runtime.prompt import Layout
 from imadarem.runtime.refinement import ModelStep, Shown
 
 
+class ZeroCond:
+    """The ``cond`` input of a block model: always zeros (the block objective never self-conditions, so the
+    trained ``self_cond`` projection never saw anything else). One buffer, grown once and viewed per call, so a
+    call of any rows and window allocates nothing."""
+
+    def __init__(self, hidden: int):
+        self.hidden, self.zeros = hidden, np.zeros(0, dtype=np.float32)
+
+    def __call__(self, rows: int, length: int) -> np.ndarray:
+        size = rows * length * self.hidden
+        if self.zeros.size < size:
+            self.zeros = np.zeros(size, dtype=np.float32)
+        return self.zeros[:size].reshape(rows, length, self.hidden)
+
+
 class BlockVerifyStep(ModelStep):
     """The per-batch state of draft-and-verify on a block refine file: each row's noise; the rest lives in
     the loop's tokens and frozen mask (verified positions are frozen, drafts are unfrozen tokens)."""
@@ -45,7 +60,7 @@ class BlockVerifyStep(ModelStep):
         if model.special.eos is not None:  # EOS is only ever an exact token, except in a template's EOS-only slot
             presented[~layout.eos_only, model.special.eos] = -np.inf
         self.presented_bias = presented
-        self._zeros = np.zeros(0, dtype=np.float32)  # the ignored cond input, grown once, viewed per call
+        self.cond = ZeroCond(model.hidden_size)
         # an acceptance gate (training/acceptance_gate.py) says how likely each presented draft is kept
         self.gated = model.config.get("gate_target") == "acceptance" and "gate" in model.outputs
         # the positions whose predictions the last call presented: a draft placed anywhere else (a selector's
@@ -122,15 +137,12 @@ class BlockVerifyStep(ModelStep):
         return Shown(new_x, new_frozen, proposals, shown, gate, (~new_frozen).astype(np.float32), None, seconds,
                      cut, committed=True)
 
-    def _logits(self, tokens: np.ndarray) -> np.ndarray:
-        """The model's logits for these states: step 0 and no self-conditioning, as the block objective trains."""
+    def _logits(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's logits (and acceptance gate, if it has one) for these states: step 0 and no
+        self-conditioning, as the block objective trains."""
         model = self.model
         n, cut = tokens.shape
-        size = n * cut * model.hidden_size
-        if self._zeros.size < size:  # no per-call allocation of up to (drafts + 1) x batch x length x hidden
-            self._zeros = np.zeros(size, dtype=np.float32)
-        cond = self._zeros[:size].reshape(n, cut, model.hidden_size)
-        feed = model.feed(tokens.astype(np.int64), np.zeros(n, dtype=np.int64), cond)
+        feed = model.feed(tokens.astype(np.int64), np.zeros(n, dtype=np.int64), self.cond(n, cut))
         names = ["logits", "gate"] if self.gated else ["logits"]
         outs = model.session.run(names, feed)
         return outs[0].astype(np.float32), (outs[1].astype(np.float32) if self.gated else None)

@@ -31,7 +31,7 @@ from imadarem.runtime import rules
 from imadarem.runtime.bans import ban_logits, run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats.base import Format, ModelFile
-from imadarem.runtime.formats.block_verify import BlockVerifyStep
+from imadarem.runtime.formats.block_verify import BlockVerifyStep, ZeroCond
 from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields
 from imadarem.runtime.prompt import prompt_layout
@@ -267,19 +267,13 @@ def sample_proposals(logits: np.ndarray, temperature: float, uniforms: np.ndarra
 
 
 class _ZeroCond:
-    """``cond`` of a block model: always zeros (the block objective never self-conditions, so the trained
-    model's ``self_cond`` projection never saw anything else), so each call may run a different window."""
+    """``cond`` of a block model (block_verify.ZeroCond): zeros, so each call may run a different window."""
 
     def __init__(self, model: RefineFile):
-        self.model = model
-        self.zeros = np.zeros(0, dtype=np.float32)
+        self.model, self.zeros = model, ZeroCond(model.hidden_size)
 
     def run(self, tokens: np.ndarray, step: np.ndarray, sampling: tuple | None = None) -> dict[str, np.ndarray]:
-        b, cut = tokens.shape
-        size = b * cut * self.model.hidden_size
-        if self.zeros.size < size:  # grown once, viewed per call
-            self.zeros = np.zeros(size, dtype=np.float32)
-        cond = self.zeros[:size].reshape(b, cut, self.model.hidden_size)
+        cond = self.zeros(*tokens.shape)
         outs = self.model.session.run(None, self.model.feed(tokens, step, cond, sampling))
         return dict(zip(self.model.outputs, outs))
 
