@@ -297,17 +297,64 @@ def finished(t: int, ratio: Any, stop_threshold: float, masks_left: Any, all_fro
     return all_frozen | ((t > 0) & (ratio < stop_threshold) & ~masks_left)
 
 
-def block_window(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: int, block: int) -> int:
-    """How many leading positions a call of a ``block`` refine model needs for every row of ``tokens``: each
-    block up to the last one that holds a placed token (not mask, not PAD) or a row's ``targets`` position
-    (its first open mask, or a state's verified position). The blocks after that hold only masks, which the
-    model's attention hides from every earlier position (training/model.py: ``block_attention``), so the
-    outputs at the kept positions are the full-length call's; the window grows as decoding moves right."""
+def row_windows(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: int, block: int) -> np.ndarray:
+    """[B] int: how many leading positions each row of ``tokens`` needs in a call of a ``block`` refine model:
+    each block up to the last one that holds a placed token (not mask, not PAD) or the row's ``targets``
+    position (its first open mask, or a state's verified position). The blocks after that hold only masks,
+    which the model's attention hides from every earlier position (training/model.py: ``block_attention``),
+    so the outputs at the kept positions are the full-length call's; the window grows as decoding moves right."""
     length = tokens.shape[-1]
     placed = (tokens != mask_id) & (tokens != pad_id)
     last = np.where(placed.any(-1), length - 1 - np.argmax(placed[:, ::-1], -1), 0)
-    need = int(max(last.max(initial=0), np.minimum(targets, length - 1).max(initial=0))) + 1
-    return min(length, -(-need // block) * block)
+    need = np.maximum(last, np.minimum(targets, length - 1)) + 1
+    return np.minimum(length, -(-need // block) * block)
+
+
+def block_window(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: int, block: int) -> int:
+    """The window one call needs for every row of ``tokens`` (:func:`row_windows`' widest)."""
+    return int(row_windows(tokens, targets, mask_id, pad_id, block).max(initial=min(tokens.shape[-1], block)))
+
+
+#: what one more run of a call costs on a CPU, counted in positions (rows x window) of the model's work
+WINDOW_RUN_COST = 32
+#: at most this many runs per call
+WINDOW_MAX_RUNS = 3
+
+
+def window_groups(windows: np.ndarray, run_cost: float | None = None,
+                  max_runs: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Rows of one block-model call, split in up to ``max_runs`` runs by window: (row indices, window) pairs.
+
+    Why: rows decode at their own pace (draft-and-verify keeps 0-3 drafts a call, confidence commits as many
+    tokens as it trusts), so one run over the widest row's window computes many positions that a shorter row
+    does not need; on a CPU a run costs its rows x window. The split minimises the positions run plus
+    ``run_cost`` (default :data:`WINDOW_RUN_COST`) per run, in at most ``max_runs`` (:data:`WINDOW_MAX_RUNS`): rows sorted by window, each run the rows between
+    two cut points (an exact search over at most 14 distinct windows of a 56-token model).
+    """
+    run_cost = WINDOW_RUN_COST if run_cost is None else run_cost
+    max_runs = WINDOW_MAX_RUNS if max_runs is None else max_runs
+    rows = np.arange(windows.size)
+    cuts, counts = np.unique(windows, return_counts=True)
+    if cuts.size < 2 or max_runs < 2:
+        return [(rows, int(windows.max(initial=0)))]
+    below = np.concatenate([[0], np.cumsum(counts)])  # rows with a window among the first i distinct ones
+    # best[g][i]: the cheapest way to run the rows of the first i distinct windows in g runs (and where it cut)
+    best = [{0: (0.0, [])}]
+    for _ in range(max_runs):
+        step = {}
+        for i in range(1, cuts.size + 1):
+            options = [(cost + (below[i] - below[j]) * cuts[i - 1] + run_cost, ends + [i])
+                       for j, (cost, ends) in best[-1].items() if j < i]
+            if options:
+                step[i] = min(options, key=lambda o: o[0])
+        best.append(step)
+    cost, ends = min((b[cuts.size] for b in best[1:] if cuts.size in b), key=lambda o: o[0])
+    groups, lower = [], -1
+    for end in ends:
+        upper = int(cuts[end - 1])
+        groups.append((rows[(windows > lower) & (windows <= upper)], upper))
+        lower = upper
+    return groups
 
 
 def outside_current_block(tokens: np.ndarray, frozen: np.ndarray, mask_id: int, block: int) -> np.ndarray:

@@ -196,6 +196,56 @@ def test_the_loop_runs_a_block_model_on_a_window_that_changes_no_token(block_fil
     assert shortest >= 17  # the suffix (positions 9-16) stays in every window (the EOS trim may end it at 18)
 
 
+@pytest.mark.parametrize("decoding", [{"drafts": 3, "selector": "gate"}, {"drafts": 2, "selector": "l2r"}])
+def test_rows_of_different_windows_run_apart_and_change_no_token(block_file, monkeypatch, decoding):
+    """On a CPU a block-model call may run its rows in two groups by window (rules.window_groups): the same
+    molecules as one run over the widest window, with splits forced wherever they save a position."""
+    from imadarem.runtime import rules
+
+    gen = Generator(block_file)
+    runs = []
+    run = gen.model.session.run
+    monkeypatch.setattr(gen.model.session, "run", lambda names, feed: runs.append(feed["tokens"].shape)
+                        or run(names, feed))
+    monkeypatch.setattr(rules, "WINDOW_MAX_RUNS", 1)  # never split
+    whole = gen.generate(8, seed=3, batch_size=8, **decoding)
+    assert len(runs) == max(s.steps for s in whole)
+    runs.clear()
+    monkeypatch.setattr(rules, "WINDOW_MAX_RUNS", 3)
+    monkeypatch.setattr(rules, "WINDOW_RUN_COST", 0)  # split wherever it saves a position
+    split = gen.generate(8, seed=3, batch_size=8, **decoding)
+    assert _ids(split) == _ids(whole)
+    assert len(runs) > max(s.steps for s in split)  # some calls did run in two groups
+    assert all(s.steps == w.steps for s, w in zip(split, whole))
+
+
+def test_a_call_split_by_window_stitches_each_rows_outputs_back_in_place(monkeypatch):
+    from imadarem.runtime import rules
+    from imadarem.runtime.formats.block_verify import run_by_window
+
+    monkeypatch.setattr(rules, "WINDOW_RUN_COST", 0)
+    rng = np.random.default_rng(0)
+    full = {"logits": rng.normal(size=(5, 12, 3)).astype(np.float32), "gate": rng.random((5, 12)),
+            "done": np.arange(5)}
+    windows = np.array([4, 12, 4, 8, 4])
+
+    def run(rows, cut):
+        assert (windows[rows] <= cut).all()
+        return {"logits": full["logits"][rows, :cut], "gate": full["gate"][rows, :cut], "done": full["done"][rows]}
+
+    whole = run_by_window(run, windows, split=False)
+    split = run_by_window(run, windows, split=True)
+    assert whole["logits"].shape == split["logits"].shape == (5, 12, 3)
+    np.testing.assert_array_equal(split["done"], full["done"])
+    # three runs: rows 0, 2, 4 over 4 positions, row 3 over 8, row 1 over 12 (36 positions, not 60); zeros past them
+    for name in ("logits", "gate"):
+        for row, w in enumerate(windows):
+            np.testing.assert_array_equal(split[name][row, :w], full[name][row, :w])
+            assert not split[name][row, w:].any()
+    assert [(list(rows), cut) for rows, cut in rules.window_groups(windows)] == [([0, 2, 4], 4), ([3], 8), ([1], 12)]
+    assert len(rules.window_groups(windows, run_cost=32)) == 1  # a run's overhead outweighs 24 positions
+
+
 def test_the_pytorch_reference_loop_refuses_a_block_model_in_one_line(tiny):
     from imadarem.runtime.errors import ImadaremError
     from imadarem.training.reference import torch_refine
@@ -360,15 +410,17 @@ def test_the_acceptance_gate_chooses_which_drafts_to_place_and_never_the_molecul
     run, presented = BlockVerifyStep.run, []
 
     def watched(self, *args):  # what the step presents: the model's own gate at offered drafts, 0 elsewhere
+        self.stash_gates = []  # the gates of each run of the call (rows of different windows may run apart)
         shown = run(self, *args)
-        presented.append((shown.gate.copy(), self.offered.copy(), self.stash_gates))
+        gates = np.concatenate([g.ravel() for g in self.stash_gates])
+        presented.append((shown.gate.copy(), self.offered.copy(), gates))
         return shown
     monkeypatch.setattr(BlockVerifyStep, "run", watched)
     original = BlockVerifyStep._logits
 
     def stash(self, tokens):
         out = original(self, tokens)
-        self.stash_gates = out[1]
+        self.stash_gates.append(out["gate"])
         return out
     monkeypatch.setattr(BlockVerifyStep, "_logits", lambda self, tokens: rows.append(len(tokens)) or stash(self, tokens))
     placed = {}

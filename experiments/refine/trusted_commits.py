@@ -21,21 +21,32 @@ from pathlib import Path
 
 import imadarem.runtime.formats.refine as refine_format
 import numpy as np
+from imadarem.runtime.formats import block_verify
 from imadarem.runtime.formats.block_verify import BlockVerifyStep
 from imadarem.runtime.generator import Generator
 
 RESULTS = Path(__file__).with_name("results.jsonl")
 
 
+_stitched: dict = {}
+_run_by_window = block_verify.run_by_window
+
+
+def _keeping_logits(*args, **kwargs):
+    """block_verify.run_by_window, keeping the call's logits for the trusted commits."""
+    _stitched.update(_run_by_window(*args, **kwargs))
+    return _stitched
+
+
 class TrustedVerifyStep(BlockVerifyStep):
     trust = 1.0
     rows_run = 0
+    after_reject = True  # --no-trust-after-reject: no trusted commits in a call that rejected a draft
+    fresh: np.random.Generator | None = None  # --fresh: trusted proposals drawn with new noise each call
 
     def _logits(self, tokens):
         TrustedVerifyStep.rows_run += len(tokens)
-        out = super()._logits(tokens)  # (logits, gates)
-        self.stash = out[0]
-        return out
+        return super()._logits(tokens)
 
     def run(self, x, fz, t, num_steps, step_temperature, rows):
         sp, W, L = self.model.special, self.window, x.shape[1]
@@ -54,18 +65,27 @@ class TrustedVerifyStep(BlockVerifyStep):
         newly = shown.frozen & ~fz
         r = np.where(newly.any(1), L - 1 - np.argmax(newly[:, ::-1], 1), -1)
         a = np.argmax(U == r[:, None], 1)  # the state that resolved r
-        logits, cut = self.stash[start + a], self.stash.shape[1]
+        logits, cut = _stitched["logits"][start + a], _stitched["logits"].shape[1]
         z = (logits + self.bias[:cut]) / max(self.temperature, 1e-6)  # EOS allowed
         z -= z.max(-1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(-1, keepdims=True)
+        candidates = shown.proposals
+        if self.fresh is not None:
+            # a new Gumbel draw per call: a position whose draw missed the bar is drawn again next call (the
+            # loop's confidence selector does the same), so its commits favour likely tokens
+            gumbel = -np.log(-np.log(self.fresh.uniform(1e-12, 1.0, size=z.shape)))
+            candidates = shown.proposals.copy()
+            candidates[:, :cut] = np.argmax(z + gumbel, -1)
         prob = np.zeros(ahead.shape, dtype=np.float32)
-        prob[:, :cut] = np.take_along_axis(p, shown.proposals[:, :cut, None], -1)[..., 0]
+        prob[:, :cut] = np.take_along_axis(p, candidates[:, :cut, None], -1)[..., 0]
         ended = (shown.x == sp.eos).any(1) if sp.eos is not None else np.zeros(len(x), bool)
         sure = ahead & (prob >= self.trust) & ~ended[:, None]
+        if not self.after_reject:  # u_a's exact token surprised its draft: what follows it was drawn without it
+            sure &= (a >= m)[:, None]
         lead = np.cumprod(np.where(ahead, sure, True), 1).astype(bool) & ahead  # the leading run of sure ones
         if lead.any():
-            shown.x[lead] = shown.proposals[lead]
+            shown.x[lead] = candidates[lead]
             shown.frozen[lead] = True
             shown.gate[lead] = 0.0
             self.offered = ahead & ~lead
@@ -81,18 +101,26 @@ def main() -> None:
     p.add_argument("--drafts", type=int, default=3)
     p.add_argument("--selector", default="gate")
     p.add_argument("--option", action="append", default=[], metavar="K=V")
+    p.add_argument("--fresh", action="store_true", help="draw trusted proposals with fresh noise each call")
+    p.add_argument("--no-trust-after-reject", action="store_true",
+                   help="commit trusted tokens only in calls whose drafts were all kept")
     p.add_argument("--tag", default="")
     p.add_argument("--no-score", action="store_true")
     a = p.parse_args()
     refine_format.BlockVerifyStep = TrustedVerifyStep
+    block_verify.run_by_window = _keeping_logits
     TrustedVerifyStep.trust = a.trust
+    TrustedVerifyStep.after_reject = not a.no_trust_after_reject
+    if a.fresh:
+        TrustedVerifyStep.fresh = np.random.default_rng(a.seed + 1000)
     options = {k: float(v) for k, v in (o.split("=", 1) for o in a.option)}
     gen = Generator(a.model)
     t0 = time.perf_counter()
     samples = gen.generate(a.n, seed=a.seed, drafts=a.drafts, selector=a.selector, batch_size=500, **options)
     seconds = time.perf_counter() - t0
     row = {"model": a.model, "tag": a.tag, "selector": f"trusted-commits (experiments/refine/trusted_commits.py) "
-           f"{a.selector}", "options": {"trust": a.trust, "drafts": a.drafts, **options}, "n": a.n, "seed": a.seed,
+           f"{a.selector}", "options": {"trust": a.trust, "drafts": a.drafts, "fresh": a.fresh,
+           "trust_after_reject": not a.no_trust_after_reject, **options}, "n": a.n, "seed": a.seed,
            "calls": float(np.mean([s.steps for s in samples])), "rows": TrustedVerifyStep.rows_run / a.n,
            "generate_seconds": round(seconds, 1)}
     if not a.no_score:

@@ -25,6 +25,7 @@ token per call).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from imadarem.runtime import rules
@@ -45,6 +46,31 @@ class ZeroCond:
         if self.zeros.size < size:
             self.zeros = np.zeros(size, dtype=np.float32)
         return self.zeros[:size].reshape(rows, length, self.hidden)
+
+
+def run_by_window(run: Callable[[np.ndarray, int], dict[str, np.ndarray]], windows: np.ndarray,
+                  split: bool) -> dict[str, np.ndarray]:
+    """One call of a block model whose rows need ``windows`` leading positions (rules.row_windows): ``run(rows,
+    cut)`` runs those rows over their first ``cut`` positions. With ``split`` (a CPU, where a run costs its rows x
+    window) the rows may go in two runs (rules.window_groups), stitched back to the widest window, the positions
+    a row did not run zero-filled: they lie in later, all-mask blocks, which no selector reads on a block model
+    and which the row's own window hides from every position it ran."""
+    widest = int(windows.max(initial=0))
+    groups = rules.window_groups(windows) if split else []
+    if len(groups) < 2:
+        return run(np.arange(windows.size), widest)
+    stitched: dict[str, np.ndarray] = {}
+    for rows, cut in groups:
+        for name, value in run(rows, cut).items():
+            per_position = value.ndim >= 2 and value.shape[1] == cut
+            if name not in stitched:
+                shape = (windows.size, widest, *value.shape[2:]) if per_position else (windows.size, *value.shape[1:])
+                stitched[name] = np.zeros(shape, dtype=value.dtype)
+            if per_position:
+                stitched[name][rows, :cut] = value
+            else:
+                stitched[name][rows] = value
+    return stitched
 
 
 class BlockVerifyStep(ModelStep):
@@ -92,9 +118,11 @@ class BlockVerifyStep(ModelStep):
         keep = fz[owner] | (open_[owner] & (rank[owner] <= k[:, None]))
         states = np.where(keep, x[owner], sp.mask)
         target = U[owner, k]
-        cut = rules.block_window(states, target, sp.mask, sp.pad, self.block)
+        windows = rules.row_windows(states, target, sp.mask, sp.pad, self.block)
+        cut = int(windows.max(initial=min(L, self.block)))
         started = time.perf_counter()
-        logits, gates = self._logits(states[:, :cut])
+        out = run_by_window(lambda s, w: self._logits(states[s, :w]), windows, self.model.provider != "cuda")
+        logits, gates = out["logits"], out.get("gate")
         seconds = time.perf_counter() - started
 
         # the exact token of each state's target position, from the state where everything before it counts
@@ -137,12 +165,11 @@ class BlockVerifyStep(ModelStep):
         return Shown(new_x, new_frozen, proposals, shown, gate, (~new_frozen).astype(np.float32), None, seconds,
                      cut, committed=True)
 
-    def _logits(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The model's logits (and acceptance gate, if it has one) for these states: step 0 and no
+    def _logits(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's ``logits`` (and acceptance ``gate``, if it has one) for these states: step 0 and no
         self-conditioning, as the block objective trains."""
         model = self.model
         n, cut = tokens.shape
         feed = model.feed(tokens.astype(np.int64), np.zeros(n, dtype=np.int64), self.cond(n, cut))
         names = ["logits", "gate"] if self.gated else ["logits"]
-        outs = model.session.run(names, feed)
-        return outs[0].astype(np.float32), (outs[1].astype(np.float32) if self.gated else None)
+        return {name: out.astype(np.float32) for name, out in zip(names, model.session.run(names, feed))}

@@ -30,6 +30,7 @@ import numpy as np
 from imadarem.runtime import rules
 from imadarem.runtime.bans import ban_logits, run_bias
 from imadarem.runtime.errors import ImadaremError, ModelFileError
+from imadarem.runtime.formats import block_verify
 from imadarem.runtime.formats.base import Format, ModelFile
 from imadarem.runtime.formats.block_verify import BlockVerifyStep, ZeroCond
 from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
@@ -223,20 +224,30 @@ class SelfConditionedStep(ModelStep):
             if self.trim_padding:
                 self.cut = min(self.cut, int(first.max()) + 1)
         length, cut = self.length, self.cut
+        windows = np.full(x.shape[0], cut)
         if self.block and self.window_blocks and t < num_steps - 1:  # the last step fills every mask left
             sp = self.model.special
             open_mask = (x == sp.mask) & ~fz
-            cut = min(cut, rules.block_window(x, np.where(open_mask.any(-1), open_mask.argmax(-1), 0), sp.mask,
-                                              sp.pad, self.block))
-        feed_x = x if cut == length else np.ascontiguousarray(x[:, :cut])
+            targets = np.where(open_mask.any(-1), open_mask.argmax(-1), 0)
+            windows = np.minimum(cut, rules.row_windows(x, targets, sp.mask, sp.pad, self.block))
+            cut = int(windows.max(initial=1))
         step = np.full(x.shape[0], rules.model_step(t, num_steps, self.model.typed.max_refinement_steps), np.int64)
-        sampling = None
-        if self.in_graph:  # each row draws its uniforms for the full length, whatever the others' cut
-            uniform = self.streams.uniforms(rows, (length,))
-            sampling = (np.ascontiguousarray(uniform[:, :cut]), np.full(x.shape[0], step_temperature, np.float32),
-                        self.bias[:cut])
+        temperatures = np.full(x.shape[0], step_temperature, np.float32)
+        # each row draws its uniforms for the full length, whatever the others' cut
+        uniform = self.streams.uniforms(rows, (length,)) if self.in_graph else None
+
+        def run(part: np.ndarray, w: int) -> dict[str, np.ndarray]:
+            whole = part.size == x.shape[0]
+            feed_x = np.ascontiguousarray(x[:, :w] if whole else x[part, :w])
+            sampling = None
+            if uniform is not None:
+                sampling = (np.ascontiguousarray(uniform[part, :w]), temperatures[part], self.bias[:w])
+            return self.cond.run(feed_x, step[part], sampling)
+
         started = time.perf_counter()
-        out = self.cond.run(feed_x, step, sampling)
+        # a block model's rows may need different windows: on a CPU they run in up to two groups
+        split = bool(self.block) and self.model.provider != "cuda"
+        out = block_verify.run_by_window(run, windows, split)
         seconds = time.perf_counter() - started
         if cut < length:
             out = _widen(out, length)
