@@ -11,14 +11,16 @@ same weights and the same engineering:
   one graph; ``ort-decode-l2r-<p>``: the decode file of the left-to-right decoder (the baseline). On CUDA
   they run with IO binding and CUDA graphs; ``-nograph`` the same without CUDA graphs;
 - ``torch-decode-<p>`` / ``torch-decode-l2r-<p>``: the same fused step in PyTorch eager
-  (``training/reference.py: TorchDecode``), caches written in place: the PyTorch loop.
+  (``training/reference.py: TorchDecode``), caches written in place: the PyTorch loop;
+- ``ctranslate2-<p>`` (int8, fp32; only with ``--engines``): the trunk converted for CTranslate2 and
+  sampled by its own loop, beside ``ort-decode-l2r-<p>`` (``bench/ct2.py`` says how and why).
 
-Every engine, the PyTorch one included, is driven by the runtime's one Generator loop.
+Every engine but CTranslate2, the PyTorch one included, is driven by the runtime's one Generator loop.
 
 ``<p>`` is the precision: int8 and int4 (weight-only ``MatMulNBits``) on the CPU, fp16 on CUDA, fp32 on both.
-For the same seed all of them give the same molecules, up to the rounding of their precision (every exact
-token is drawn with its sample's counter noise): each row reports how many of its molecules are its
-baseline's, and with ``--samples N`` writes N SMILES per row and scores them (FCD/Test with MOSES's
+For the same seed all of them but CTranslate2 (its own RNG) give the same molecules, up to the rounding of
+their precision (every exact token is drawn with its sample's counter noise): each row reports how many of
+its molecules are its baseline's, and with ``--samples N`` writes N SMILES per row and scores them (FCD/Test with MOSES's
 reference statistics, when the ``eval`` and ``fcd`` extras are installed; else ``imadarem eval molecules
 --samples FILE`` scores them later).
 """
@@ -43,7 +45,7 @@ MIN_MOLECULES = 32
 #: the row of ``--reference FILE`` (another model file, e.g. the previous bundled model, run as it is)
 REFERENCE = "reference"
 FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "torch-decode", "torch-decode-l2r", "torch-compile",
-            "torch-compile-l2r")
+            "torch-compile-l2r", "ctranslate2")
 #: int8 is static (calibrated) quantisation, as `imadarem export --dtype int8` writes; int8dyn the dynamic
 #: quantisation files had before (not batch-invariant), for comparison
 PRECISIONS = {"cpu": ("int8", "fp32", "int4", "int8dyn"), "cuda": ("fp16", "fp32")}
@@ -75,6 +77,8 @@ class Engine:
             raise ImadaremError(f"unknown engine {name!r}: only decode rows run with and without CUDA graphs")
         if family.startswith("torch") and precision in ("int8", "int8dyn", "int4"):
             raise ImadaremError(f"unknown engine {name!r}: the PyTorch loop runs fp32 or fp16")
+        if family == "ctranslate2" and precision not in ("int8", "fp32"):
+            raise ImadaremError(f"unknown engine {name!r}: the CTranslate2 rows run int8 or fp32 on the cpu")
         return cls(family, precision, graphs)
 
     @property
@@ -83,17 +87,26 @@ class Engine:
 
     @property
     def left_to_right(self) -> bool:
-        return self.family in ("ort-l2r", "ort-decode-l2r", "torch-decode-l2r", "torch-compile-l2r")
+        return self.family in ("ort-l2r", "ort-decode-l2r", "torch-decode-l2r", "torch-compile-l2r", "ctranslate2")
+
+    @property
+    def coupled(self) -> bool:
+        """Whether every token is drawn with our per-sample counter noise, so that the same seed gives the
+        baseline's molecules (CTranslate2 samples with its own RNG)."""
+        return self.family != "ctranslate2"
 
     @property
     def baseline(self) -> Engine:
-        """The left-to-right row this row is measured against (itself for a baseline row)."""
+        """The left-to-right row this row is measured against (itself for one of ours; CTranslate2's,
+        one token per call with a KV cache, is our one-token decode file's)."""
         pair = {"ort-loop": "ort-l2r", "ort-decode": "ort-decode-l2r", "torch-decode": "torch-decode-l2r",
-                "torch-compile": "torch-compile-l2r"}
+                "torch-compile": "torch-compile-l2r", "ctranslate2": "ort-decode-l2r"}
         return Engine(pair.get(self.family, self.family), self.precision, self.graphs)
 
     def runs_on(self, provider: str) -> bool:
         if self.precision not in PRECISIONS[provider]:
+            return False
+        if provider != "cpu" and self.family == "ctranslate2":
             return False
         if provider == "cuda" and self.family in ("ort-loop", "ort-l2r"):
             return False  # the host loops copy the KV cache every call: no GPU rows
@@ -128,9 +141,17 @@ class CausalBench:
             names = DEFAULT_ENGINES[provider] if args.engines is None else args.engines
             engines = [Engine.parse(n) for n in names]
             self.engines[provider] = [e for e in engines if e.runs_on(provider)]
+        if self._ctranslate2:
+            from imadarem.bench import ct2
+
+            ct2.require()  # one line now, not after minutes of exports
         self._generators: dict[tuple[str, str, str], Any] = {}
         self._ids: dict[tuple[str, str, int], np.ndarray] = {}
         self.files: dict[str, Path] = {}
+
+    @property
+    def _ctranslate2(self) -> bool:
+        return any(e.family == "ctranslate2" for engines in self.engines.values() for e in engines)
 
     # -- the model in every form ------------------------------------------------------------------
     def prepare(self, work: Path, progress: Callable[[str], None]) -> None:
@@ -149,7 +170,12 @@ class CausalBench:
                 continue
             key = f"{family}-{precision}"
             progress(f"building {key}")
-            self.files[key] = self._build(family, precision, work)
+            if family == "ctranslate2":
+                from imadarem.bench import ct2
+
+                self.files[key] = ct2.convert(self.trunk, precision, work)
+            else:
+                self.files[key] = self._build(family, precision, work)
 
     def _build(self, family: str, precision: str, work: Path) -> Path:
         from imadarem.export.onnx_export import _quiet_exporters
@@ -189,6 +215,10 @@ class CausalBench:
         PyTorch loop as a strategy (``training/reference.py: TorchDecode``). Each returns ids arrays and
         calls per molecule, before any Sample is built."""
         gen = self._generator(engine, provider)
+        if engine.family == "ctranslate2":
+            from imadarem.bench import ct2
+
+            return ct2.sampler(gen, self.model, batch)
         options = {"selector": self.args.selector} if engine.family == "ort-loop" else {}
 
         def run(tm: LoopTimings, seed: int, n: int) -> tuple:
@@ -208,6 +238,10 @@ class CausalBench:
                 model = _copy_to(self.model, torch.device(provider), dtype)
                 mode = self.args.torch_compile_mode if engine.family.startswith("torch-compile") else None
                 gen = Generator(TorchDecode(model, 0 if engine.left_to_right else None, compile_mode=mode))
+            elif engine.family == "ctranslate2":
+                from imadarem.bench import ct2
+
+                gen = ct2.load(self.files[engine.name], engine.precision, self.threads)
             else:
                 gen = Generator(self.files[f"{engine.family}-{engine.precision}"], provider=provider,
                                 threads=self.threads)
@@ -236,22 +270,29 @@ class CausalBench:
         run = self._runner(engine, provider, batch) if engine is not None else self._reference_runner(provider, batch)
         name = engine.name if engine is not None else REFERENCE
         n = batch * max(1, -(-MIN_MOLECULES // batch))
+        ours = engine is None or engine.coupled  # our loop: ids comparable token for token, calls timed
         run(LoopTimings(), self.args.seed + 10_000, batch)  # warm-up: sessions, CUDA graph capture, caches
         runs = []
         for r in range(self.args.repeats):
             tm = LoopTimings()
             ids, calls = run(tm, self.args.seed + r, n)
             runs.append((tm, calls))
-            if r == 0:
+            if r == 0 and ours:
                 self._ids[(name, provider, batch)] = ids
         walls = [t.total_seconds for t, _ in runs]
         steps = np.concatenate([t.step_seconds for t, _ in runs]) * 1e3
         wall = float(np.median(walls))
-        return CausalRow(name, provider, batch, wall, n / wall, float(np.percentile(steps, 50)),
-                         float(np.percentile(steps, 95)),
-                         float(np.mean([len(t.step_seconds) for t, _ in runs])) * batch / n,
-                         float(np.mean(np.concatenate([c for _, c in runs]))),
-                         float(np.median([t.outside_run_fraction() for t, _ in runs])), len(runs))
+        row = CausalRow(name, provider, batch, wall, n / wall, float(np.percentile(steps, 50)),
+                        float(np.percentile(steps, 95)),
+                        float(np.mean([len(t.step_seconds) for t, _ in runs])) * batch / n,
+                        float(np.mean(np.concatenate([c for _, c in runs]))),
+                        float(np.median([t.outside_run_fraction() for t, _ in runs])) if ours else None,
+                        len(runs))
+        if not ours:
+            from imadarem.bench import ct2
+
+            row.notes += ct2.notes(self.model, engine.precision, self.threads)
+        return row
 
     # -- all of it --------------------------------------------------------------------------------
     def run(self, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -281,6 +322,10 @@ class CausalBench:
         if any(e.family.startswith("torch-compile") for engines in self.engines.values() for e in engines):
             result["torch_compile"] = {"mode": a.torch_compile_mode, "backend": "inductor", "dynamic": False,
                                        "torch": torch.__version__}
+        if self._ctranslate2:
+            from imadarem.bench import ct2
+
+            result["ctranslate2"] = ct2.settings(self.model, self.threads)
         return write_result(a.out_dir, result, markdown(result))
 
     def _quality(self, rows: list[CausalRow], provider: str, progress: Callable[[str], None]) -> None:
@@ -301,7 +346,7 @@ class CausalBench:
                 if row.engine == engine.name and row.provider == provider:
                     row.quality = dict(quality)
         for row in rows:
-            if row.provider == provider and row.engine in ids:
+            if row.provider == provider and row.engine in ids and Engine.parse(row.engine).coupled:
                 base = ids.get(Engine.parse(row.engine).baseline.name)
                 if base is not None:
                     row.quality["identical_to_baseline"] = float(np.mean((ids[row.engine] == base).all(-1)))
@@ -363,9 +408,12 @@ def summary(rows: list[CausalRow], shipped: str | None = None) -> list[dict[str,
         l2r = best(lambda e: e.left_to_right and e.family.startswith("ort"))
         torch_refine = best(lambda e: not e.left_to_right and e.family.startswith("torch-decode"))
         compiled = best(lambda e: not e.left_to_right and e.family.startswith("torch-compile"))
+        ctranslate2 = best(lambda e: e.family == "ctranslate2")
         item = {"provider": provider, "batch": batch}
         if refine and compiled:  # the same draft-and-verify algorithm under torch.compile (issue #26)
             item.update(torch_compile=compiled.engine, vs_torch_compile=refine.seq_per_s / compiled.seq_per_s)
+        if refine and ctranslate2:  # CTranslate2's one-token decoder of the same trunk (issue #26)
+            item.update(ctranslate2=ctranslate2.engine, vs_ctranslate2=refine.seq_per_s / ctranslate2.seq_per_s)
         if refine and l2r:
             item.update(refinement=refine.engine, baseline=l2r.engine, vs_baseline=refine.seq_per_s / l2r.seq_per_s)
         if refine and torch_refine:
@@ -428,16 +476,23 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_fmt(r['vs_baseline'], '.2f')} | {_fmt(r['vs_torch'], '.2f')} | {_fmt(r['model_calls'], '.1f')} | "
                      f"{_fmt(r['calls_per_molecule'], '.1f')} | {_fmt(r['step_p50_ms'], '.3f')} | "
                      f"{_fmt(r['step_p95_ms'], '.3f')} | "
-                     f"{_fmt(None if r['outside_run'] is None else 100 * r['outside_run'], '.1f')}% | "
+                     f"{'–' if r['outside_run'] is None else _fmt(100 * r['outside_run'], '.1f') + '%'} | "
                      f"{_fmt(r['identical_to_baseline'], '.3f')} | {_fmt(q.get('fcd'), '.3f')} |")
     if result.get("summary"):
         lines += ["", "| provider | batch | refinement | baseline | × baseline | PyTorch loop | × PyTorch | "
-                      "torch.compile | × torch.compile |",
-                  "|---|---:|---|---|---:|---|---:|---|---:|"]
+                      "torch.compile | × torch.compile | CTranslate2 | × CTranslate2 |",
+                  "|---|---:|---|---|---:|---|---:|---|---:|---|---:|"]
         for s in result["summary"]:
             lines.append(f"| {s['provider']} | {s['batch']} | {s.get('refinement', '–')} | {s.get('baseline', '–')} | "
                          f"{_fmt(s.get('vs_baseline'), '.2f')} | {s.get('torch', '–')} | {_fmt(s.get('vs_torch'), '.2f')} | "
-                         f"{s.get('torch_compile', '–')} | {_fmt(s.get('vs_torch_compile'), '.2f')} |")
+                         f"{s.get('torch_compile', '–')} | {_fmt(s.get('vs_torch_compile'), '.2f')} | "
+                         f"{s.get('ctranslate2', '–')} | {_fmt(s.get('vs_ctranslate2'), '.2f')} |")
+    if result.get("ctranslate2"):
+        c = result["ctranslate2"]
+        lines += ["", f"`ctranslate2-*` rows: CTranslate2 {c['version']} on the trunk converted through `export --to "
+                      f"transformers`, {c['intra_threads']} intra threads, its own loop and RNG (sampling_topk "
+                      f"{c['sampling']['sampling_topk']}, temperature {c['sampling']['sampling_temperature']:g}): "
+                      "the baseline's distribution, not its molecules token for token."]
     if result.get("reference"):
         ref = result["reference"]
         lines += ["", f"Against `--reference {ref['file']}` ({ref['bytes'] / 1e6:.1f} MB), run as it is, same seeds:", "",

@@ -36,7 +36,8 @@ def _name_list(ctx, param, value: str) -> tuple[str, ...]:
                    "model (the bundled refine): l2r, recommended, a selector's name, SELECTOR+dN (N drafts). A causal model "
                    "(the bundled one): FAMILY-PRECISION with FAMILY ort-loop, ort-l2r, ort-decode, ort-decode-l2r, "
                    "torch-decode, torch-decode-l2r (PyTorch eager), torch-compile, torch-compile-l2r (the same step "
-                   "under torch.compile, --torch-compile-mode) and PRECISION int8, int4, fp32 (cpu), fp16, fp32 (cuda); "
+                   "under torch.compile, --torch-compile-mode), ctranslate2 (CTranslate2's own decoder of the trunk: int8, "
+                   "fp32 on cpu; needs ctranslate2) and PRECISION int8, int4, fp32 (cpu), fp16, fp32 (cuda); "
                    "ort-decode*-fp16-nograph: without CUDA graphs.")
 @click.option("--samples", default=0, show_default=True, type=click.IntRange(min=0),
               help="Causal models: write this many molecules per engine as SMILES (OUT_DIR/samples) and score them "

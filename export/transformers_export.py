@@ -69,6 +69,8 @@ def hf_tokenizer(tok, special):
 
     names = {"bos_token": tok.id_to_token(special.mask), "eos_token": tok.id_to_token(special.eos),
              "pad_token": tok.id_to_token(special.pad)}
+    if getattr(tok, "unk_token_id", None) is not None:  # named, so consumers (CTranslate2's converter) find it
+        names["unk_token"] = tok.id_to_token(tok.unk_token_id)
     if tok.name == "hf":
         backend = Tokenizer.from_str(tok.to_spec()["tokenizer_json"])
     elif tok.name in ("selfies", "char") and hasattr(tok, "tokens"):
