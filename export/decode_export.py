@@ -106,7 +106,7 @@ def decode_calibration_feeds(path: str | os.PathLike, n: int = 256, seed: int = 
     for first in range(0, n, batch):
         decoding = plan.start(batch, SampleStreams(request.seed, first, batch))
         while decoding.active:
-            feeds.append({**decoding.state, **decoding.constants})
+            feeds.append(decoding.feed())
             decoding.step()
     return feeds
 

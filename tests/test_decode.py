@@ -56,6 +56,21 @@ def test_decode_files_give_the_left_to_right_molecules(files):
     assert calls["l2r"] == pytest.approx(np.mean([len(s.ids) for s in want]) - 1, abs=0.05)  # a token per call
 
 
+@pytest.mark.parametrize("name", ["dv", "l2r", "dv8"])
+def test_caches_written_in_place_give_the_molecules_of_session_run(files, monkeypatch, name):
+    """The CPU loop binds each KV cache as its own output (formats/decode.py: HostDecoding): the ScatterElements
+    that write a call's slots then update the buffer instead of copying it; nothing else changes."""
+    from imadarem.runtime.formats.decode import HostDecoding
+
+    _, paths = files
+    gen = Generator(paths[name])
+    bound = gen.generate(40, seed=5, batch_size=16)
+    monkeypatch.setattr(HostDecoding, "in_place", False)
+    plain = gen.generate(40, seed=5, batch_size=16)
+    assert ids(bound) == ids(plain)
+    assert [s.steps for s in bound] == [s.steps for s in plain]
+
+
 def test_seeds_batches_and_temperature(files):
     _, paths = files
     gen = Generator(paths["dv"])
