@@ -310,11 +310,6 @@ def row_windows(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: i
     return np.minimum(length, -(-need // block) * block)
 
 
-def block_window(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: int, block: int) -> int:
-    """The window one call needs for every row of ``tokens`` (:func:`row_windows`' widest)."""
-    return int(row_windows(tokens, targets, mask_id, pad_id, block).max(initial=min(tokens.shape[-1], block)))
-
-
 #: what one more run of a call costs on a CPU, counted in positions (rows x window) of the model's work
 WINDOW_RUN_COST = 32
 #: at most this many runs per call

@@ -123,12 +123,12 @@ def test_outside_current_block_is_each_rows_first_block_with_an_open_mask():
 def test_a_block_window_ends_with_the_last_block_that_holds_a_placed_token_or_a_target():
     M, P = 1, 0
     tokens = np.array([[5, 5, M, M, M, M, M, M, M, M, M, M], [5, 5, 5, 5, 5, M, M, M, M, 7, P, P]])
-    assert rules.block_window(tokens[:1], np.array([2]), M, P, 4) == 4  # only the current block
-    assert rules.block_window(tokens[:1], np.array([9]), M, P, 4) == 12  # a target further right
-    assert rules.block_window(tokens, np.array([2, 5]), M, P, 4) == 12  # a template's suffix token at 9
+    assert rules.row_windows(tokens[:1], np.array([2]), M, P, 4).max() == 4  # only the current block
+    assert rules.row_windows(tokens[:1], np.array([9]), M, P, 4).max() == 12  # a target further right
+    assert rules.row_windows(tokens, np.array([2, 5]), M, P, 4).max() == 12  # a template's suffix token at 9
     tokens[1, 9] = M
-    assert rules.block_window(tokens, np.array([2, 5]), M, P, 4) == 8  # PAD is not a placed token
-    assert rules.block_window(tokens, np.array([2, 5]), M, P, 5) == 10  # whole blocks
+    assert rules.row_windows(tokens, np.array([2, 5]), M, P, 4).max() == 8  # PAD is not a placed token
+    assert rules.row_windows(tokens, np.array([2, 5]), M, P, 5).max() == 10  # whole blocks
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_a_block_file_commits_only_inside_the_current_block_and_keeps_a_template
 
 
 def test_the_loop_runs_a_block_model_on_a_window_that_changes_no_token(block_file, monkeypatch):
-    """The refinement loop on a block file runs each call only up to its current block (rules.block_window) with
+    """The refinement loop on a block file runs each call only up to its current block (rules.row_windows) with
     zero self-conditioning, as the block objective trains: the molecules of the full-length run, in shorter calls."""
     from imadarem.runtime.formats.refine import SelfConditionedStep
 

@@ -52,7 +52,7 @@ def run_by_window(run: Callable[[np.ndarray, int], dict[str, np.ndarray]], windo
                   split: bool) -> dict[str, np.ndarray]:
     """One call of a block model whose rows need ``windows`` leading positions (rules.row_windows): ``run(rows,
     cut)`` runs those rows over their first ``cut`` positions. With ``split`` (a CPU, where a run costs its rows x
-    window) the rows may go in two runs (rules.window_groups), stitched back to the widest window, the positions
+    window) the rows may go in up to three runs (rules.window_groups), stitched back to the widest window, the positions
     a row did not run zero-filled: they lie in later, all-mask blocks, which no selector reads on a block model
     and which the row's own window hides from every position it ran."""
     widest = int(windows.max(initial=0))

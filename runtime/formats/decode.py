@@ -249,6 +249,7 @@ class HostDecoding(Decoding):
             ort = import_onnxruntime()
             for name in cache_names(model.typed.num_layers):
                 self.caches[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.state.pop(name)))
+        self.small = [n for n in self.names if n not in self.caches]  # the state that goes up and down as numpy
 
     @property
     def active(self) -> int:
@@ -262,7 +263,7 @@ class HostDecoding(Decoding):
             out = self.model.session.run(self.outputs, {**self.state, **self.constants})
         seconds = time.perf_counter() - started
         rows = self.left
-        self.state = dict(zip([n for n in self.names if n not in self.caches], out[:-1]))
+        self.state = dict(zip(self.small, out[:-1]))
         self.left = int(out[-1][0])
         self.calls += 1
         return CallReport(rows, seconds, 0)
@@ -287,11 +288,8 @@ class HostDecoding(Decoding):
             binding.bind_cpu_input(name, value)
         binding.bind_output("active", "cpu")
         self.model.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        small = [n for n in self.names if n not in self.caches] + ["active"]
-        bound = list(self.names) + ["active"]  # binding order: every state output, then active
-        by_name = dict(zip(bound, values))
-        return [by_name[n].numpy() for n in small]
+        by_name = dict(zip(self.outputs, binding.get_outputs()))  # bound in that order: the state's, then active
+        return [by_name[f"{n}_next"].numpy() for n in self.small] + [by_name["active"].numpy()]
 
     def result(self) -> BatchResult:
         return BatchResult(self.state["ids"], self.state["calls"])

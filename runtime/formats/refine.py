@@ -14,7 +14,7 @@ The optional sampling head adds inputs ``uniform`` [batch, length], ``temperatur
 **Decoding**: the refinement loop (``runtime/refinement.py``) with any selector; the default is ``gate``,
 or ``entropy`` for a model trained without its gate (``use_refine_gate`` false). Each call runs the step on
 the active rows, only up to the last committed EOS among them (what follows is frozen padding, which
-attention ignores), on a block model only up to its current block (``rules.block_window``, with zero
+attention ignores), on a block model only up to its current block (``rules.row_windows``, with zero
 ``cond``: the block objective never self-conditions), and samples proposals on the host with each sample's own uniforms, or in the graph
 when the file has the sampling head. On CUDA the self-conditioning state stays on the GPU (IO binding); a block
 model has none to keep (zeros go up with the tokens).
@@ -199,7 +199,7 @@ class SelfConditionedStep(ModelStep):
     graph_sampling = True
     #: run the model only up to the last committed EOS of the active rows; off only to measure what it saves
     trim_padding = True
-    #: a block model: run only the blocks up to its current one (rules.block_window); off only to compare
+    #: a block model: run only the blocks up to its current one (rules.row_windows); off only to compare
     window_blocks = True
 
     def __init__(self, model: RefineFile, n: int, settings: LoopSettings, bias: np.ndarray, streams: SampleStreams):
@@ -245,7 +245,7 @@ class SelfConditionedStep(ModelStep):
             return self.cond.run(feed_x, step[part], sampling)
 
         started = time.perf_counter()
-        # a block model's rows may need different windows: on a CPU they run in up to two groups
+        # a block model's rows may need different windows: on a CPU they run in up to three groups
         split = bool(self.block) and self.model.provider != "cuda"
         out = block_verify.run_by_window(run, windows, split)
         seconds = time.perf_counter() - started
