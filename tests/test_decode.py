@@ -58,11 +58,16 @@ def test_decode_files_give_the_left_to_right_molecules(files):
 
 @pytest.mark.parametrize("name", ["dv", "l2r", "dv8"])
 def test_caches_written_in_place_give_the_molecules_of_session_run(files, monkeypatch, name):
-    """The CPU loop binds each KV cache as its own output (formats/decode.py: HostDecoding): the ScatterElements
-    that write a call's slots then update the buffer instead of copying it; nothing else changes."""
+    """The CPU loop binds each KV cache as its own output (formats/decode.py: HostDecoding): the ScatterND
+    nodes that write a call's slots then update the buffer instead of copying it; nothing else changes."""
+    import onnx
     from imadarem.runtime.formats.decode import HostDecoding
 
     _, paths = files
+    ops = [node.op_type for node in onnx.load(str(paths[name])).graph.node]
+    # one ScatterND a cache, each index a head_dim vector (ScatterElements, an index per float, cost a quarter
+    # of a CPU call at batch 64)
+    assert ops.count("ScatterND") == 2 * 2 and "ScatterElements" not in ops
     gen = Generator(paths[name])
     bound = gen.generate(40, seed=5, batch_size=16)
     monkeypatch.setattr(HostDecoding, "in_place", False)

@@ -248,16 +248,19 @@ class DecodeStep(nn.Module):
         slot = pos.clamp(max=self.slots - 1)
         allowed = torch.arange(self.slots, device=fed.device)[None, None, :] <= pos[:, :, None]
         attn_bias = _additive_mask(allowed, x.dtype)  # [B, 1, T, C]
-        index = slot[:, None, :, None].expand(b, c.num_heads, T, c.head_dim)
+        # the cells a call writes, (row, head, slot), each a head_dim vector: ScatterND in the export (ScatterElements,
+        # one index per float, took a quarter of a CPU call at batch 64; docs/bench-notes.md)
+        slots = (torch.arange(b, device=fed.device)[:, None, None],
+                 torch.arange(c.num_heads, device=fed.device)[None, :, None], slot[:, None, :])
         new_caches = []
         for i, blk in enumerate(m.blocks):
             q, k, v = blk.qkv(blk.ln1(x)).split(c.hidden_size, -1)
             q, k, v = (z.view(b, T, c.num_heads, c.head_dim).transpose(1, 2) for z in (q, k, v))
             kc, vc = caches[2 * i], caches[2 * i + 1]
             if self.inplace:
-                kc, vc = kc.scatter_(2, index, k), vc.scatter_(2, index, v)
+                kc, vc = kc.index_put_(slots, k), vc.index_put_(slots, v)
             else:
-                kc, vc = kc.scatter(2, index, k), vc.scatter(2, index, v)
+                kc, vc = kc.index_put(slots, k), vc.index_put(slots, v)
             if self.inplace:  # the PyTorch loop: its fused attention kernels
                 att = F.scaled_dot_product_attention(q, kc, vc, attn_mask=attn_bias)
             else:  # the export: MatMul, Softmax, MatMul (onnxruntime's fused attention, com.microsoft
