@@ -10,6 +10,8 @@ same weights and the same engineering:
 - ``ort-decode-<p>``: the decode file (``export/decode_export.py``): draft-and-verify with every step inside
   one graph; ``ort-decode-l2r-<p>``: the decode file of the left-to-right decoder (the baseline). On CUDA
   they run with IO binding and CUDA graphs; ``-nograph`` the same without CUDA graphs;
+- ``ort-gqa-l2r-<p>`` (fp32, int8; CPU): the left-to-right decode file with onnxruntime's GroupQueryAttention
+  (``export_decode(attention="gqa")``), beside ``ort-decode-l2r-<p>``, its baseline: the same molecules;
 - ``torch-decode-<p>`` / ``torch-decode-l2r-<p>``: the same fused step in PyTorch eager
   (``training/reference.py: TorchDecode``), caches written in place: the PyTorch loop;
 - ``ctranslate2-<p>`` (int8, fp32; only with ``--engines``): the trunk converted for CTranslate2 and
@@ -44,8 +46,8 @@ from imadarem.runtime.results import LoopTimings
 MIN_MOLECULES = 32
 #: the row of ``--reference FILE`` (another model file, e.g. the previous bundled model, run as it is)
 REFERENCE = "reference"
-FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "torch-decode", "torch-decode-l2r", "torch-compile",
-            "torch-compile-l2r", "ctranslate2")
+FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "ort-gqa-l2r", "torch-decode", "torch-decode-l2r",
+            "torch-compile", "torch-compile-l2r", "ctranslate2")
 #: int8 is static (calibrated) quantisation, as `imadarem export --dtype int8` writes; int8dyn the dynamic
 #: quantisation files had before (not batch-invariant), for comparison
 PRECISIONS = {"cpu": ("int8", "fp32", "int4", "int8dyn"), "cuda": ("fp16", "fp32")}
@@ -79,6 +81,8 @@ class Engine:
             raise ImadaremError(f"unknown engine {name!r}: the PyTorch loop runs fp32 or fp16")
         if family == "ctranslate2" and precision not in ("int8", "fp32"):
             raise ImadaremError(f"unknown engine {name!r}: the CTranslate2 rows run int8 or fp32 on the cpu")
+        if family == "ort-gqa-l2r" and precision not in ("int8", "fp32"):
+            raise ImadaremError(f"unknown engine {name!r}: the GroupQueryAttention rows run int8 or fp32 on the cpu")
         return cls(family, precision, graphs)
 
     @property
@@ -87,7 +91,8 @@ class Engine:
 
     @property
     def left_to_right(self) -> bool:
-        return self.family in ("ort-l2r", "ort-decode-l2r", "torch-decode-l2r", "torch-compile-l2r", "ctranslate2")
+        return self.family in ("ort-l2r", "ort-decode-l2r", "ort-gqa-l2r", "torch-decode-l2r", "torch-compile-l2r",
+                               "ctranslate2")
 
     @property
     def coupled(self) -> bool:
@@ -100,13 +105,13 @@ class Engine:
         """The left-to-right row this row is measured against (itself for one of ours; CTranslate2's,
         one token per call with a KV cache, is our one-token decode file's)."""
         pair = {"ort-loop": "ort-l2r", "ort-decode": "ort-decode-l2r", "torch-decode": "torch-decode-l2r",
-                "torch-compile": "torch-compile-l2r", "ctranslate2": "ort-decode-l2r"}
+                "torch-compile": "torch-compile-l2r", "ctranslate2": "ort-decode-l2r", "ort-gqa-l2r": "ort-decode-l2r"}
         return Engine(pair.get(self.family, self.family), self.precision, self.graphs)
 
     def runs_on(self, provider: str) -> bool:
         if self.precision not in PRECISIONS[provider]:
             return False
-        if provider != "cpu" and self.family == "ctranslate2":
+        if provider != "cpu" and self.family in ("ctranslate2", "ort-gqa-l2r"):
             return False
         if provider == "cuda" and self.family in ("ort-loop", "ort-l2r"):
             return False  # the host loops copy the KV cache every call: no GPU rows
@@ -201,12 +206,13 @@ class CausalBench:
             if precision == "int8":
                 return quantize_int8_static(fp32, out, calibration_feeds(fp32))
             return (quantize_int8 if precision == "int8dyn" else quantize_int4)(fp32, out)
-        drafts = 0 if family == "ort-decode-l2r" else None
+        drafts = 0 if family in ("ort-decode-l2r", "ort-gqa-l2r") else None
+        attention = "gqa" if family == "ort-gqa-l2r" else "matmul"
         if precision in ("fp32", "fp16", "int8", "int8dyn"):
-            return export_decode(self.model, out, drafts, precision, {"bench": family})
+            return export_decode(self.model, out, drafts, precision, {"bench": family}, attention)
         fp32 = work / f"{family}-fp32.onnx"
         if not fp32.is_file():
-            export_decode(self.model, fp32, drafts, "fp32", {"bench": family})
+            export_decode(self.model, fp32, drafts, "fp32", {"bench": family}, attention)
         return quantize_int4(fp32, out)
 
     # -- one engine at one batch size -------------------------------------------------------------
@@ -409,11 +415,13 @@ def summary(rows: list[CausalRow], shipped: str | None = None) -> list[dict[str,
         torch_refine = best(lambda e: not e.left_to_right and e.family.startswith("torch-decode"))
         compiled = best(lambda e: not e.left_to_right and e.family.startswith("torch-compile"))
         ctranslate2 = best(lambda e: e.family == "ctranslate2")
+        ours = best(lambda e: e.coupled and e.family.startswith("ort"))  # our fastest row, either decoding
         item = {"provider": provider, "batch": batch}
         if refine and compiled:  # the same draft-and-verify algorithm under torch.compile (issue #26)
             item.update(torch_compile=compiled.engine, vs_torch_compile=refine.seq_per_s / compiled.seq_per_s)
-        if refine and ctranslate2:  # CTranslate2's one-token decoder of the same trunk (issue #26)
-            item.update(ctranslate2=ctranslate2.engine, vs_ctranslate2=refine.seq_per_s / ctranslate2.seq_per_s)
+        if ours and ctranslate2:  # CTranslate2's one-token decoder of the same trunk (issue #26: our best row)
+            item.update(ctranslate2=ctranslate2.engine, ours=ours.engine,
+                        vs_ctranslate2=ours.seq_per_s / ctranslate2.seq_per_s)
         if refine and l2r:
             item.update(refinement=refine.engine, baseline=l2r.engine, vs_baseline=refine.seq_per_s / l2r.seq_per_s)
         if refine and torch_refine:
@@ -480,13 +488,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_fmt(r['identical_to_baseline'], '.3f')} | {_fmt(q.get('fcd'), '.3f')} |")
     if result.get("summary"):
         lines += ["", "| provider | batch | refinement | baseline | × baseline | PyTorch loop | × PyTorch | "
-                      "torch.compile | × torch.compile | CTranslate2 | × CTranslate2 |",
-                  "|---|---:|---|---|---:|---|---:|---|---:|---|---:|"]
+                      "torch.compile | × torch.compile | CTranslate2 | our best row | × CTranslate2 |",
+                  "|---|---:|---|---|---:|---|---:|---|---:|---|---|---:|"]
         for s in result["summary"]:
             lines.append(f"| {s['provider']} | {s['batch']} | {s.get('refinement', '–')} | {s.get('baseline', '–')} | "
                          f"{_fmt(s.get('vs_baseline'), '.2f')} | {s.get('torch', '–')} | {_fmt(s.get('vs_torch'), '.2f')} | "
                          f"{s.get('torch_compile', '–')} | {_fmt(s.get('vs_torch_compile'), '.2f')} | "
-                         f"{s.get('ctranslate2', '–')} | {_fmt(s.get('vs_ctranslate2'), '.2f')} |")
+                         f"{s.get('ctranslate2', '–')} | {s.get('ours', '–')} | {_fmt(s.get('vs_ctranslate2'), '.2f')} |")
     if result.get("ctranslate2"):
         c = result["ctranslate2"]
         lines += ["", f"`ctranslate2-*` rows: CTranslate2 {c['version']} on the trunk converted through `export --to "

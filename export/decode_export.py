@@ -8,6 +8,8 @@ CUDA graph (``runtime/formats/decode.py``). Every dimension but the batch is fix
 
 Variants: ``fp32``; ``int8`` (dynamic quantisation of the weight MatMuls, CPUs); ``fp16`` (the model in
 float16 with float16 caches, sampling in float32, GPUs; onnxruntime's transformer fusions applied).
+Attention: ``matmul`` (MatMul, Softmax, MatMul over every slot; any provider) or, for one-token CPU files,
+``gqa`` (onnxruntime's GroupQueryAttention: the cache written by the node itself, only filled slots read).
 """
 
 from __future__ import annotations
@@ -38,22 +40,28 @@ VARIANTS = ("fp32", "fp16", "int8", "int8dyn")
 
 
 def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None, variant: str = "fp32",
-                  provenance: dict[str, Any] | None = None) -> Path:
+                  provenance: dict[str, Any] | None = None, attention: str = "matmul") -> Path:
     """Write ``model`` (a CausalLM with a tokenizer) as a decode file drafting ``drafts`` tokens per call
-    (default: all its draft heads; 0: the left-to-right decoder)."""
+    (default: all its draft heads; 0: the left-to-right decoder). ``attention`` "gqa" (one-token files, CPU
+    variants): onnxruntime's GroupQueryAttention instead of MatMul-Softmax-MatMul over every slot."""
     import onnx
     import torch
-    from imadarem.training.causal import DecodeStep
+    from imadarem.training.causal import ATTENTIONS, DecodeStep
 
     if variant not in VARIANTS:
         raise ImadaremError(f"unknown variant {variant!r} ({', '.join(VARIANTS)})")
+    if attention not in ATTENTIONS:
+        raise ImadaremError(f"unknown attention {attention!r} ({', '.join(ATTENTIONS)})")
+    if attention == "gqa" and (variant == "fp16" or (model.config.num_drafts if drafts is None else drafts)):
+        raise ImadaremError("attention 'gqa' is for one-token CPU decode files: drafts 0 and variant fp32 or int8 "
+                            "(onnxruntime's CPU GroupQueryAttention takes one new token a row)")
     out_path = Path(out_path)
     check_writable(out_path)
     model = model.eval().cpu()
     c = model.config
     if variant == "fp16":
         model = _half_copy(model)
-    step = DecodeStep(model, drafts).eval()
+    step = DecodeStep(model, drafts, attention=attention).eval()
     inputs, outputs = io_names(c.num_layers)
     batch = 3
     state = step.started_state(torch.arange(batch, dtype=torch.long), 1.0,
@@ -65,14 +73,16 @@ def export_decode(model, out_path: str | os.PathLike, drafts: int | None = None,
     dynamic = state_dims + (tuple({0: B} for _ in names[len(STATE):]) + ({0: B}, None),)  # forward(*rest)
     config = DecodeConfig(**{**vars(c), "num_drafts": step.drafts, "cache_len": step.slots}).to_dict()
     info = {"tools": _versions(), "parameters": model.num_parameters(), **(provenance or {}), "variant": variant,
-            "decode_drafts": step.drafts}
+            "decode_drafts": step.drafts, "decode_attention": attention}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_exporters():
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "decode.onnx"
         with torch.no_grad():
             program = torch.onnx.export(step, args, dynamo=True, input_names=inputs, output_names=outputs,
                                         dynamic_shapes=dynamic, opset_version=OPSET, optimize=True, verbose=False,
-                                        custom_translation_table={torch.ops.aten.div.Tensor_mode: _truncating_div})
+                                        custom_translation_table={
+                                            torch.ops.aten.div.Tensor_mode: _truncating_div,
+                                            torch.ops.imadarem.cached_attention.default: _group_query_attention(c)})
         program.save(str(raw), external_data=False)
         proto = onnx.load(str(raw))
         meta = build_metadata(model, info, FORMAT)
@@ -120,6 +130,35 @@ def _truncating_div(self, other, rounding_mode=None):
     if rounding_mode != "trunc":
         raise NotImplementedError(f"the decode graph exports only truncating integer division, not {rounding_mode!r}")
     return op.Div(self, op.CastLike(other, self))
+
+
+def _group_query_attention(config):
+    """``imadarem::cached_attention`` as com.microsoft GroupQueryAttention: the caches are its past and present
+    (one buffer when the runtime binds them in place), ``seqlens_k`` each row's new slot, the total length the
+    batch's largest slot + 1 (it attends to each row's own slots only; a total of every slot costs 2x)."""
+    from onnx.defs import OpSchema
+    from onnxscript import INT32
+    from onnxscript import opset18 as op
+    from onnxscript.values import Op, Opset
+
+    # onnx holds no schema of com.microsoft's operators; the exporter needs one to build the node: its inputs and
+    # outputs as onnxruntime defines them (contrib_defs.cc), only those this graph uses
+    schema = OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter(name, type_) for name, type_ in (
+            ("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), ("past_value", "T"),
+            ("seqlens_k", "M"), ("total_sequence_length", "M"))],
+        outputs=[OpSchema.FormalParameter(name, "T") for name in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, "") for name in ("num_heads", "kv_num_heads")])
+    group_query_attention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+
+    def translate(q, k, v, k_cache, v_cache, slot):
+        seqlens = op.Cast(slot, to=INT32.dtype)
+        total = op.Cast(op.Add(op.ReduceMax(slot, keepdims=0), op.Constant(value_int=1)), to=INT32.dtype)
+        return group_query_attention(q, k, v, k_cache, v_cache, seqlens, total, num_heads=config.num_heads,
+                                     kv_num_heads=config.num_heads, _outputs=3)
+    return translate
 
 
 def _half_copy(model):

@@ -70,8 +70,10 @@ def _from_file(path: Path) -> Source:
 
 
 def check_options(family: str, dtype: str, decode: bool, drafts: int | None, refine_options: bool,
-                  num_drafts: int | None = None) -> None:
+                  num_drafts: int | None = None, attention: str = "matmul") -> None:
     """One line for an option the source's family has no use for, or a dtype it cannot be written in."""
+    if attention != "matmul" and not decode:
+        raise ImadaremError(f"--attention {attention} is for --decode files")
     if family == "refine":
         if decode or drafts is not None:
             raise ImadaremError("--decode and --drafts are for causal models; this is a refine (Imadarem V) model")
@@ -90,7 +92,7 @@ def check_options(family: str, dtype: str, decode: bool, drafts: int | None, ref
 
 def export_source(src: Source, out_path: str | os.PathLike, dtype: str = "fp32", decode: bool = False,
                   drafts: int | None = None, device_state: bool | None = None, sampling: bool | None = None,
-                  check: bool = True) -> dict[str, Any]:
+                  check: bool = True, attention: str = "matmul") -> dict[str, Any]:
     """Write ``src`` to ``out_path``; the summary ``imadarem export`` prints (with the parity check)."""
     out_path = Path(out_path)
     if src.family == "refine":
@@ -103,22 +105,22 @@ def export_source(src: Source, out_path: str | os.PathLike, dtype: str = "fp32",
 
             summary.update(parity_report(src.reference, out_path, weights=src.provenance.get("weights", "ema")))
     else:
-        summary = _export_causal(src, out_path, dtype, decode, drafts, check)
+        summary = _export_causal(src, out_path, dtype, decode, drafts, check, attention)
     summary["bytes"] = out_path.stat().st_size
     return summary
 
 
 def _export_causal(src: Source, out_path: Path, dtype: str, decode: bool, drafts: int | None,
-                   check: bool) -> dict[str, Any]:
+                   check: bool, attention: str = "matmul") -> dict[str, Any]:
     from imadarem.export.causal_export import calibration_feeds, causal_parity, export_causal
     from imadarem.export.decode_export import export_decode
     from imadarem.export.onnx_export import _quiet_exporters, quantize_int4, quantize_int8_static
 
     model, provenance = src.model, {**src.provenance, "variant": dtype}
     if decode:
-        export_decode(model, out_path, drafts, dtype, provenance)
+        export_decode(model, out_path, drafts, dtype, provenance, attention)
         return {"output": str(out_path), "family": "causal", "graph": "decode", "dtype": dtype,
-                "drafts": model.config.num_drafts if drafts is None else drafts}
+                "drafts": model.config.num_drafts if drafts is None else drafts, "attention": attention}
     if drafts is not None:
         model = model.without_drafts(drafts)
     if dtype == "fp32":

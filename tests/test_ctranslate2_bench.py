@@ -111,6 +111,10 @@ def test_unknown_precisions_and_a_missing_ctranslate2_are_refused_in_one_line(ca
             Engine.parse(name)
     assert not Engine.parse("ctranslate2-fp32").runs_on("cuda")
     assert Engine.parse("ctranslate2-int8").baseline.name == "ort-decode-l2r-int8"
+    gqa = Engine.parse("ort-gqa-l2r-int8")  # the one-token decode file with GroupQueryAttention: CPU only
+    assert gqa.left_to_right and gqa.baseline.name == "ort-decode-l2r-int8" and not gqa.runs_on("cuda")
+    with pytest.raises(ImadaremError, match="GroupQueryAttention"):
+        Engine.parse("ort-gqa-l2r-fp16")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ctranslate2" else find_spec(name, *a))
     with pytest.raises(ImadaremError, match=r"need ctranslate2: pip install 'imadarem\[bench,hf\]'"):

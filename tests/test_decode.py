@@ -31,6 +31,7 @@ def files(tmp_path_factory):
     for name, drafts, variant in (("dv", None, "fp32"), ("l2r", 0, "fp32"), ("dv8", None, "int8"),
                                   ("dv16", None, "fp16")):
         paths[name] = export_decode(model, out / f"{name}.onnx", drafts, variant)
+    paths["gqa"] = export_decode(model, out / "gqa.onnx", 0, "fp32", attention="gqa")
     return model, paths
 
 
@@ -48,7 +49,9 @@ def test_decode_files_give_the_left_to_right_molecules(files):
     loop = Generator(paths["step"]).generate(300, seed=7, batch_size=64)
     dv = Generator(paths["dv"]).generate(300, seed=7, batch_size=64)
     l2r = Generator(paths["l2r"]).generate(300, seed=7, batch_size=64)
+    gqa = Generator(paths["gqa"]).generate(300, seed=7, batch_size=64)
     assert same(dv, want) >= 0.99 and same(l2r, want) >= 0.99 and same(loop, want) >= 0.99
+    assert same(gqa, l2r) == 1.0  # GroupQueryAttention: the same attention, fused
     calls = {name: np.mean([s.steps for s in s_]) for name, s_ in (("dv", dv), ("l2r", l2r), ("loop", loop))}
     # the same draft-and-verify, call for call, but for the BOS call, which a decode file starts after
     assert calls["dv"] == pytest.approx(calls["loop"] - 1, abs=0.05)
@@ -56,7 +59,7 @@ def test_decode_files_give_the_left_to_right_molecules(files):
     assert calls["l2r"] == pytest.approx(np.mean([len(s.ids) for s in want]) - 1, abs=0.05)  # a token per call
 
 
-@pytest.mark.parametrize("name", ["dv", "l2r", "dv8"])
+@pytest.mark.parametrize("name", ["dv", "l2r", "dv8", "gqa"])
 def test_caches_written_in_place_give_the_molecules_of_session_run(files, monkeypatch, name):
     """The CPU loop binds each KV cache as its own output (formats/decode.py: HostDecoding): the ScatterND
     nodes that write a call's slots then update the buffer instead of copying it; nothing else changes."""
@@ -67,13 +70,28 @@ def test_caches_written_in_place_give_the_molecules_of_session_run(files, monkey
     ops = [node.op_type for node in onnx.load(str(paths[name])).graph.node]
     # one ScatterND a cache, each index a head_dim vector (ScatterElements, an index per float, cost a quarter
     # of a CPU call at batch 64)
-    assert ops.count("ScatterND") == 2 * 2 and "ScatterElements" not in ops
+    if name == "gqa":  # GroupQueryAttention writes the caches itself: past and present are one buffer
+        assert ops.count("GroupQueryAttention") == 2 and "ScatterND" not in ops
+    else:
+        assert ops.count("ScatterND") == 2 * 2 and "ScatterElements" not in ops
     gen = Generator(paths[name])
     bound = gen.generate(40, seed=5, batch_size=16)
     monkeypatch.setattr(HostDecoding, "in_place", False)
     plain = gen.generate(40, seed=5, batch_size=16)
     assert ids(bound) == ids(plain)
     assert [s.steps for s in bound] == [s.steps for s in plain]
+
+
+def test_group_query_attention_is_for_one_token_cpu_files(files, tmp_path):
+    """onnxruntime's CPU GroupQueryAttention takes one new token a row with a past, and CUDA's no float32: a
+    file it could not run is refused when exported, in one line."""
+    model, _ = files
+    for drafts, variant in ((None, "fp32"), (2, "int8"), (0, "fp16")):
+        with pytest.raises(ImadaremError, match="gqa"):
+            export_decode(model, tmp_path / "x.onnx", drafts, variant, attention="gqa")
+    with pytest.raises(ImadaremError, match="unknown attention"):
+        export_decode(model, tmp_path / "x.onnx", 0, "fp32", attention="flash")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_seeds_batches_and_temperature(files):
@@ -149,9 +167,15 @@ def test_the_command_line_runs_inspects_and_exports_decode_files(files, tmp_path
     assert r.returncode == 0 and json.loads(r.stdout)["drafts"] == 1, r.stderr
     one = Generator(out).generate(50, seed=1)
     assert same(one, Generator(paths["step"]).generate(50, seed=1, drafts=0)) >= 0.98
+    gqa = tmp_path / "gqa.onnx"
+    r = subprocess.run(cli + ["export", str(paths["step"]), "--decode", "--drafts", "0", "--attention", "gqa", "-o",
+                              str(gqa)], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["attention"] == "gqa", r.stderr
+    assert same(Generator(gqa).generate(50, seed=1), Generator(paths["l2r"]).generate(50, seed=1)) == 1.0
     for args, message in ((["--dtype", "fp16"], "add --decode"), (["--decode", "--drafts", "5"], "has 2 draft heads"),
                           (["--decode", "--dtype", "int4"], "int8 or fp16"), (["--sampling"], "for refine models"),
-                          (["--drafts", "3"], "has 2 draft heads")):
+                          (["--drafts", "3"], "has 2 draft heads"), (["--attention", "gqa"], "for --decode files"),
+                          (["--decode", "--attention", "gqa"], "one-token CPU decode files")):
         r = subprocess.run(cli + ["export", str(paths["step"]), "-o", str(tmp_path / "x.onnx"), *args],
                            capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

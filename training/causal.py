@@ -156,14 +156,19 @@ class DecodeStep(nn.Module):
     in-place update), which the runtime binds alternately as inputs and outputs.
     """
 
-    def __init__(self, model: CausalLM, drafts: int | None = None, inplace: bool = False):
+    def __init__(self, model: CausalLM, drafts: int | None = None, inplace: bool = False, attention: str = "matmul"):
         super().__init__()
         c = model.config
-        self.model, self.inplace = model, inplace
+        self.model, self.inplace, self.attention = model, inplace, attention
         self._start: dict[str, list] | None = None  # start_outputs, computed once
         self.drafts = c.num_drafts if drafts is None else drafts
         if not 0 <= self.drafts <= c.num_drafts:
             raise ValueError(f"drafts must be in 0..{c.num_drafts}, got {drafts}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if attention == "gqa" and (self.drafts or inplace):
+            raise ValueError("attention 'gqa' (onnxruntime's GroupQueryAttention on a CPU) takes one new token a row: "
+                             "drafts=0, and only in the export")
         self.length, self.slots = c.max_seq_len, c.max_seq_len + 1 + self.drafts
         sp = model.special
         self.eos, self.pad, self.mask = sp.eos, sp.pad, sp.mask
@@ -255,8 +260,14 @@ class DecodeStep(nn.Module):
         new_caches = []
         for i, blk in enumerate(m.blocks):
             q, k, v = blk.qkv(blk.ln1(x)).split(c.hidden_size, -1)
-            q, k, v = (z.view(b, T, c.num_heads, c.head_dim).transpose(1, 2) for z in (q, k, v))
             kc, vc = caches[2 * i], caches[2 * i + 1]
+            if self.attention == "gqa":
+                att, kc, vc = torch.ops.imadarem.cached_attention(q, k, v, kc, vc, slot[:, 0])
+                x = x + blk.proj(att)
+                x = x + blk.mlp(blk.ln2(x))
+                new_caches += [kc, vc]
+                continue
+            q, k, v = (z.view(b, T, c.num_heads, c.head_dim).transpose(1, 2) for z in (q, k, v))
             if self.inplace:
                 kc, vc = kc.index_put_(slots, k), vc.index_put_(slots, v)
             else:
@@ -320,6 +331,34 @@ class DecodeStep(nn.Module):
 #: the additive attention mask's value where attention is not allowed (finite: fused kernels take it as
 #: it is; exp of it underflows to exactly 0 in float16 and float32)
 MASKED = -1e4
+
+#: how a decode file's graph attends: "matmul" (MatMul, Softmax, MatMul over every cache slot; any provider) or
+#: "gqa" (onnxruntime's com.microsoft GroupQueryAttention, which writes the new keys and values into the cache and
+#: attends to the filled slots only; one new token a row, CPU: docs/bench-notes.md)
+ATTENTIONS = ("matmul", "gqa")
+
+
+@torch.library.custom_op("imadarem::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One new token a row: write its key and value ([B, 1, hidden]) into cache slot ``slot`` [B] of the caches
+    [B, heads, slots, head_dim], attend with its query to slots 0..slot; returns the attention output [B, 1,
+    hidden] and the two caches. What ``export_decode`` writes as GroupQueryAttention (this is its reference)."""
+    b, heads, slots, hd = k_cache.shape
+    rows, at = torch.arange(b, device=q.device), slot.long()
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[rows, :, at] = k.view(b, heads, hd).to(k_cache.dtype)
+    v_cache[rows, :, at] = v.view(b, heads, hd).to(v_cache.dtype)
+    scores = q.view(b, heads, 1, hd) @ k_cache.transpose(-1, -2) * hd ** -0.5  # [B, heads, 1, slots]
+    allowed = torch.arange(slots, device=q.device)[None, :] <= at[:, None]
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    att = torch.softmax(scores.float(), -1).to(v_cache.dtype) @ v_cache
+    return att.reshape(b, 1, heads * hd), k_cache, v_cache
+
+
+@cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, slot):
+    return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
