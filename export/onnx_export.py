@@ -195,7 +195,10 @@ def _preprocessed(src: Path, tmp: str) -> Path:
 def quantize_int8(src: Path, dst: Path) -> Path:
     """Dynamic int8 quantisation of MatMul weights: activations are quantised at run time with one scale per
     tensor, so a row's numbers depend on the rows beside it in the batch (a near tie can flip). Static
-    quantisation (:func:`quantize_int8_static`) has no such effect."""
+    quantisation (:func:`quantize_int8_static`) has no such effect. Weights use 7 of their 8 bits
+    (``reduce_range``): on x86 CPUs without VNNI (AVX2 only) onnxruntime multiplies uint8 activations by int8
+    weights with an instruction that adds two products into int16, which saturates at full range (measured on
+    an AVX2 machine: a refine file's logits off by 0.96; with 7 bits, within 0.1)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -203,7 +206,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         q = Path(tmp) / "q.onnx"
         quantize_dynamic(str(_preprocessed(src, tmp)), str(q), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=False)
+                         op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=True)
         proto = onnx.load(str(q))
     write_with_metadata(proto, dst, meta)
     return dst
@@ -214,7 +217,8 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, Any]]
     activation scales fixed from ``calibration`` (feeds of the graph, MinMax), in QDQ form. Every row is
     then computed on its own, so the outputs do not depend on the batch, on ``n`` or on the thread count:
     the same seed gives the same molecule in any batch. Products of two activations (attention) stay
-    float32."""
+    float32. Weights use 7 bits (``reduce_range``), as in :func:`quantize_int8`: on an AVX2 machine the bundled
+    model's int8 logits were off by 1.80 at 8 bits and 1.26 at 7 (greedy agreement 0.964 and 0.973)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -242,7 +246,7 @@ def quantize_int8_static(src: Path, dst: Path, calibration: list[dict[str, Any]]
         cwd = os.getcwd()
         try:
             os.chdir(tmp)  # the calibrator writes its augmented model into the working directory
-            quantize_static(str(pre), str(q), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(str(pre), str(q), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                             calibrate_method=CalibrationMethod.MinMax,
                             # float outputs: onnxruntime fuses each into MatMulIntegerToFloat with the fixed
