@@ -31,7 +31,7 @@ from imadarem.training.cli import require_torch
                    "weights.")
 @click.option("--attention", type=click.Choice(["matmul", "gqa"]), default="matmul", show_default=True,
               help="--decode: how the graph attends. gqa: onnxruntime's GroupQueryAttention, writing the KV cache "
-                   "itself (one-token files, --drafts 0, fp32 or int8: CPUs; 1.3-1.5x at batch 64 on 2 cores).")
+                   "itself (one-token files, --drafts 0, fp32 or int8: CPUs; 1.04-1.52x at batch 64 on 2 cores).")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True,
               help="Checkpoints: the EMA weights or the raw trained weights.")
 @click.option("--device-state/--no-device-state", default=None,
@@ -64,7 +64,7 @@ def export_command(source, output, target, dtype, decode, drafts, attention, wei
         if decode or drafts is not None or dtype != "fp32" or device_state is not None or sampling is not None \
                 or selector is not None or recommend_drafts is not None or attention != "matmul":
             raise ImadaremError("--to transformers writes the fp32 trunk: it takes no --dtype, --decode, --drafts, "
-                                "--device-state, --sampling or --selector")
+                                "--device-state, --sampling, --selector or --attention")
         from imadarem.export.transformers_export import save_transformers
 
         click.echo(json.dumps(save_transformers(src.model, output)))
