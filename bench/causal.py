@@ -44,6 +44,10 @@ from imadarem.runtime.results import LoopTimings
 
 #: a timed run generates at least this many molecules (in batches of the row's batch size)
 MIN_MOLECULES = 32
+#: ... and at least this many batches' worth: a stream of requests, as a user generating a library runs it,
+#: so that in-flight batching (a finished row takes the next molecule) shows, and only the run's last
+#: molecules wait for a batch's longest one (model_calls within ~5% of calls_per_molecule)
+BATCHES_PER_RUN = 16
 #: the row of ``--reference FILE`` (another model file, e.g. the previous bundled model, run as it is)
 REFERENCE = "reference"
 FAMILIES = ("ort-loop", "ort-l2r", "ort-decode", "ort-decode-l2r", "ort-gqa-l2r", "torch-decode", "torch-decode-l2r",
@@ -123,11 +127,11 @@ class CausalRow:
     engine: str
     provider: str
     batch: int
-    wall_s: float  # median over repeats of one run (MIN_MOLECULES molecules or one batch, whichever is more)
+    wall_s: float  # median over repeats of one run (BATCHES_PER_RUN batches, at least MIN_MOLECULES molecules)
     seq_per_s: float
     step_p50_ms: float
     step_p95_ms: float
-    model_calls: float  # sequential model calls per batch (mean over repeats)
+    model_calls: float  # sequential model calls of a run / (molecules / batch) (mean over repeats)
     calls_per_molecule: float
     outside_run: float | None  # share of the wall time outside the model call
     repeats: int
@@ -270,12 +274,12 @@ class CausalBench:
         return run
 
     def measure(self, engine: Engine | None, provider: str, batch: int) -> CausalRow:
-        """Warm-up, then ``repeats`` timed runs of ``MIN_MOLECULES`` molecules or one batch, whichever is
-        more, in batches of ``batch`` (so a batch-1 row averages over many molecules' lengths). ``engine``
-        None: the ``--reference`` file."""
+        """Warm-up, then ``repeats`` timed runs of ``BATCHES_PER_RUN`` batches of ``batch`` molecules (at
+        least ``MIN_MOLECULES``, so a batch-1 row averages over many molecules' lengths). ``engine`` None:
+        the ``--reference`` file."""
         run = self._runner(engine, provider, batch) if engine is not None else self._reference_runner(provider, batch)
         name = engine.name if engine is not None else REFERENCE
-        n = batch * max(1, -(-MIN_MOLECULES // batch))
+        n = batch * max(BATCHES_PER_RUN, -(-MIN_MOLECULES // batch))
         ours = engine is None or engine.coupled  # our loop: ids comparable token for token, calls timed
         run(LoopTimings(), self.args.seed + 10_000, batch)  # warm-up: sessions, CUDA graph capture, caches
         runs = []

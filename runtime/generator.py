@@ -10,6 +10,10 @@ batch, never by ``n``. Sample i of a request seeded s draws only from its own ra
         call = decoding.step()                 # one model call: the format's strategy does the work
     samples = decoding.result()                # ids, calls per row, edits, ...
 
+A decoding whose rows are independent (``Decoding.refills``, e.g. decode files) runs *in flight* instead:
+the rows whose sample ended are taken after each call and the next samples start in them, so no call
+waits on a batch's longest sample; the samples, and their order, are those of whole batches.
+
 A prompt a plugin's reader accepts (``prompt_reader``; e.g. SMILES fragments with attachment points) gives
 each sample its own layout, drawn from the sample's own generator; samples with equal layouts run together,
 group by group, and are yielded in index order once all are done; each is checked by the reader (``kept``).
@@ -27,6 +31,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.formats import open_model
 from imadarem.runtime.prompt import layout_key
@@ -165,23 +170,80 @@ class Generator:
     def _batches(self, request: Request, plan, timings: LoopTimings | None, cancel: threading.Event | None,
                  indices: list[int] | None) -> Iterator[BatchResult]:
         n, batch = (request.n if indices is None else len(indices)), request.batch_size
-        for first in range(0, n, batch):
+
+        def streams(first: int, count: int) -> SampleStreams:  # of the run's samples first .. first + count - 1
+            return (SampleStreams(request.seed, first, count) if indices is None
+                    else SampleStreams.at(request.seed, indices[first : first + count]))
+
+        first = 0
+        while first < n:
             started = time.perf_counter()
             count = min(batch, n - first)
-            streams = (SampleStreams(request.seed, first, count) if indices is None
-                       else SampleStreams.at(request.seed, indices[first : first + count]))
-            decoding = plan.start(count, streams)
+            decoding = plan.start(count, streams(first, count))
+            if decoding.refills and self.in_flight and n - first > count:
+                yield from self._in_flight(decoding, streams, first, count, n, batch, timings, cancel, started)
+                return
             while decoding.active:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("generation cancelled")
-                call_started = time.perf_counter()
-                call = decoding.step()
-                if timings is not None:
-                    timings.record(time.perf_counter() - call_started, call)
+                self._call(decoding, timings, cancel)
             result = decoding.result()
             if timings is not None:
                 timings.total_seconds += time.perf_counter() - started
             yield result
+            first += count
+
+    #: in-flight batching where the decoding allows it (``Decoding.refills``); off: whole batches (same samples)
+    in_flight = True
+
+    def _in_flight(self, decoding, streams, first: int, count: int, n: int, batch: int,
+                   timings: LoopTimings | None, cancel: threading.Event | None, started: float
+                   ) -> Iterator[BatchResult]:
+        """Samples ``first`` .. n - 1 on one batch of rows: after each call the rows whose sample ended are
+        taken and the next samples start in them, so no call runs on rows that only wait for the batch's
+        longest sample. Results come back in sample order, ``batch`` at a time (the last part shorter): a
+        finished sample waits only for the earlier ones still running."""
+        sample_of_row = np.arange(first, first + count)  # the sample each row holds
+        admitted = first + count
+        ready: dict[int, tuple[np.ndarray, int]] = {}
+        out = first  # the next sample to yield
+        while True:
+            rows = decoding.finished()
+            if rows.size:
+                taken = decoding.take(rows)
+                for j, row in enumerate(rows.tolist()):
+                    ready[int(sample_of_row[row])] = (taken.ids[j], int(taken.steps[j]))
+                k = min(rows.size, n - admitted)
+                if k:
+                    decoding.restart(rows[:k], streams(admitted, k))
+                    sample_of_row[rows[:k]] = np.arange(admitted, admitted + k)
+                    admitted += k
+                while out + batch <= n and all(i in ready for i in range(out, out + batch)):
+                    yield self._ready_part(ready, out, batch, timings, started)
+                    out += batch
+                    started = time.perf_counter()
+            if not decoding.active:
+                if out == n:
+                    return
+                if len(ready) == n - out:  # every sample ended: the last, shorter part
+                    yield self._ready_part(ready, out, n - out, timings, started)
+                    return
+                continue  # rows ended without a call (a first token that is EOS): take and restart them
+            self._call(decoding, timings, cancel)
+
+    @staticmethod
+    def _ready_part(ready: dict, first: int, count: int, timings: LoopTimings | None, started: float) -> BatchResult:
+        parts = [ready.pop(i) for i in range(first, first + count)]
+        if timings is not None:
+            timings.total_seconds += time.perf_counter() - started
+        return BatchResult(np.stack([ids for ids, _ in parts]), np.array([calls for _, calls in parts], np.int64))
+
+    @staticmethod
+    def _call(decoding, timings: LoopTimings | None, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
+        call_started = time.perf_counter()
+        call = decoding.step()
+        if timings is not None:
+            timings.record(time.perf_counter() - call_started, call)
 
     def samples(self, result: BatchResult, decode: bool = True) -> list[Sample]:
         """A batch's rows as Samples: each up to and including its first EOS, or without its padding."""

@@ -5,6 +5,11 @@ returns a :class:`Plan`; ``Plan.start(size, streams)`` returns the :class:`Decod
 ``Decoding.step()`` is one model call on the batch's active rows. Each model-file format implements these
 (``runtime/formats/``), and so do the PyTorch loops (``imadarem.training.reference``): the Generator's batch
 loop (batches, seeds, streaming, timings, cancellation) is the same for all of them.
+
+A decoding whose rows are independent of each other (``refills``) also lets the Generator batch *in
+flight*: it hands back the rows whose sample ended (``finished``, ``take``) and starts the next requested
+samples in them (``restart``), so every call works on live rows instead of waiting for a batch's longest
+sample. A row's sample depends only on its own key, so the samples are the same either way.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import numpy as np
 from imadarem.runtime.randomness import SampleStreams
 from imadarem.runtime.request import Request
 from imadarem.runtime.results import BatchResult, CallReport
@@ -32,6 +38,23 @@ class Decoding(abc.ABC):
     @abc.abstractmethod
     def result(self) -> BatchResult:
         """The finished batch."""
+
+    #: whether ``finished``, ``take`` and ``restart`` are implemented (in-flight batching)
+    refills = False
+
+    def finished(self) -> np.ndarray:
+        """Rows whose sample has ended and whose result is not taken yet (int64 row numbers). A decoding
+        whose state lives on a device may report them only every few calls (fewer host round trips)."""
+        raise NotImplementedError
+
+    def take(self, rows: np.ndarray) -> BatchResult:
+        """The results of the finished ``rows``, in that order; those rows then stay idle until restarted."""
+        raise NotImplementedError
+
+    def restart(self, rows: np.ndarray, streams: SampleStreams) -> None:
+        """Start the samples of ``streams`` (one per row) in the taken ``rows``: their state afresh, as
+        ``Plan.start`` would set it."""
+        raise NotImplementedError
 
 
 class Plan(abc.ABC):

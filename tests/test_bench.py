@@ -123,6 +123,8 @@ def test_bench_of_a_causal_model_sets_each_refinement_row_beside_its_left_to_rig
         assert r["quality"]["n"] == 12 and r["quality"]["fcd"] == 0.5
         if not bc.Engine.parse(engine).left_to_right:
             assert r["calls_per_molecule"] < base["calls_per_molecule"], engine
+        if "decode" in engine and batch > 1:  # in flight: a run's calls per batch of molecules, those of a molecule
+            assert r["model_calls"] <= 1.15 * r["calls_per_molecule"], engine
     torch_rows = {e: rows[(e, 3)]["seq_per_s"] for e in ("torch-decode-fp32", "torch-decode-l2r-fp32")}
     assert rows[("ort-decode-fp32", 3)]["vs_torch"] == pytest.approx(rows[("ort-decode-fp32", 3)]["seq_per_s"]
                                                                      / torch_rows["torch-decode-fp32"])

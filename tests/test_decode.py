@@ -16,7 +16,7 @@ from imadarem.runtime import Generator, ImadaremError, ModelFileError
 from imadarem.runtime.formats.decode import GPU_START_ROWS, KEY_START, _bucket
 from imadarem.runtime.metadata import KEY_CONFIG
 from imadarem.runtime.results import LoopTimings
-from imadarem.training.reference import torch_decode
+from imadarem.training.reference import TorchDecode, torch_decode
 from test_causal import tiny_model
 
 
@@ -118,6 +118,63 @@ def test_starting_from_bos_in_the_graph_gives_the_same_molecules_one_call_later(
         assert [s.steps for s in got] == [s.steps + 1 for s in want]
 
 
+def run_counted(gen, in_flight: bool, n: int, batch: int, seed: int = 4):
+    """The samples and the number of sequential model calls, batching in flight or whole batches."""
+    gen.in_flight = in_flight
+    timings = LoopTimings()
+    return gen.generate(n, seed=seed, batch_size=batch, timings=timings), len(timings.step_seconds)
+
+
+@pytest.mark.parametrize("name", ["dv", "l2r", "gqa"])
+def test_in_flight_batching_gives_the_same_molecules_in_fewer_calls(files, name):
+    """A row whose molecule ended takes the next requested one at once: the same molecules (each draws only
+    from its own key) and calls per molecule, yielded in order, with far fewer calls than whole batches,
+    each of which lasts as long as its longest molecule."""
+    _, paths = files
+    gen = Generator(paths[name])
+    whole, whole_calls = run_counted(gen, False, 400, 25)
+    flight, flight_calls = run_counted(gen, True, 400, 25)
+    assert ids(flight) == ids(whole) and [s.steps for s in flight] == [s.steps for s in whole]
+    assert flight_calls < 0.9 * whole_calls
+    # the sequential calls of the run per batch of molecules: close to one molecule's calls (the tail is
+    # the last molecules' wait for the longest of them)
+    assert flight_calls * 25 / 400 <= 1.15 * np.mean([s.steps for s in flight])
+    assert ids(gen.generate(7, seed=4, batch_size=25)) == ids(whole)[:7]  # fewer samples than rows: one batch
+
+
+def device_start(self, size, streams):
+    """DecodePlan.start as on CUDA, on the CPU: the bucket's two buffer sets bound alternately."""
+    from imadarem.runtime.formats import decode
+
+    bucket = self.batch if size == self.batch else _bucket(size)
+    graphs = self.model.cuda_buckets.get((bucket, False))
+    if graphs is None:
+        graphs = self.model.cuda_buckets[(bucket, False)] = decode._CudaGraphs(self.model, bucket, None, False, "cpu")
+    return graphs.decoding(streams.keys(), self.temperature)
+
+
+@pytest.mark.parametrize("look_every", [0.0, 1 / 8, 1 / 2])
+def test_the_device_loop_refills_rows_in_flight(files, monkeypatch, look_every):
+    """The CUDA loop's in-flight batching (the state read back only every few calls, rows restarted in the
+    bound buffers, padding rows idle), run on the CPU: the host loop's molecules, from host-drawn first
+    tokens and from BOS in the graph (one call more each)."""
+    from imadarem.runtime.formats import decode
+
+    _, paths = files
+    want = Generator(paths["dv"]).generate(150, seed=6, batch_size=20)
+    monkeypatch.setattr(decode.DecodePlan, "start", device_start)
+    monkeypatch.setattr(decode.CudaDecoding, "look_every", look_every)
+    for from_bos in (False, True):
+        gen = Generator(paths["dv"])
+        if from_bos:
+            gen.model.graph_start_rows = 1
+        whole, whole_calls = run_counted(gen, False, 150, 20, seed=6)
+        flight, flight_calls = run_counted(gen, True, 150, 20, seed=6)
+        assert ids(whole) == ids(want) and ids(flight) == ids(want), from_bos
+        assert [s.steps for s in flight] == [s.steps + from_bos for s in want]
+        assert flight_calls < 0.9 * whole_calls
+
+
 def test_int8_and_fp16_decode_files_sample_nearly_the_same_molecules(files):
     _, paths = files
     want = Generator(paths["dv"]).generate(200, seed=5)
@@ -130,10 +187,17 @@ def test_the_pytorch_loop_is_the_same_decoder(files):
     model, paths = files
     want = Generator(paths["dv"]).generate(40, seed=2, decode=False)
     for drafts, ref in ((None, want), (0, Generator(paths["l2r"]).generate(40, seed=2, decode=False))):
-        got, calls = torch_decode(model, 40, drafts, seed=2, batch_size=16)
+        got, calls = torch_decode(model, 40, drafts, seed=2, batch_size=16)  # in flight, as on the GPU
         rows = [list(r[: len(s.ids)]) for r, s in zip(got, ref)]
         assert rows == ids(ref)
         assert list(calls) == [s.steps for s in ref]
+    timed = {}
+    for in_flight in (False, True):  # in flight, fewer calls
+        timings = LoopTimings()
+        gen = Generator(TorchDecode(model))
+        gen.in_flight = in_flight
+        timed[in_flight] = (ids(gen.generate(120, seed=2, batch_size=12, timings=timings)), len(timings.step_seconds))
+    assert timed[True][0] == timed[False][0] and timed[True][1] < 0.9 * timed[False][1]
 
 
 def test_generator_runs_a_decode_file_and_refuses_what_it_cannot_do(files):
@@ -216,14 +280,14 @@ def test_cuda_graphs_give_the_cpu_molecules(files, name):
     want = Generator(paths[name]).generate(300, seed=4, batch_size=128)
     graphs = Generator(paths[name], provider="cuda")
     timings = LoopTimings()
-    got = graphs.generate(300, seed=4, batch_size=128, timings=timings)  # 128, 128, then 44 in a bucket of 64
+    got = graphs.generate(300, seed=4, batch_size=128, timings=timings)  # in flight: one bucket of 128 rows
     assert same(got, want) >= 0.95, name
-    assert sorted(graphs.model.cuda_buckets) == [(64, True), (128, True)]
+    assert sorted(graphs.model.cuda_buckets) == [(128, True)]
     again = graphs.generate(300, seed=4, batch_size=128)  # replays of the captured graphs
     assert ids(again) == ids(got)
     plain = Generator(paths[name], provider="cuda")
-    plain.model.cuda_graphs = False
-    plain = plain.generate(300, seed=4, batch_size=128)
+    plain.model.cuda_graphs, plain.in_flight = False, False
+    plain = plain.generate(300, seed=4, batch_size=128)  # whole batches: 128, 128, then 44 in a bucket of 64
     assert same(plain, got) >= 0.99
     assert max(timings.active_rows) <= 128 and timings.outside_run_fraction() < 0.9  # (first-token EOS rows start done)
 
@@ -235,6 +299,11 @@ def test_large_cuda_batches_start_from_bos_on_the_gpu(files):
         want = Generator(paths[name]).generate(GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
         got = Generator(paths[name], provider="cuda").generate(GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
         assert same(got, want) >= 0.97, name  # the first token from the graph's own BOS call
+        assert np.mean([s.steps for s in got]) == pytest.approx(np.mean([s.steps for s in want]) + 1, abs=0.05)
+        # in flight: rows restarted from BOS in the bound buffers
+        want = Generator(paths[name]).generate(3 * GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
+        got = Generator(paths[name], provider="cuda").generate(3 * GPU_START_ROWS, seed=8, batch_size=GPU_START_ROWS)
+        assert same(got, want) >= 0.97, name
         assert np.mean([s.steps for s in got]) == pytest.approx(np.mean([s.steps for s in want]) + 1, abs=0.05)
 
 

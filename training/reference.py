@@ -259,25 +259,32 @@ class _DecodePlan(Plan):
 
 
 class _TorchDecoding(Decoding):
-    """One batch: the state on the device, one host sync per call (the count of active rows)."""
+    """One batch: the state on the device, one host sync per call (the count of active rows). In flight
+    (``refills``), rows are taken and restarted as the CUDA loop does (``runtime/formats/decode.py``:
+    ``CudaDecoding``): the small state read back only once an eighth of the rows have ended."""
+
+    refills = True
 
     def __init__(self, owner: TorchDecode, keys: np.ndarray, temperature: float):
         from imadarem.runtime.formats.decode import state_names
 
         step = owner.step_module
+        self.step_module, self.temperature = step, temperature
         self.step_fn, self.device = owner.step_fn, _device(owner.net)
+        self.dtype = owner.net.tok.weight.dtype
         self.sync = _sync(self.device)
         self.keys = torch.from_numpy(keys).to(self.device)
-        dtype = owner.net.tok.weight.dtype
-        self.state = step.started_state(self.keys, temperature, dtype)
+        self.state = step.started_state(self.keys, temperature, self.dtype)
         self.names = state_names(owner.net.config.num_layers)
         self.temp = torch.tensor([temperature], dtype=torch.float32, device=self.device)
         self.left = int((~self.state["done"]).sum().item())
-        self.calls, self.limit = 0, owner.net.config.max_seq_len + 1
+        self.calls, self.limit, self.length = 0, owner.net.config.max_seq_len + 1, owner.net.config.max_seq_len
+        self.idle = np.zeros(keys.shape[0], bool)  # rows taken and not restarted
+        self.live, self.since_look, self.refilled = keys.shape[0], 0, False
 
     @property
     def active(self) -> int:
-        return self.left if self.calls < self.limit else 0
+        return self.left if self.calls < self.limit or self.refilled else 0
 
     @torch.no_grad()
     def step(self) -> CallReport:
@@ -286,12 +293,50 @@ class _TorchDecoding(Decoding):
         rows = self.left
         self.state = dict(zip(self.names, out[:-1]))
         self.left = int(out[-1].item())  # the call's one host sync
-        self.calls += 1
+        self.calls, self.since_look = self.calls + 1, self.since_look + 1
         seconds = time.perf_counter() - started
         return CallReport(rows, seconds, 0)
 
     def result(self) -> BatchResult:
         return BatchResult(self.state["ids"].cpu().numpy(), self.state["calls"].cpu().numpy())
+
+    def finished(self) -> np.ndarray:
+        from imadarem.runtime.formats.decode import CudaDecoding
+
+        ended = self.live - self.left
+        if not (self.left == 0 or ended >= max(1, int(self.idle.size * CudaDecoding.look_every))
+                or self.since_look >= self.length):
+            return np.zeros(0, np.int64)
+        self.since_look = 0
+        done, calls = self.state["done"].cpu().numpy(), self.state["calls"].cpu().numpy()
+        return np.flatnonzero((done | (calls >= self.length)) & ~self.idle)
+
+    @torch.no_grad()
+    def take(self, rows: np.ndarray) -> BatchResult:
+        self.idle[rows] = True
+        self.live -= rows.size
+        at = torch.from_numpy(rows).to(self.device)
+        cut = at[~self.state["done"][at]]  # out of positions but not done (the safety net): stop them
+        if cut.numel():
+            self.state["done"][cut] = True
+            self.left -= int(cut.numel())
+        return BatchResult(self.state["ids"][at].cpu().numpy(), self.state["calls"][at].cpu().numpy())
+
+    @torch.no_grad()
+    def restart(self, rows: np.ndarray, streams: SampleStreams) -> None:
+        """The rows' small state as ``started_state`` sets it (cache slot 0, BOS, is every row's)."""
+        from imadarem.runtime.formats.decode import STATE
+
+        keys = torch.from_numpy(streams.keys()).to(self.device)
+        fresh = self.step_module.started_state(keys, self.temperature, self.dtype)
+        at = torch.from_numpy(rows).to(self.device)
+        for name in STATE:
+            self.state[name][at] = fresh[name]
+        self.keys[at] = keys
+        self.idle[rows] = False
+        self.live += rows.size
+        self.left += int((~fresh["done"]).sum().item())
+        self.refilled = True
 
 
 def torch_decode(model, n: int, drafts: int | None = None, temperature: float | None = None, seed: int | None = 0,

@@ -193,10 +193,11 @@ class DecodeFile(ModelFile):
             state.update(self._caches(b))
         return state
 
-    def start_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray, caches: bool = True
-                    ) -> dict[str, np.ndarray]:
-        """``bos_state`` for large enough GPU buckets, else ``initial_state``: the same molecules."""
-        rows = padding.shape[0]
+    def start_state(self, keys: np.ndarray, temperature: float, padding: np.ndarray, caches: bool = True,
+                    bucket: int | None = None) -> dict[str, np.ndarray]:
+        """``bos_state`` for large enough GPU buckets (``bucket`` rows, default as many as ``keys``), else
+        ``initial_state``: the same molecules."""
+        rows = padding.shape[0] if bucket is None else bucket
         if self.graph_start_rows is not None and rows >= self.graph_start_rows:
             return self.bos_state(padding, caches)
         return self.initial_state(keys, temperature, padding, caches)
@@ -235,15 +236,15 @@ class HostDecoding(Decoding):
     ``in_place`` off runs the plain ``session.run`` (a test compares the two)."""
 
     in_place = True
+    refills = True  # in-flight batching: a row's state is its own (slot 0, BOS, is the same for every row)
 
     def __init__(self, model: DecodeFile, keys: np.ndarray, temperature: float):
-        self.model = model
+        self.model, self.temperature = model, temperature
         self.names = model.state_names
         self.outputs = [f"{n}_next" for n in self.names] + ["active"]
         self.state = model.start_state(keys, temperature, np.zeros(keys.shape[0], bool))
-        self.constants = {"keys": keys, "temperature": np.array([temperature], np.float32)}
-        self.left = int((~self.state["done"]).sum())
-        self.calls = 0
+        self.constants = {"keys": np.array(keys, np.int64), "temperature": np.array([temperature], np.float32)}
+        self.idle = np.zeros(keys.shape[0], bool)  # rows taken and not restarted
         self.caches: dict[str, Any] = {}
         if self.in_place:
             ort = import_onnxruntime()
@@ -251,22 +252,42 @@ class HostDecoding(Decoding):
                 self.caches[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.state.pop(name)))
         self.small = [n for n in self.names if n not in self.caches]  # the state that goes up and down as numpy
 
+    def _ended(self) -> np.ndarray:
+        """Rows whose sample ended: done, or (a safety net) as many calls as tokens."""
+        return self.state["done"] | (self.state["calls"] >= self.model.typed.max_seq_len)
+
     @property
     def active(self) -> int:
-        return self.left if self.calls < self.model.typed.max_seq_len else 0
+        return int((~(self._ended() | self.idle)).sum())
 
     def step(self) -> CallReport:
+        rows = self.active
         started = time.perf_counter()
         if self.caches:
             out = self._bound_run()
         else:
             out = self.model.session.run(self.outputs, {**self.state, **self.constants})
         seconds = time.perf_counter() - started
-        rows = self.left
         self.state = dict(zip(self.small, out[:-1]))
-        self.left = int(out[-1][0])
-        self.calls += 1
         return CallReport(rows, seconds, 0)
+
+    def finished(self) -> np.ndarray:
+        return np.flatnonzero(self._ended() & ~self.idle)
+
+    def take(self, rows: np.ndarray) -> BatchResult:
+        self.idle[rows] = True
+        return BatchResult(self.state["ids"][rows], self.state["calls"][rows])
+
+    def restart(self, rows: np.ndarray, streams: SampleStreams) -> None:
+        """The new rows' small state as ``start_state`` sets it; their cache slots need nothing: slot 0
+        holds BOS for every row, and a slot past it is written by a row's own call before it is read."""
+        keys = streams.keys()
+        fresh = self.model.start_state(keys, self.temperature, np.zeros(keys.shape[0], bool), caches=False)
+        for name in STATE:
+            self.state[name] = np.array(self.state[name])  # onnxruntime's outputs may be read-only
+            self.state[name][rows] = fresh[name]
+        self.constants["keys"][rows] = keys
+        self.idle[rows] = False
 
     def feed(self) -> dict[str, np.ndarray]:
         """A copy of what the next call reads (state, caches, constants): int8 calibration records these."""
@@ -306,21 +327,29 @@ class _CudaGraphs:
     buffers A and B, and two IO bindings: A -> B (graph 1) and B -> A (graph 2). Between calls nothing is
     copied; the host reads one int64, the number of rows still active."""
 
-    def __init__(self, model: DecodeFile, batch: int, threads: int | None, graphs: bool = True):
+    def __init__(self, model: DecodeFile, batch: int, threads: int | None, graphs: bool = True,
+                 device: str = "cuda"):
+        """``device`` "cpu" (tests only: the same buffers and bindings on the CPU, no graphs) lets CI run this
+        loop, refills included, without a GPU."""
         ort = import_onnxruntime()
         self.ort, self.model, self.batch = ort, model, batch
         options = session_options(threads or 1)  # the CPU runs nothing of the graph: no spinning thread pool
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_free_dimension_override_by_name("batch", batch)
-        provider_options = [{"enable_cuda_graph": "1" if graphs else "0"}, {}]
-        self.session = ort.InferenceSession(model.path, sess_options=options, providers=providers_for("cuda"),
+        graphs = graphs and device == "cuda"
+        provider_options = [{"enable_cuda_graph": "1" if graphs else "0"}, {}] if device == "cuda" else [{}]
+        self.session = ort.InferenceSession(model.path, sess_options=options, providers=providers_for(device),
                                             provider_options=provider_options)
         names = model.state_names
         first = model.initial_state(np.zeros(batch, np.int64), 1.0)  # BOS in cache slot 0, for good
-        self.buffers = [{n: ort.OrtValue.ortvalue_from_numpy(first[n], "cuda", 0) for n in names} for _ in range(2)]
-        self.keys = ort.OrtValue.ortvalue_from_numpy(np.zeros(batch, np.int64), "cuda", 0)
-        self.temperature = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32), "cuda", 0)
-        self.active = [ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64), "cuda", 0) for _ in range(2)]
+
+        def on_device(value: np.ndarray):  # a copy: on the CPU an OrtValue would share the array's memory
+            return ort.OrtValue.ortvalue_from_numpy(np.array(value), device, 0)
+
+        self.buffers = [{n: on_device(first[n]) for n in names} for _ in range(2)]
+        self.keys = on_device(np.zeros(batch, np.int64))
+        self.temperature = on_device(np.ones(1, np.float32))
+        self.active = [on_device(np.zeros(1, np.int64)) for _ in range(2)]
         self.bindings, self.run_options = [], []
         for direction in range(2):
             binding = self.session.io_binding()
@@ -343,22 +372,35 @@ class _CudaGraphs:
 
 class CudaDecoding(Decoding):
     """One batch on a bucket's captured graphs: the start state written in place (the captured graphs keep
-    these addresses; stale cache slots past 0 are written before they are read), then one replay a call."""
+    these addresses; stale cache slots past 0 are written before they are read), then one replay a call.
+
+    In flight, the host reads the small state back only once an eighth of the bucket's rows (``look_every``)
+    have ended since it last looked, or no row is left, or a row could have run out of positions: between
+    looks each call returns one int64, as without refills."""
+
+    refills = True
+    look_every = 1 / 8
 
     def __init__(self, graphs: _CudaGraphs, keys: np.ndarray, temperature: float):
-        self.g, self.rows = graphs, keys.shape[0]
-        padded = np.zeros(graphs.batch, np.int64)
-        padded[: self.rows] = keys
-        start = graphs.model.start_state(padded, temperature, np.arange(graphs.batch) >= self.rows, caches=False)
+        self.g, self.rows, self.temperature = graphs, keys.shape[0], temperature
+        self.keys = np.zeros(graphs.batch, np.int64)
+        self.keys[: self.rows] = keys
+        start = graphs.model.start_state(self.keys, temperature, np.arange(graphs.batch) >= self.rows, caches=False)
         for name, value in start.items():
             graphs.buffers[0][name].update_inplace(value)
-        graphs.keys.update_inplace(padded)
+        graphs.keys.update_inplace(self.keys)
         graphs.temperature.update_inplace(np.array([temperature], np.float32))
         self.direction, self.left, self.calls = 0, int((~start["done"]).sum()), 0
+        self.idle = np.arange(graphs.batch) >= self.rows  # padding rows, and rows taken and not restarted
+        self.live = self.rows  # rows not idle: running, or ended and not taken yet
+        self.since_look = 0  # calls since the host last read the state
+        self.host: dict[str, np.ndarray] = {}  # the small state as last read
 
     @property
     def active(self) -> int:
-        return self.left if self.calls < self.g.model.typed.max_seq_len else 0
+        return self.left if self.calls < self.g.model.typed.max_seq_len or self.refilled else 0
+
+    refilled = False  # whether any row restarted: the call cap then holds per row (``finished``)
 
     def step(self) -> CallReport:
         g, d = self.g, self.direction
@@ -367,12 +409,47 @@ class CudaDecoding(Decoding):
         seconds = time.perf_counter() - started
         rows = self.left
         self.left = int(g.active[d].numpy()[0])
-        self.direction, self.calls = 1 - d, self.calls + 1
+        self.direction, self.calls, self.since_look = 1 - d, self.calls + 1, self.since_look + 1
         return CallReport(rows, seconds, 0)
 
     def result(self) -> BatchResult:
         final = self.g.buffers[self.direction]
         return BatchResult(final["ids"].numpy()[: self.rows], final["calls"].numpy()[: self.rows])
+
+    def finished(self) -> np.ndarray:
+        length = self.g.model.typed.max_seq_len
+        ended = self.live - self.left
+        if not (self.left == 0 or ended >= max(1, int(self.g.batch * self.look_every)) or self.since_look >= length):
+            return np.zeros(0, np.int64)
+        current = self.g.buffers[self.direction]
+        self.host = {name: current[name].numpy() for name in STATE}
+        self.since_look = 0
+        return np.flatnonzero((self.host["done"] | (self.host["calls"] >= length)) & ~self.idle)
+
+    def take(self, rows: np.ndarray) -> BatchResult:
+        self.idle[rows] = True
+        self.live -= rows.size
+        cut = rows[~self.host["done"][rows]]  # out of positions but not done (the safety net): stop them
+        if cut.size:
+            self.host["done"][cut] = True
+            self.g.buffers[self.direction]["done"].update_inplace(self.host["done"])
+            self.left -= cut.size
+        return BatchResult(self.host["ids"][rows], self.host["calls"][rows])
+
+    def restart(self, rows: np.ndarray, streams: SampleStreams) -> None:
+        g, keys = self.g, streams.keys()
+        fresh = g.model.start_state(keys, self.temperature, np.zeros(keys.shape[0], bool), caches=False,
+                                    bucket=g.batch)
+        current = g.buffers[self.direction]
+        for name in STATE:
+            self.host[name][rows] = fresh[name]
+            current[name].update_inplace(self.host[name])
+        self.keys[rows] = keys
+        g.keys.update_inplace(self.keys)
+        self.idle[rows] = False
+        self.live += rows.size
+        self.left += int((~fresh["done"]).sum())
+        self.refilled = True
 
 
 # -- opening a file ----------------------------------------------------------------------------------
