@@ -11,8 +11,8 @@ the device (the repository copy loses ignored folders between calls).
     python3 experiments/device/session.py collect --call-seconds S
 
 SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem train flags]}, "fixed": true for a
-run whose --steps must stay as given (a recipe's reproduction; it resumes in the next session if it runs out). ``start`` also
-*fits each run's schedule to the deadline*: once a run has logged ~2,000 steps it measures that run's
+run whose --steps must stay as given (a recipe's reproduction; it resumes in the next session if it runs out). ``start``
+(and, for a run it left unfitted, the next ``wait``) *fits each run's schedule to the deadline*: once a run has logged ~2,000 steps it measures that run's
 steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
 by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
 ``--steps`` set to what fits; the cosine schedule is then the one of that many steps, except for the few
@@ -74,6 +74,8 @@ def launch(name: str, args: list[str], resume_steps: int | None = None) -> None:
     left = int(deadline() - time.time() - 30)
     common = ["--out-dir", str(run), "--no-progress", "--time-limit", str(max(left, 1))]
     if resume_steps is None:
+        for mark in ("fitted", "steps", "refit", "sent"):  # a new run under a reused name starts unmarked
+            (RUNS / f"{name}.{mark}").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "imadarem.training", "--data", str(DATA), *common, *args]
     else:
         cmd = [sys.executable, "-m", "imadarem.training", "--resume", "--steps", str(resume_steps), *common]
@@ -138,6 +140,8 @@ def resume_to_fit(name: str, step: int, rate: float, label: str = "", restart_co
     left = deadline() - time.time() - 45
     planned = steps_of(name)
     fits = int(step + rate * (left - restart_cost)) // 500 * 500
+    if left <= restart_cost or fits <= step:  # too late to restart: the time limit stops it where it is
+        return
     print(f"[{time.time() - START:5.0f}s] {name}{label}: {rate:.1f} steps/s, {planned} planned, {fits} fit",
           flush=True)
     if abs(fits - planned) <= 0.04 * planned:
@@ -150,7 +154,10 @@ def resume_to_fit(name: str, step: int, rate: float, label: str = "", restart_co
 
 def fit(name: str, min_span: int = 1600) -> bool:
     """Fit ``name`` to the deadline once it has logged ``min_span`` steps; True once it needs no more fitting."""
-    rows = [r for r in log(name) if r.get("step", 0) >= 400]
+    rows = [r for r in log(name) if "seconds" in r and "step" in r]
+    # the trainer's ``seconds`` restart from 0 at each resume: measure only since the last launch
+    cut = max((i for i in range(1, len(rows)) if rows[i]["seconds"] < rows[i - 1]["seconds"]), default=0)
+    rows = [r for r in rows[cut:] if r.get("step", 0) >= 400]
     if len(rows) < 2 or rows[-1]["step"] - rows[0]["step"] < min_span:
         return False
     a, b = rows[0], rows[-1]
@@ -237,15 +244,19 @@ def main() -> None:
     runs = json.loads((RUNS / "spec.json").read_text())
     names = [r["name"] for r in runs]
     fixed = {r["name"] for r in runs if r.get("fixed")}  # a recipe's exact --steps (a reproduction): never fitted
-    pending = (set(names) if a.verb == "start" else {r["name"] for r in added}) - fixed
+    # every run not yet fitted, whichever call launched it: a ``start`` that returns before its runs have
+    # logged enough steps leaves the fitting to the next ``wait`` (2026-12-07: a run left unfitted ran its
+    # 60,000-step schedule into the deadline and stopped at step 18,213 with the learning rate still high)
+    pending = {n for n in names if not (RUNS / f"{n}.fitted").exists()} - fixed if a.verb != "collect" else set()
     last_status = 0.0
     marks: dict[str, tuple[float, int]] = {}
     while time.time() < end - 45:
         for name in sorted(pending):
-            if fit(name):
+            if alive(name) and fit(name):
                 pending.discard(name)
+                (RUNS / f"{name}.fitted").write_text("")
         if a.verb == "wait" and fixed and not any(alive(n) for n in fixed):
-            refit_alone(sorted(set(names) - fixed), marks)
+            refit_alone(sorted(set(names) - fixed - pending), marks)
         if not any(alive(n) for n in names):  # nothing left to train: return now, with the snapshots
             break
         if time.time() - last_status > 60:
