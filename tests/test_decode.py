@@ -175,6 +175,23 @@ def test_the_device_loop_refills_rows_in_flight(files, monkeypatch, look_every):
         assert flight_calls < 0.9 * whole_calls
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_device_loop_binds_one_buffer_per_cache(files, monkeypatch, in_place):
+    """The CUDA loop binds each cache as both input and output of both graphs (ScatterND then writes only the
+    new slots); two buffers per cache (``in_place`` off) give the same molecules."""
+    from imadarem.runtime.formats import decode
+
+    _, paths = files
+    want = Generator(paths["dv"]).generate(60, seed=3, batch_size=20)
+    monkeypatch.setattr(decode.DecodePlan, "start", device_start)
+    monkeypatch.setattr(decode._CudaGraphs, "in_place", in_place)
+    gen = Generator(paths["dv"])
+    assert ids(gen.generate(60, seed=3, batch_size=20)) == ids(want)
+    (graphs,) = gen.model.cuda_buckets.values()
+    a, b = graphs.buffers
+    assert (a["cache_k0"] is b["cache_k0"]) == in_place and a["ids"] is not b["ids"]
+
+
 def test_int8_and_fp16_decode_files_sample_nearly_the_same_molecules(files):
     _, paths = files
     want = Generator(paths["dv"]).generate(200, seed=5)
@@ -290,6 +307,22 @@ def test_cuda_graphs_give_the_cpu_molecules(files, name):
     plain = plain.generate(300, seed=4, batch_size=128)  # whole batches: 128, 128, then 44 in a bucket of 64
     assert same(plain, got) >= 0.99
     assert max(timings.active_rows) <= 128 and timings.outside_run_fraction() < 0.9  # (first-token EOS rows start done)
+
+
+@pytest.mark.cuda
+def test_cuda_caches_written_in_place_give_the_two_buffer_molecules(files, monkeypatch):
+    """One buffer per cache bound as input and output (ScatterND skips its copy) against two buffers bound
+    alternately: the same kernels on the same values, so the same molecules token for token, from the host's
+    first tokens and from BOS on the GPU."""
+    from imadarem.runtime.formats import decode
+
+    _, paths = files
+    for rows in (128, GPU_START_ROWS):
+        got = {}
+        for in_place in (True, False):
+            monkeypatch.setattr(decode._CudaGraphs, "in_place", in_place)
+            got[in_place] = Generator(paths["dv16"], provider="cuda").generate(2 * rows, seed=9, batch_size=rows)
+        assert ids(got[True]) == ids(got[False]), rows
 
 
 @pytest.mark.cuda

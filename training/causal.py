@@ -153,7 +153,8 @@ class DecodeStep(nn.Module):
     model (the baseline), with the same noise: both give the same molecules.
 
     ``inplace`` writes the caches in place (the PyTorch loop); the export writes new ones (ONNX has no
-    in-place update), which the runtime binds alternately as inputs and outputs.
+    in-place update as an op); the runtime binds one buffer as both a cache's input and its output, so
+    onnxruntime's ScatterND writes only the new slots.
     """
 
     def __init__(self, model: CausalLM, drafts: int | None = None, inplace: bool = False, attention: str = "matmul"):

@@ -1,6 +1,7 @@
 """In-flight batching against whole batches, on one decode file, in one process (issue #26, point 2).
 
     python3 experiments/bench/in_flight.py FILE --provider cpu --batches 64 --threads 2 --out DIR
+    python3 experiments/bench/in_flight.py FILE --provider cuda --batches 256,1024,4096 --look-every 0.0625
 
 For each batch size: a warm-up, then ``--repeats`` alternating timed runs of ``--per-run`` batches' worth
 of molecules with ``Generator.in_flight`` off and on (same seeds, so the same molecules; checked). Writes
@@ -42,7 +43,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--look-every", type=float,
+                    help="CUDA: the share of a bucket's rows that must end before the host looks back "
+                         "(CudaDecoding.look_every; default: the runtime's)")
     args = ap.parse_args()
+    if args.look_every is not None:
+        from imadarem.runtime.formats.decode import CudaDecoding
+
+        CudaDecoding.look_every = args.look_every
     gen = Generator(args.file, provider=args.provider, threads=args.threads)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -69,6 +77,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "in_flight.json").write_text(json.dumps({
         "file": args.file, "provider": args.provider, "threads": args.threads, "repeats": args.repeats,
+        "look_every": args.look_every,
         "machine": platform.processor() or platform.machine(), "rows": rows}, indent=1))
 
 
