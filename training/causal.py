@@ -256,8 +256,12 @@ class DecodeStep(nn.Module):
         attn_bias = _additive_mask(allowed, x.dtype)  # [B, 1, T, C]
         # the cells a call writes, (row, head, slot), each a head_dim vector: ScatterND in the export (ScatterElements,
         # one index per float, took a quarter of a CPU call at batch 64; docs/bench-notes.md)
-        slots = (torch.arange(b, device=fed.device)[:, None, None],
-                 torch.arange(c.num_heads, device=fed.device)[None, :, None], slot[:, None, :])
+        # expanded here, not broadcast by index_put: the export's own broadcast defeated onnxruntime's symbolic
+        # shape inference, and with it the SkipLayerNormalization fusion of fp16 draft-and-verify files
+        cells = (b, c.num_heads, T)
+        slots = (torch.arange(b, device=fed.device)[:, None, None].expand(cells),
+                 torch.arange(c.num_heads, device=fed.device)[None, :, None].expand(cells),
+                 slot[:, None, :].expand(cells))
         new_caches = []
         for i, blk in enumerate(m.blocks):
             q, k, v = blk.qkv(blk.ln1(x)).split(c.hidden_size, -1)
