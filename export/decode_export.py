@@ -4,7 +4,8 @@
 One call of the graph is one draft-and-verify step of the gate selector (or, with ``drafts=0``, one
 left-to-right step), sampling and state update included, so the runtime only feeds the state back: on a
 GPU it binds the small state's two buffer sets alternately as inputs and outputs and each cache as both
-(updated in place), and replays the call as a CUDA graph (``runtime/formats/decode.py``). Every dimension but the batch is fixed.
+(updated in place), and replays the call as a CUDA graph (``runtime/formats/decode.py``). Every dimension
+but the batch is fixed.
 
 Variants: ``fp32``; ``int8`` (dynamic quantisation of the weight MatMuls, CPUs); ``fp16`` (the model in
 float16 with float16 caches, sampling in float32, GPUs; onnxruntime's transformer fusions applied).

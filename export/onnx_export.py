@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
-import io
 import json
 import logging
 import os
@@ -166,11 +165,8 @@ def _gpu_fusions(proto, config: dict[str, Any]):
     from onnxruntime.transformers import optimizer
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # producer-name advice
-    # its symbolic shape inference gives up on the decode graph and print()s "failed in shape inference" to
-    # stdout (it then fuses without shapes): not the user's error, so not on the user's screen
-    with contextlib.redirect_stdout(io.StringIO()):
-        fused = optimizer.optimize_model(proto, model_type="bert", num_heads=int(config["num_heads"]),
-                                         hidden_size=int(config["hidden_size"]), use_gpu=True, opt_level=0)
+    fused = optimizer.optimize_model(proto, model_type="bert", num_heads=int(config["num_heads"]),
+                                     hidden_size=int(config["hidden_size"]), use_gpu=True, opt_level=0)
     proto = fused.model
     if not any(op.domain == "com.microsoft" for op in proto.opset_import):  # added on save only
         from onnx import helper

@@ -15,10 +15,9 @@ draft logits, BOS's keys and values), so a row can start after BOS.
 ``session.run``, the first tokens drawn on the host with each row's noise (``start_tokens``). On CUDA per
 batch bucket (a power of two, or the request's batch size) one session with the batch fixed, two sets of
 device buffers for the small state bound alternately as inputs and outputs and one per cache bound as both
-(IO binding: between calls one int64 comes back),
-and one captured CUDA graph per direction (``gpu_graph_id`` 1 and 2); buckets of ``GPU_START_ROWS`` rows
-or more run the BOS call on the GPU instead of drawing the first tokens on the host. Padding rows start
-done. The molecules are the causal step's for the same seed: every exact token is drawn with the noise of
+(IO binding: between calls one int64 comes back), and one captured CUDA graph per direction (``gpu_graph_id``
+1 and 2); buckets of ``GPU_START_ROWS`` rows or more run the BOS call on the GPU instead of drawing the
+first tokens on the host. Padding rows start done. The molecules are the causal step's for the same seed: every exact token is drawn with the noise of
 its sample and position. A decode file takes no selector but ``gate``, no prompt, step budget or trajectory,
 and only its own number of drafts: each is refused in one line.
 """
