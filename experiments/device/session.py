@@ -11,9 +11,9 @@ the device (the repository copy loses ignored folders between calls).
     python3 experiments/device/session.py collect --call-seconds S
 
 SPEC.json is a list of {"name": ..., "steps": first guess, "args": [imadarem train flags]}, "fixed": true for a
-run whose --steps must stay as given (a recipe's reproduction; it resumes in the next session if it runs out). ``start``
-(and, for a run it left unfitted, the next ``wait``) *fits each run's schedule to the deadline*: once a run has logged ~2,000 steps it measures that run's
-steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
+run whose --steps must stay as given (a recipe's reproduction; it resumes in the next session if it runs
+out). ``start`` (and, for a run it left unfitted, the next ``wait``) *fits each run's schedule to the
+deadline*: once a run has logged ~2,000 steps it measures that run's steps/s (with its neighbours running), and if the steps that fit before the deadline differ from the run's
 by more than 4% it stops the run (SIGTERM: the trainer checkpoints at that step) and resumes it with
 ``--steps`` set to what fits; the cosine schedule is then the one of that many steps, except for the few
 hundred steps already taken (where the two schedules differ by < 1% of the learning rate). Once the fixed runs
@@ -247,7 +247,7 @@ def main() -> None:
     # every run not yet fitted, whichever call launched it: a ``start`` that returns before its runs have
     # logged enough steps leaves the fitting to the next ``wait`` (2026-12-07: a run left unfitted ran its
     # 60,000-step schedule into the deadline and stopped at step 18,213 with the learning rate still high)
-    pending = {n for n in names if not (RUNS / f"{n}.fitted").exists()} - fixed if a.verb != "collect" else set()
+    pending = set() if a.verb == "collect" else {n for n in names if not (RUNS / f"{n}.fitted").exists()} - fixed
     last_status = 0.0
     marks: dict[str, tuple[float, int]] = {}
     while time.time() < end - 45:
