@@ -68,7 +68,7 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
     pos = torch.arange(L, device=dev)
     blk = torch.div(pos, cfg.block_size, rounding_mode="floor")
     ctx = autocast() if autocast else contextlib.nullcontext()
-    parts = {}
+    parts, verify = {}, cfg.verify_layers > 0
 
     # -- block rows: x_t ++ x_0 -------------------------------------------------------------------
     b_rows = ~is_span
@@ -94,11 +94,12 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
             xt = torch.where(refill & (u < p_s), samples, xt)
             xt = torch.where(refill & (u >= p_s) & (u < p_s + p_r), d["random"][b_rows], xt)
             xt = rules.pad_after_eos(xt, special.eos, special.pad)
-        out = two_stream_forward(forward, xt, c, cfg.hidden_size, cfg.block_size, autocast)
+        out = two_stream_forward(forward, xt, c, cfg.hidden_size, cfg.block_size, autocast, verify=verify)
         if not refills:  # the gate's target at a mask: is the model's own sample right
             samples = sample_tokens(out["logits"][:, :L].detach(), d["gumbel"][b_rows], special)
         valid = upto & (xt != special.pad)
-        parts["block"] = (out["logits"][:, :L], out["gate_logits"][:, :L], xt, t, samples, corrupted & valid, valid)
+        parts["block"] = (out["logits"][:, :L], out["gate_logits"][:, :L], xt, t, samples, corrupted & valid, valid,
+                          out.get("verify_logits"))
 
     # -- span rows: one blank with clean text on both sides, a single stream ----------------------------
     if is_span.any():
@@ -114,17 +115,22 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         zeros = torch.zeros(c.shape[0], L, cfg.hidden_size, device=dev)
         step = torch.zeros(c.shape[0], dtype=torch.long, device=dev)
         with ctx:
-            out = forward(xt, step, zeros)
+            out = forward(xt, step, zeros, None, None, c if verify else None)
         samples = sample_tokens(out["logits"].detach(), d["gumbel"][is_span], special)
         valid = xt != special.pad
-        parts["span"] = (out["logits"], out["gate_logits"], xt, t, samples, corrupted & valid, valid)
+        parts["span"] = (out["logits"], out["gate_logits"], xt, t, samples, corrupted & valid, valid,
+                         out.get("verify_logits"))
 
     V = cfg.vocab_size
     metrics_sums = torch.zeros(3, device=dev)  # ce, gate bce, gate correct
     metric_counts = torch.zeros(2, device=dev)  # loss positions, gate positions
+    verify_sum = torch.zeros((), device=dev)  # the verifier's cross-entropy, on the trunk's loss positions
     acceptance = cfg.gate_target == "acceptance"
-    for logits, gate_logits, xt, t, samples, loss_pos, valid in parts.values():
+    for logits, gate_logits, xt, t, samples, loss_pos, valid, verify_logits in parts.values():
         ce = F.cross_entropy(logits.float().reshape(-1, V), t.reshape(-1), reduction="none").view_as(t)
+        if verify_logits is not None:
+            vce = F.cross_entropy(verify_logits.float().reshape(-1, V), t.reshape(-1), reduction="none").view_as(t)
+            verify_sum = verify_sum + (vce * loss_pos).sum()
         if acceptance:  # the gate learns from its own states below
             metrics_sums = metrics_sums + torch.stack([(ce * loss_pos).sum(), ce.new_zeros(()), ce.new_zeros(())])
             metric_counts = metric_counts + torch.stack([loss_pos.sum().float(), ce.new_zeros(())])
@@ -136,7 +142,7 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         metrics_sums = metrics_sums + torch.stack([(ce * loss_pos).sum(), (bce * valid).sum(), correct.sum().float()])
         metric_counts = metric_counts + torch.stack([loss_pos.sum(), valid.sum()]).float()
     accept_mean = None
-    if acceptance and b_rows.any():
+    if acceptance and b_rows.any() and cfg.gate_loss_weight > 0:  # weight 0: a trained gate kept as it is
         keep = ("gate_offset", "gate_state", "gumbel")
         bce_sum, correct_sum, target_sum, count = acceptance_gate_loss(
             forward, teacher, clean[b_rows], ends[b_rows], {k: d[k][b_rows] for k in keep}, cfg, special, autocast)
@@ -149,6 +155,11 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
     stats = global_sum(metrics_sums.detach())
     metrics = {"loss": stats[0] / n[0] + cfg.gate_loss_weight * stats[1] / n[1], "ce": stats[0] / n[0],
                "gate_bce": stats[1] / n[1], "gate_acc": stats[2] / n[1], "tokens": n[0]}
+    if verify:
+        loss = loss + cfg.verify_loss_weight * verify_sum / n[0]
+        verify_ce = global_sum(verify_sum.detach()) / n[0]
+        metrics["verify_ce"] = verify_ce
+        metrics["loss"] = metrics["loss"] + cfg.verify_loss_weight * verify_ce
     if accept_mean is not None:
         metrics["gate_target"] = accept_mean  # the mean target: how often parallel commits agree
     return loss * world, metrics

@@ -53,7 +53,13 @@ class ImplicitRefinementConfig:
     # (speculative sampling's 1 - min(1, p/q)). The acceptance gate reads detached features: it never moves the trunk
     gate_target: str = "match"
     gate_head_hidden: int = 0  # 0: a linear gate on the last hidden state; > 0: an MLP of that width on it + confidence
-    freeze_trunk: bool = False  # train the gate head only (e.g. an acceptance gate on a trained model, --init-from)
+    freeze_trunk: bool = False  # train the heads only (the verifier; the gate if gate_loss_weight > 0) (--init-from)
+    # block: causal verifier layers on top of the trunk (self-speculative masked diffusion, Campbell et al. 2025):
+    # one call drafts every open position of the block from the trunk's marginals and the verifier gives each
+    # position's left-to-right conditional given the drafts before it, so a call verifies its drafts in one row.
+    # 0: none (drafts are verified by running one state a draft: runtime/formats/block_verify.py)
+    verify_layers: int = 0
+    verify_loss_weight: float = 1.0
 
     def __post_init__(self):
         checks = [
@@ -72,6 +78,9 @@ class ImplicitRefinementConfig:
             (self.gate_target in ("match", "acceptance"), "gate_target must be 'match' or 'acceptance'"),
             (self.gate_target == "match" or self.objective == "block", "gate_target 'acceptance' needs objective 'block'"),
             (self.gate_head_hidden >= 0, "gate_head_hidden must be >= 0"),
+            (self.verify_layers >= 0, "verify_layers must be >= 0"),
+            (self.verify_layers == 0 or self.objective == "block", "verify_layers needs objective 'block'"),
+            (self.verify_loss_weight >= 0, "verify_loss_weight must be >= 0"),
             (0.0 <= self.block_suffix_share <= 1.0, "block_suffix_share must be in [0, 1]"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (0.0 <= self.semi_ar_weight and 0.0 <= self.span_weight and self.semi_ar_weight + self.span_weight <= 1.0,

@@ -95,15 +95,26 @@ def two_stream_attention(length: int, block: int, device=None) -> torch.Tensor:
 
 
 def two_stream_forward(model_forward, xt: torch.Tensor, clean: torch.Tensor, hidden_size: int, block: int,
-                       autocast=None) -> dict[str, torch.Tensor]:
+                       autocast=None, verify: bool = False) -> dict[str, torch.Tensor]:
     """``model_forward`` (a ``forward_train``) over x_t ++ x_0 [b, 2L] under :func:`two_stream_attention`, both
-    streams at the same positions, step 0 and no self-conditioning: one example of every block of every row."""
+    streams at the same positions, step 0 and no self-conditioning: one example of every block of every row.
+    ``verify``: also the verifier's logits over the noisy stream, teacher-forced on the clean tokens."""
     b, L = clean.shape
     pos = torch.arange(L, device=clean.device)
     with autocast() if autocast else contextlib.nullcontext():
         return model_forward(torch.cat([xt, clean], 1), torch.zeros(b, dtype=torch.long, device=clean.device),
                              torch.zeros(b, 2 * L, hidden_size, device=clean.device),
-                             two_stream_attention(L, block, clean.device)[None], torch.cat([pos, pos]))
+                             two_stream_attention(L, block, clean.device)[None], torch.cat([pos, pos]),
+                             clean if verify else None)
+
+
+def verify_attention(length: int, block: int, device=None) -> torch.Tensor:
+    """[L, L] the verifier's mask: a position sees the positions of its own block up to itself. Earlier blocks
+    reach it through the trunk's hidden states, which (committed in decoding, clean in training) are the same
+    in both; the drafts of its block reach it only from the positions before it, as left to right needs."""
+    pos = torch.arange(length, device=device)
+    blk = torch.div(pos, block, rounding_mode="floor")
+    return (blk[:, None] == blk[None]) & (pos[:, None] >= pos[None])
 
 
 class TimeEmbedding(nn.Module):
@@ -192,6 +203,13 @@ class ImplicitRefinementModel(nn.Module):
         g = config.gate_head_hidden
         self.gate_head = nn.Linear(h, 1) if g == 0 else GateMLP(h, g)
         self.critic_head = nn.Linear(h, 1) if config.use_critic else None
+        if config.verify_layers:
+            # position j reads the trunk's last residual state there plus the token placed at j - 1 (the data's in
+            # training, the draft or the committed token in decoding) and predicts x_j: the residual keeps the
+            # non-causal state, which the ablation of Campbell et al. found to matter
+            self.verify_prev = nn.Linear(h, h)
+            self.verify_blocks = nn.ModuleList(Block(config) for _ in range(config.verify_layers))
+            self.verify_ln = nn.LayerNorm(h)
         self.apply(self._init)
         nn.init.zeros_(self.self_cond.weight)  # self-conditioning starts as a no-op
         nn.init.zeros_(self.self_cond.bias)
@@ -214,6 +232,11 @@ class ImplicitRefinementModel(nn.Module):
                allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``allowed`` [B or 1, n, n] and ``positions`` [n]: training's two streams; left out, the model's
         own attention (bidirectional, or :func:`block_attention` for a ``block`` model)."""
+        return self.ln_f(self.residual(tokens, step, cond, allowed, positions))
+
+    def residual(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
+                 allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's last residual stream (before the final LayerNorm): what the heads and the verifier read."""
         _, n = tokens.shape
         step = step.clamp(0, self.config.max_refinement_steps - 1)
         if self.config.objective in ("mixture", "block"):  # time-independent (as MDLM): the masks say how far along
@@ -232,7 +255,21 @@ class ImplicitRefinementModel(nn.Module):
         attn_bias = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
         for block in self.blocks:
             x = block(x, attn_bias)
-        return self.ln_f(x)
+        return x
+
+    def verify_logits(self, residual: torch.Tensor, placed: torch.Tensor) -> torch.Tensor:
+        """[B, n, V] the verifier's logits: at position j, x_j given the trunk's state (``residual`` [B, n, h], the
+        first n positions of a stream) and the tokens ``placed`` [B, n] at the positions of j's block before it.
+        Decoding places the drafts there; training the data's tokens (teacher forcing)."""
+        b, n, h = residual.shape
+        prev = torch.cat([torch.zeros_like(placed[:, :1]), placed[:, :-1]], 1)
+        has_prev = (torch.arange(n, device=placed.device) > 0).to(residual.dtype)[None, :, None]  # position 0: none
+        x = residual + self.verify_prev(self.tok_emb(prev) * self.emb_scale) * has_prev
+        see = verify_attention(n, self.config.block_size, placed.device)
+        bias = torch.zeros(see.shape, dtype=x.dtype, device=x.device).masked_fill(~see, float("-inf"))[None, None]
+        for block in self.verify_blocks:
+            x = block(x, bias)
+        return self.verify_ln(x) @ self.tok_emb.weight.t()
 
     def heads(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = hidden @ self.tok_emb.weight.t()
@@ -252,8 +289,13 @@ class ImplicitRefinementModel(nn.Module):
             out["critic_logits"] = self.critic_head(hidden).squeeze(-1)
         return out
 
-    def forward_train(self, tokens, step, cond, allowed=None, positions=None) -> dict[str, torch.Tensor]:
-        return self.heads(self.hidden(tokens, step, cond, allowed, positions))
+    def forward_train(self, tokens, step, cond, allowed=None, positions=None, placed=None) -> dict[str, torch.Tensor]:
+        """``placed`` [B, n <= tokens' length]: also the verifier's logits over the first n positions."""
+        x = self.residual(tokens, step, cond, allowed, positions)
+        out = self.heads(self.ln_f(x))
+        if placed is not None:
+            out["verify_logits"] = self.verify_logits(x[:, : placed.shape[1]], placed)
+        return out
 
     def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor):
         """The exported step: (tokens, step, cond) -> logits, gate, cond_next (, critic)."""

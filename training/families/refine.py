@@ -26,8 +26,8 @@ class _TrainView(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, step, cond, allowed=None, positions=None):
-        return self.model.forward_train(tokens, step, cond, allowed, positions)
+    def forward(self, tokens, step, cond, allowed=None, positions=None, placed=None):
+        return self.model.forward_train(tokens, step, cond, allowed, positions, placed)
 
 
 class RefineFamily(Family):
@@ -54,14 +54,15 @@ class RefineFamily(Family):
 
     def build(self, config, tokenizer) -> ImplicitRefinementModel:
         model = ImplicitRefinementModel(config, tokenizer)
-        if config.freeze_trunk:  # only the gate learns; the optimiser skips the rest
+        if config.freeze_trunk:  # only the heads learn (gate, verifier); the optimiser skips the rest
+            heads = tuple(h for h in self.fresh_on_init(config) if h != "gate_head." or config.gate_loss_weight > 0)
             for name, p in model.named_parameters():
-                p.requires_grad_(name.startswith("gate_head."))
+                p.requires_grad_(name.startswith(heads))
         return model
 
     def fresh_on_init(self, config) -> tuple[str, ...]:
-        """A gate head of another shape (``gate_head_hidden``) starts fresh on a trained trunk."""
-        return ("gate_head.",)
+        """A gate head of another shape (``gate_head_hidden``) or a verifier starts fresh on a trained trunk."""
+        return ("gate_head.", "verify_")
 
     def train_module(self, model):
         return _TrainView(model)
@@ -79,5 +80,5 @@ class RefineFamily(Family):
 
     def unused_parameters(self, config) -> bool:
         """The gate head gets no gradient when the gate is not trained (DDP must know)."""
-        return not config.use_refine_gate
+        return not config.use_refine_gate or config.gate_loss_weight == 0
 
