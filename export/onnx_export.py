@@ -22,7 +22,7 @@ from typing import Any
 from imadarem.runtime import metadata as mf
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.files import check_output, replace_atomically, temporary_beside
-from imadarem.runtime.formats.refine import FORMAT, INPUTS, OUTPUTS
+from imadarem.runtime.formats.refine import FORMAT, INPUTS, OUTPUTS, VERIFY_INPUTS, VERIFY_OUTPUTS
 from imadarem.runtime.registry import tokenizer_origin, tokenizer_to_json
 
 OPSET = 18
@@ -69,9 +69,9 @@ def _device_state_step(model):
             super().__init__()
             self.model = model
 
-        def forward(self, tokens, step, cond, cond_rows):
+        def forward(self, tokens, step, cond, cond_rows, draft_noise=None):
             cond = cond.index_select(0, cond_rows)[:, : tokens.shape[1]]
-            return self.model(tokens, step, cond)
+            return self.model(tokens, step, cond, draft_noise)
 
     return DeviceStateStep().eval()
 
@@ -104,6 +104,11 @@ def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] 
         names = list(INPUTS) + ["cond_rows"]
         dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: CB, 1: CL}, "cond_rows": {0: B}}
         module = _device_state_step(model)
+    if getattr(cfg, "verify_layers", 0):  # the verifier's single pass (formats/refine.py: VERIFY_INPUTS)
+        args = args + (torch.zeros(batch, length, cfg.vocab_size),)
+        names += list(VERIFY_INPUTS)
+        dynamic["draft_noise"] = {0: B, 1: L}
+        outputs += list(VERIFY_OUTPUTS)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -84,3 +84,109 @@ def test_verify_layers_need_a_block_objective():
 
     with pytest.raises(ImadaremError, match="verify_layers needs objective 'block'"):
         ImplicitRefinementConfig(vocab_size=16, objective="mixture", verify_layers=1)
+
+
+# -- the file and the runtime (runtime/formats/self_verify.py) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def verify_run(tmp_path_factory):
+    """A tiny block model with a verifier, trained a few steps, and its file."""
+    from conftest import MOSES_SAMPLE
+    from imadarem.export.onnx_export import export_checkpoint
+    from imadarem.training.args import TrainArgs
+    from imadarem.training.presets import PRESETS
+    from imadarem.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("verify")
+    preset = PRESETS["tiny-refine"]
+    args = TrainArgs(**{**preset["args"], "steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
+                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
+                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40, "verify_layers": 1})
+    train(args)
+    return tmp / "run", export_checkpoint(tmp / "run", tmp / "m.onnx")
+
+
+def _left_to_right(model, n: int, seed: int) -> list[list[int]]:
+    """Brute force: each position's exact token from the verifier's logits on the state where everything before it
+    is committed and the rest masked (the verifier then reads only committed tokens), one call per token."""
+    import numpy as np
+    from imadarem.runtime import rules
+    from imadarem.runtime.bans import run_bias
+    from imadarem.runtime.prompt import blank_layout
+    from imadarem.runtime.randomness import SampleStreams
+
+    sp, L, V = model.special, model.typed.max_seq_len, model.vocab_size
+    bias = run_bias(blank_layout(L, sp), model.tokenizer, sp, V)
+    noise = rules.position_noise(SampleStreams(np.random.SeedSequence(seed), 0, n).keys(), L, V)
+    T = model.typed.sampling_temperature
+    out = []
+    for i in range(n):
+        x = np.full((1, L), sp.mask, np.int64)
+        ids = []
+        for j in range(L):
+            feed = model.feed(x, np.zeros(1, np.int64), np.zeros((1, L, model.hidden_size), np.float32))
+            logits = model.session.run(["verify_logits"], feed)[0][0, j]
+            token = int(np.argmax(logits + bias[j] + T * noise[i, j]))
+            ids.append(token)
+            if token == sp.eos:
+                break
+            x[0, j] = token
+        out.append(ids)
+    return out
+
+
+def test_one_row_drafts_give_the_verifiers_left_to_right_samples_for_any_batch_size(verify_run, monkeypatch):
+    from imadarem.runtime import Generator
+    from imadarem.runtime.formats import self_verify
+
+    gen = Generator(verify_run[1])
+    assert gen.model.self_verifying
+    want = _left_to_right(gen.model, 5, seed=4)
+    rows = []
+    run = self_verify.SelfVerifyStep._outputs
+    monkeypatch.setattr(self_verify.SelfVerifyStep, "_outputs",
+                        lambda self, tokens, r, cut: rows.append(len(tokens)) or run(self, tokens, r, cut))
+    one = gen.generate(5, seed=4, drafts=0)
+    assert [s.ids for s in one] == want
+    calls_one = sum(s.steps for s in one)
+    for drafts, batch in [(3, 5), (2, 2), (1, 3), (3, 1)]:
+        rows.clear()
+        got = gen.generate(5, seed=4, drafts=drafts, batch_size=batch)
+        assert [s.ids for s in got] == want, (drafts, batch)
+        assert sum(s.steps for s in got) <= calls_one
+        # one row a sample per call (split into window groups at most), never one a draft
+        assert sum(rows) == sum(s.steps for s in got), (drafts, batch)
+
+
+def test_the_files_verifier_is_the_models(verify_run):
+    import numpy as np
+    from imadarem.export.exporters import load_source
+    from imadarem.runtime import Generator
+
+    model = load_source(verify_run[0]).model.eval()
+    gen = Generator(verify_run[1])
+    sp, L, V = model.special, model.config.max_seq_len, model.config.vocab_size
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, V, (3, L))
+    tokens[:, 6:] = sp.mask
+    noise = rng.gumbel(size=(3, L, V)).astype(np.float32)
+    feed = gen.model.feed(tokens, np.zeros(3, np.int64), np.zeros((3, L, model.config.hidden_size), np.float32),
+                          draft_noise=noise)
+    drafts, verify = gen.model.session.run(["drafts", "verify_logits"], feed)
+    with torch.no_grad():
+        out = model(torch.tensor(tokens), torch.zeros(3, dtype=torch.long),
+                    torch.zeros(3, L, model.config.hidden_size), torch.tensor(noise))
+    assert np.array_equal(drafts, out[-2].numpy())
+    assert np.abs(verify - out[-1].numpy()).max() < 1e-4
+
+
+def test_a_partial_verifier_is_refused_in_one_line(verify_run, tmp_path):
+    import onnx
+    from imadarem.runtime import Generator, ModelFileError
+
+    proto = onnx.load(str(verify_run[1]))
+    kept = [o for o in proto.graph.output if o.name != "drafts"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    onnx.save(proto, str(tmp_path / "partial.onnx"))
+    with pytest.raises(ModelFileError, match="partial verifier"):
+        Generator(tmp_path / "partial.onnx")

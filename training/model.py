@@ -297,12 +297,22 @@ class ImplicitRefinementModel(nn.Module):
             out["verify_logits"] = self.verify_logits(x[:, : placed.shape[1]], placed)
         return out
 
-    def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor):
-        """The exported step: (tokens, step, cond) -> logits, gate, cond_next (, critic)."""
-        out = self.forward_train(tokens, step, cond)
+    def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
+                draft_noise: torch.Tensor | None = None):
+        """The exported step: (tokens, step, cond) -> logits, gate, cond_next (, critic). A model with a verifier
+        takes ``draft_noise`` [B, n, V] too (the draft bans plus each position's tempered Gumbel noise) and also
+        returns ``drafts`` (argmax(logits + draft_noise): a sample of each position's marginal) and
+        ``verify_logits``, the verifier's conditionals with the drafts placed at the masks: draft and check in
+        one call (Campbell et al.'s single pass)."""
+        x = self.residual(tokens, step, cond)
+        out = self.heads(self.ln_f(x))
         result = (out["logits"].float(), torch.sigmoid(out["gate_logits"].float()), out["cond_next"].float())
         if self.critic_head is not None:
             result = result + (torch.sigmoid(out["critic_logits"].float()),)
+        if draft_noise is not None:
+            drafts = (out["logits"].float() + draft_noise).argmax(-1)
+            placed = torch.where(tokens == self.special.mask, drafts, tokens)
+            result = result + (drafts, self.verify_logits(x, placed).float())
         return result
 
     def zero_cond(self, tokens: torch.Tensor) -> torch.Tensor:

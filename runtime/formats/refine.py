@@ -8,8 +8,11 @@ state never leaves a GPU). Outputs ``logits`` float32 [batch, length, vocab], ``
 (refine probability), ``cond_next`` [batch, length, hidden] and optionally ``critic`` [batch, length].
 The optional sampling head adds inputs ``uniform`` [batch, length], ``temperature`` [batch],
 ``logit_bias`` [length, vocab] and outputs ``proposals`` (int64), ``proposal_prob``, ``entropy``,
-``top1``, ``top2``, ``current_prob``: all of them or none. Batch and length are dynamic, length <=
-``max_seq_len``. Config: :class:`RefineConfig`.
+``top1``, ``top2``, ``current_prob``: all of them or none. A block model's optional verifier adds input
+``draft_noise`` float32 [batch, length, vocab] and outputs ``drafts`` int64 [batch, length] (argmax of
+``logits`` + ``draft_noise``) and ``verify_logits`` [batch, length, vocab] (each position's left-to-right
+conditional given the drafts placed at the masks before it in its block): all of them or none. Batch and
+length are dynamic, length <= ``max_seq_len``. Config: :class:`RefineConfig`.
 
 **Decoding**: the refinement loop (``runtime/refinement.py``) with any selector; the default is ``gate``,
 or ``entropy`` for a model trained without its gate (``use_refine_gate`` false). Each call runs the step on
@@ -33,6 +36,7 @@ from imadarem.runtime.errors import ImadaremError, ModelFileError
 from imadarem.runtime.formats import block_verify
 from imadarem.runtime.formats.base import Format, ModelFile
 from imadarem.runtime.formats.block_verify import BlockVerifyStep, ZeroCond
+from imadarem.runtime.formats.self_verify import SelfVerifyStep
 from imadarem.runtime.limits import MAX_SEQ_LEN, MAX_VOCAB
 from imadarem.runtime.metadata import KEY_FORMAT, check_metadata, checked_fields
 from imadarem.runtime.prompt import prompt_layout
@@ -49,6 +53,9 @@ OUTPUTS = ("logits", "gate", "cond_next")
 #: the optional sampling head (imadarem.export.sampling_head): all of these, or none
 SAMPLING_INPUTS = ("uniform", "temperature", "logit_bias")
 SAMPLING_OUTPUTS = ("proposals", "proposal_prob", "entropy", "top1", "top2", "current_prob")
+#: a block model's optional verifier (training/model.py, ``verify_layers``): all of these, or none
+VERIFY_INPUTS = ("draft_noise",)
+VERIFY_OUTPUTS = ("drafts", "verify_logits")
 
 
 @dataclass(frozen=True)
@@ -124,15 +131,23 @@ class RefineFile(ModelFile):
         return "uniform" in self.input_names
 
     @property
+    def self_verifying(self) -> bool:
+        """The graph drafts and verifies in one row (formats/self_verify.py)."""
+        return "draft_noise" in self.input_names
+
+    @property
     def default_selector(self) -> str:
         """``gate``, or for a model trained without its gate the gate-off rule ``entropy``."""
         return "gate" if self.config.get("use_refine_gate", True) is not False else "entropy"
 
-    def feed(self, tokens, step, cond, sampling: tuple | None = None) -> dict[str, Any]:
+    def feed(self, tokens, step, cond, sampling: tuple | None = None, draft_noise=None) -> dict[str, Any]:
         """The inputs of one step on host arrays. ``sampling`` = (uniform, temperature, logit_bias) for a
         graph with the sampling head; left out, greedy with no bans (the step's own outputs do not depend
-        on it)."""
+        on it). ``draft_noise`` for a graph with a verifier; left out, zeros (the loop reads neither output)."""
         feed = {"tokens": tokens, "step": step, "cond": cond}
+        if self.self_verifying:
+            feed["draft_noise"] = (np.zeros((*tokens.shape, self.vocab_size), np.float32) if draft_noise is None
+                                   else draft_noise)
         if self.device_state:
             feed["cond_rows"] = np.arange(tokens.shape[0], dtype=np.int64)
         if self.graph_sampling:
@@ -185,8 +200,10 @@ class RefineFile(ModelFile):
         bias = run_bias(layout, self.tokenizer, self.special, cfg.vocab_size)
         selector, options = self.chosen_selector(request, "gate")
 
+        step_class = SelfVerifyStep if self.self_verifying else BlockVerifyStep
+
         def new_step(size: int, streams: SampleStreams) -> ModelStep:
-            return BlockVerifyStep(self, size, layout, temperature, bias, streams.keys(), drafts, block)
+            return step_class(self, size, layout, temperature, bias, streams.keys(), drafts, block)
         return RefinementPlan(settings, selector, options, PRESENTED_OUTPUTS, self.path, self.special, new_step)
 
 
@@ -402,8 +419,9 @@ def _last_dim(node) -> int | None:
     return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
-def check_graph(session, config: RefineConfig, path: str) -> tuple[list[str], list[str]]:
-    """The graph's inputs and outputs against the contract and the config; their names."""
+def check_graph(session, config: RefineConfig, path: str, block: int = 0) -> tuple[list[str], list[str]]:
+    """The graph's inputs and outputs against the contract and the config (``block``: the model's decoding
+    block, 0 for none); their names."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     for name in INPUTS:
@@ -412,10 +430,14 @@ def check_graph(session, config: RefineConfig, path: str) -> tuple[list[str], li
     for name in OUTPUTS:
         if name not in outputs:
             raise ModelFileError(f"{path}: graph has no output {name!r} (has: {', '.join(outputs)})")
-    if "uniform" in inputs:
-        missing = [n for n in SAMPLING_INPUTS if n not in inputs] + [n for n in SAMPLING_OUTPUTS if n not in outputs]
-        if missing:
-            raise ModelFileError(f"{path}: graph has a partial sampling head (missing {', '.join(missing)})")
+    for group, ins, outs in (("sampling head", SAMPLING_INPUTS, SAMPLING_OUTPUTS),
+                             ("verifier", VERIFY_INPUTS, VERIFY_OUTPUTS)):
+        present = [n for n in ins if n in inputs] + [n for n in outs if n in outputs]
+        missing = [n for n in ins if n not in inputs] + [n for n in outs if n not in outputs]
+        if present and missing:
+            raise ModelFileError(f"{path}: graph has a partial {group} (missing {', '.join(missing)})")
+    if "draft_noise" in inputs and not block:
+        raise ModelFileError(f"{path}: graph has a verifier but its config is not a block model's")
     for name, dtype in INPUT_TYPES.items():
         if inputs[name].type != dtype:
             raise ModelFileError(f"{path}: input {name!r} is {inputs[name].type}, expected {dtype}")
@@ -446,7 +468,7 @@ def probe(model: RefineFile) -> None:
 
 def open_file(path: str, session, meta: dict[str, str], provider: str = "cpu", threads: int | None = None) -> RefineFile:
     common = check_metadata(meta, path, FORMAT, RefineConfig.from_dict)
-    inputs, outputs = check_graph(session, common.typed, path)
+    inputs, outputs = check_graph(session, common.typed, path, decode_block(common.config))
     model = RefineFile(path, session, meta, common, provider, threads, {"inputs": inputs, "outputs": outputs})
     probe(model)
     return model
