@@ -9,11 +9,15 @@ position, ``rules.position_noise``), places the drafts, and returns the verifier
 
 One call (:class:`SelfVerifyStep`), per row with open positions u_0, u_1, ... in its current block (at most
 ``drafts`` + 1 of them): run the state with every open position masked; the exact token of u_k is argmax(verifier
-logits at u_k + bans + T g), which conditions on the drafts at u_0 .. u_{k-1}, and so is the left-to-right token
-as soon as those drafts equal their own exact tokens. Commit u_0's exact token and each next one while the drafts
-before it held. The molecules are those of one exact token per call (``drafts=0``: u_0 only), token for token,
-for any batch size; drafts change only the number of calls. EOS is never drafted (it ends a row only as an exact
-token), except in a template's EOS-only slot.
+logits at u_k + bans + T g), a sample of the verifier's conditional given the drafts at u_0 .. u_{k-1}, so it is a
+left-to-right sample as soon as those drafts equal their own exact tokens (speculative sampling with Gumbel
+coupling). Commit u_0's exact token and each next one while the drafts before it held. A sample's molecule is the
+same for any batch size. It is not the one-token-per-call molecule (``drafts=0``: u_0 only, each call's trunk
+seeing every earlier token committed) token for token: a token committed after held drafts conditions on the
+call's trunk state, where the earlier positions of the block were still masks, and reads them through the
+verifier alone (the target shifts with the state, as in Campbell et al.). So the two decodings sample slightly
+different approximations of the same conditionals, and each is measured on its own. EOS is never drafted (it ends
+a row only as an exact token), except in a template's EOS-only slot.
 """
 
 from __future__ import annotations
