@@ -12,6 +12,10 @@ def verified():
     from conftest import tiny_selfies_refine
 
     model = tiny_selfies_refine(objective="block", num_layers=2, dropout=0.0, verify_layers=1)
+    with torch.no_grad():  # a trained-looking verifier: its branches start at zero (the trunk's marginals)
+        for name, p in model.named_parameters():
+            if name.startswith("verify_"):
+                p.normal_(0, 0.1)
     return model.eval()
 
 
@@ -65,7 +69,7 @@ def test_the_block_loss_trains_the_verifier_and_a_frozen_trunk_stays_put():
     assert float(m["loss"]) == pytest.approx(float(m["ce"]) + float(m["gate_bce"]) + float(m["verify_ce"]), rel=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads["verify_prev.weight"] is not None and grads["verify_prev.weight"].abs().sum() > 0
-    assert grads["verify_blocks.0.qkv.weight"].abs().sum() > 0
+    assert grads["verify_blocks.0.proj.weight"].abs().sum() > 0 and grads["verify_blocks.0.mlp.2.weight"].abs().sum() > 0
     # freeze_trunk: the heads learn (gate, verifier), the trunk does not
     from dataclasses import replace
 
@@ -196,3 +200,18 @@ def test_a_partial_verifier_is_refused_in_one_line(verify_run, tmp_path):
     onnx.save(proto, str(tmp_path / "partial.onnx"))
     with pytest.raises(ModelFileError, match="partial verifier"):
         Generator(tmp_path / "partial.onnx")
+
+
+def test_a_fresh_verifier_gives_the_trunks_own_logits():
+    """Zero-initialised branches: adding a verifier to a trained trunk (--init-from) starts from its marginals."""
+    from conftest import tiny_selfies_refine
+
+    model = tiny_selfies_refine(objective="block", num_layers=2, dropout=0.0, verify_layers=1)
+    cfg, sp = model.config, model.special
+    clean = _clean(sp, cfg.vocab_size, rows=2)
+    state = clean.clone()
+    state[:, 5:] = sp.mask
+    with torch.no_grad():
+        out = model.forward_train(state, torch.zeros(2, dtype=torch.long), torch.zeros(2, 16, cfg.hidden_size),
+                                  placed=clean)
+    assert torch.allclose(out["verify_logits"], out["logits"], atol=1e-5)

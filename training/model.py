@@ -205,12 +205,16 @@ class ImplicitRefinementModel(nn.Module):
         self.critic_head = nn.Linear(h, 1) if config.use_critic else None
         if config.verify_layers:
             # position j reads the trunk's last residual state there plus the token placed at j - 1 (the data's in
-            # training, the draft or the committed token in decoding) and predicts x_j: the residual keeps the
-            # non-causal state, which the ablation of Campbell et al. found to matter
+            # training, the draft or the committed token in decoding) and predicts x_j through the trunk's own final
+            # norm and output: the residual keeps the non-causal state, which the ablation of Campbell et al. found
+            # to matter
             self.verify_prev = nn.Linear(h, h)
             self.verify_blocks = nn.ModuleList(Block(config) for _ in range(config.verify_layers))
-            self.verify_ln = nn.LayerNorm(h)
         self.apply(self._init)
+        if config.verify_layers:  # every branch into the residual starts at zero: the verifier starts as the trunk's
+            for layer in (self.verify_prev, *(m for b in self.verify_blocks for m in (b.proj, b.mlp[2]))):
+                nn.init.zeros_(layer.weight)  # marginals, so a trained trunk loses nothing on the first step
+                nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.self_cond.weight)  # self-conditioning starts as a no-op
         nn.init.zeros_(self.self_cond.bias)
         nn.init.constant_(self.gate_head_output().bias, config.gate_bias_init)  # sigmoid(2) = 0.88: refine at first
@@ -269,7 +273,7 @@ class ImplicitRefinementModel(nn.Module):
         bias = torch.zeros(see.shape, dtype=x.dtype, device=x.device).masked_fill(~see, float("-inf"))[None, None]
         for block in self.verify_blocks:
             x = block(x, bias)
-        return self.verify_ln(x) @ self.tok_emb.weight.t()
+        return self.ln_f(x) @ self.tok_emb.weight.t()
 
     def heads(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = hidden @ self.tok_emb.weight.t()
