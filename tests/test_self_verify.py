@@ -215,3 +215,34 @@ def test_a_fresh_verifier_gives_the_trunks_own_logits():
         out = model.forward_train(state, torch.zeros(2, dtype=torch.long), torch.zeros(2, 16, cfg.hidden_size),
                                   placed=clean)
     assert torch.allclose(out["verify_logits"], out["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("sees", ["block", "prefix"])
+def test_the_verifier_in_decoding_sees_what_the_two_stream_training_showed_it(sees):
+    """Block b of the noisy stream, verified with the clean tokens placed = block b of the single-stream state a
+    decoder reaches (clean blocks before b, block b as in x_t, masks after) with the same tokens placed."""
+    from conftest import tiny_selfies_refine
+    from imadarem.training.model import two_stream_attention
+
+    model = tiny_selfies_refine(objective="block", num_layers=2, dropout=0.0, verify_layers=1, verify_sees=sees)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("verify_"):
+                p.normal_(0, 0.1)
+    cfg, sp = model.config, model.special
+    L, bs = cfg.max_seq_len, cfg.block_size
+    clean = _clean(sp, cfg.vocab_size)
+    noisy = clean.clone()
+    noisy[torch.rand(clean.shape, generator=torch.Generator().manual_seed(1)) < 0.5] = sp.mask
+    pos = torch.arange(L)
+    step = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        two = model.forward_train(torch.cat([noisy, clean], 1), step, torch.zeros(3, 2 * L, cfg.hidden_size),
+                                  two_stream_attention(L, bs)[None], torch.cat([pos, pos]), clean)
+        for b in range(L // bs):
+            state = torch.full_like(clean, sp.mask)
+            state[:, : b * bs] = clean[:, : b * bs]
+            state[:, b * bs:(b + 1) * bs] = noisy[:, b * bs:(b + 1) * bs]
+            one = model.forward_train(state, step, torch.zeros(3, L, cfg.hidden_size), placed=clean)
+            sl = slice(b * bs, (b + 1) * bs)
+            assert torch.allclose(one["verify_logits"][:, sl], two["verify_logits"][:, sl], atol=1e-5), b

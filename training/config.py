@@ -60,6 +60,9 @@ class ImplicitRefinementConfig:
     # 0: none (drafts are verified by running one state a draft: runtime/formats/block_verify.py)
     verify_layers: int = 0
     verify_loss_weight: float = 1.0
+    # what a verifier position attends to besides the earlier positions of its block: "block" nothing else (the
+    # trunk's states carry the context), "prefix" every position of the earlier blocks too (training/model.py)
+    verify_sees: str = "block"
 
     def __post_init__(self):
         checks = [
@@ -81,6 +84,7 @@ class ImplicitRefinementConfig:
             (self.verify_layers >= 0, "verify_layers must be >= 0"),
             (self.verify_layers == 0 or self.objective == "block", "verify_layers needs objective 'block'"),
             (self.verify_loss_weight >= 0, "verify_loss_weight must be >= 0"),
+            (self.verify_sees in ("block", "prefix"), "verify_sees must be 'block' or 'prefix'"),
             (0.0 <= self.block_suffix_share <= 1.0, "block_suffix_share must be in [0, 1]"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (0.0 <= self.semi_ar_weight and 0.0 <= self.span_weight and self.semi_ar_weight + self.span_weight <= 1.0,

@@ -108,13 +108,27 @@ def two_stream_forward(model_forward, xt: torch.Tensor, clean: torch.Tensor, hid
                              clean if verify else None)
 
 
-def verify_attention(length: int, block: int, device=None) -> torch.Tensor:
-    """[L, L] the verifier's mask: a position sees the positions of its own block up to itself. Earlier blocks
-    reach it through the trunk's hidden states, which (committed in decoding, clean in training) are the same
-    in both; the drafts of its block reach it only from the positions before it, as left to right needs."""
+def verify_attention(length: int, block: int, sees: str = "block", device=None) -> torch.Tensor:
+    """[L, L] the verifier's mask: a position sees the positions of its own block up to itself (the drafts of its
+    block reach it only from the positions before it, as left to right needs) and, with ``sees`` "prefix", every
+    position of the earlier blocks (committed in decoding). With "block" the earlier blocks reach it only through
+    the trunk's states at its own block, which are the same in training and decoding."""
     pos = torch.arange(length, device=device)
     blk = torch.div(pos, block, rounding_mode="floor")
-    return (blk[:, None] == blk[None]) & (pos[:, None] >= pos[None])
+    see = (blk[:, None] == blk[None]) & (pos[:, None] >= pos[None])
+    return see | (blk[:, None] > blk[None]) if sees == "prefix" else see
+
+
+def two_stream_verify_attention(length: int, block: int, device=None) -> torch.Tensor:
+    """[2L, 2L] :func:`verify_attention` "prefix" over x_t ++ x_0: a noisy position sees the noisy positions of its
+    block up to itself and the clean positions of the earlier blocks, which is what it sees in decoding, where the
+    earlier blocks are committed; a clean position sees the clean stream as one stream would."""
+    one = verify_attention(length, block, "prefix", device)
+    blk = torch.div(torch.arange(length, device=device), block, rounding_mode="floor")
+    own = one & (blk[:, None] == blk[None])
+    top = torch.cat([own, one & ~own], 1)
+    bottom = torch.cat([torch.zeros_like(one), one], 1)
+    return torch.cat([top, bottom], 0)
 
 
 class TimeEmbedding(nn.Module):
@@ -261,19 +275,26 @@ class ImplicitRefinementModel(nn.Module):
             x = block(x, attn_bias)
         return x
 
-    def verify_logits(self, residual: torch.Tensor, placed: torch.Tensor) -> torch.Tensor:
-        """[B, n, V] the verifier's logits: at position j, x_j given the trunk's state (``residual`` [B, n, h], the
-        first n positions of a stream) and the tokens ``placed`` [B, n] at the positions of j's block before it.
-        Decoding places the drafts there; training the data's tokens (teacher forcing)."""
-        b, n, h = residual.shape
+    def verify_logits(self, residual: torch.Tensor, placed: torch.Tensor, two_streams: bool = False) -> torch.Tensor:
+        """[B, n, V] the verifier's logits: at position j, x_j given the trunk's state (``residual`` [B, n, h]) and
+        the tokens ``placed`` [B, n] at the positions before j that it sees (:func:`verify_attention`). Decoding
+        places the drafts at the masks; training the data's tokens (teacher forcing). ``two_streams``: ``residual``
+        is x_t ++ x_0 [B, 2n, h] (training), ``placed`` the clean tokens, and the logits are the noisy stream's."""
+        b, n = placed.shape
         prev = torch.cat([torch.zeros_like(placed[:, :1]), placed[:, :-1]], 1)
-        has_prev = (torch.arange(n, device=placed.device) > 0).to(residual.dtype)[None, :, None]  # position 0: none
-        x = residual + self.verify_prev(self.tok_emb(prev) * self.emb_scale) * has_prev
-        see = verify_attention(n, self.config.block_size, placed.device)
+        has_prev = (torch.arange(n, device=placed.device) > 0).to(residual.dtype)  # position 0 reads no token
+        sees, bs = self.config.verify_sees, self.config.block_size
+        if two_streams and sees == "prefix":
+            prev, has_prev = torch.cat([prev, prev], 1), torch.cat([has_prev, has_prev])
+            see = two_stream_verify_attention(n, bs, placed.device)
+        else:
+            residual = residual[:, :n]
+            see = verify_attention(n, bs, sees, placed.device)
+        x = residual + self.verify_prev(self.tok_emb(prev) * self.emb_scale) * has_prev[None, :, None]
         bias = torch.zeros(see.shape, dtype=x.dtype, device=x.device).masked_fill(~see, float("-inf"))[None, None]
         for block in self.verify_blocks:
             x = block(x, bias)
-        return self.ln_f(x) @ self.tok_emb.weight.t()
+        return self.ln_f(x[:, :n]) @ self.tok_emb.weight.t()
 
     def heads(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = hidden @ self.tok_emb.weight.t()
@@ -294,11 +315,12 @@ class ImplicitRefinementModel(nn.Module):
         return out
 
     def forward_train(self, tokens, step, cond, allowed=None, positions=None, placed=None) -> dict[str, torch.Tensor]:
-        """``placed`` [B, n <= tokens' length]: also the verifier's logits over the first n positions."""
+        """``placed`` [B, n]: also the verifier's logits, over the first n positions (n = half the tokens' length:
+        training's two streams, the logits of the noisy one)."""
         x = self.residual(tokens, step, cond, allowed, positions)
         out = self.heads(self.ln_f(x))
         if placed is not None:
-            out["verify_logits"] = self.verify_logits(x[:, : placed.shape[1]], placed)
+            out["verify_logits"] = self.verify_logits(x, placed, two_streams=tokens.shape[1] == 2 * placed.shape[1])
         return out
 
     def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
