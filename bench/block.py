@@ -8,7 +8,9 @@ A row is a *decoding* of the one file, run by the runtime's one Generator:
 - ``SELECTOR`` (e.g. ``confidence``, ``gate``): that selector with its default options, committing in
   parallel inside the current block;
 - ``SELECTOR+dN`` (e.g. ``gate+d3``): draft-and-verify with N drafts (formats/block_verify.py), the selector
-  placing the drafts: the l2r molecules, token for token, in fewer calls and more rows.
+  placing the drafts: the l2r molecules, token for token, in fewer calls and more rows. On a file with a verifier
+  (formats/self_verify.py) one row a call, the selector playing no part, and the verifier's samples, which are
+  not l2r's token for token (the identical share says how far they are).
 
 Every row reports molecules/s, calls and *rows* a molecule (the states a call runs: on a CPU, where a call's
 cost grows with its rows, rows set the speed; on a GPU at small batch, calls do), its speed over ``l2r``'s at
