@@ -28,6 +28,7 @@ def causal_run(tmp_path_factory):
     return out / "run"
 
 
+@pytest.mark.slow  # a real training run through the CLI (~30 s): CI's slow pass runs it (README command < 5 minutes)
 def test_a_short_causal_run_exports_by_its_checkpoint_alone_and_generates_real_molecules(causal_run, tmp_path):
     """No shape flags: family, shapes and tokenizer come from the checkpoint. A couple of minutes of CPU
     training (here 200 steps) gives molecules, not empty strings: the EMA weights are the recent ones."""
