@@ -297,6 +297,26 @@ def finished(t: int, ratio: Any, stop_threshold: float, masks_left: Any, all_fro
     return all_frozen | ((t > 0) & (ratio < stop_threshold) & ~masks_left)
 
 
+def block_attention(tokens: Any, block: int, mask_id: int, pad_id: int) -> Any:
+    """[B, L, L] bool: which keys each query may see in a ``block`` model (numpy or torch, one rule for the model's
+    graph and for a host that builds the mask itself): keys in its own or an earlier block of ``block``
+    positions, and the tokens already in place after the row's current block (the first block holding a mask),
+    such as a template's clean suffix; never PAD (the caller hides it).
+
+    Decoding block by block, the blocks after the current one hold only masks, so this is BD3-LM's block-causal
+    attention, exactly what the vectorised training shows (training/block_objective.py); with a blank in the
+    middle of a template, the text after the blank is seen from everywhere, as in the objective's span rows."""
+    blk = _floor_div(_positions(tokens, tokens.shape[-1]), block)
+    current = _floor_div(first_eos(tokens, mask_id), block)  # the first mask's block
+    placed_later = (blk[None] > current[:, None]) & (tokens != mask_id) & (tokens != pad_id)
+    earlier = blk[:, None] >= blk[None, :]
+    return earlier[None] | placed_later[:, None, :]
+
+
+def _floor_div(x: Any, d: int) -> Any:
+    return sys.modules["torch"].div(x, d, rounding_mode="floor") if is_tensor(x) else x // d
+
+
 def row_windows(tokens: np.ndarray, targets: np.ndarray, mask_id: int, pad_id: int, block: int) -> np.ndarray:
     """[B] int: how many leading positions each row of ``tokens`` needs in a call of a ``block`` refine model:
     each block up to the last one that holds a placed token (not mask, not PAD) or the row's ``targets``

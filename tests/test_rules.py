@@ -157,3 +157,25 @@ def test_coupled_gumbel_max_samples_the_softmax():
         chi2 = float(((counts - p * len(tokens)) ** 2 / np.where(seen, p * len(tokens), 1))[seen].sum())
         assert chi2 < 35 and counts[~seen].sum() == 0, (temperature, chi2)  # 10 dof: p(chi2 > 35) < 2e-4
     assert (rules.coupled_sample(logits[None], 0.0, g) == 0).all()  # greedy: argmax
+
+
+def test_block_attention_is_one_rule_for_numpy_and_torch():
+    """The block model's attention (training/model.py builds it in the graph) from numpy and from torch, on
+    de novo states and on templates with placed tokens after the current block."""
+    torch = pytest.importorskip("torch")
+    from imadarem.runtime import rules
+
+    rng = np.random.default_rng(0)
+    mask, pad = 1, 0
+    tokens = rng.integers(3, 9, (6, 13))
+    for row, first in enumerate((0, 3, 4, 7, 12, 13)):  # the first mask; 13: none
+        tokens[row, first:] = mask
+    tokens[2, 9:11] = [5, 6]  # a template's suffix after the current block
+    tokens[4, 11:] = pad
+    got = rules.block_attention(tokens, 4, mask, pad)
+    want = rules.block_attention(torch.tensor(tokens), 4, mask, pad).numpy()
+    assert got.dtype == bool and np.array_equal(got, want)
+    blk = np.arange(13) // 4
+    assert got[0][np.ix_(blk == 0, blk == 1)].sum() == 0  # block-causal: an earlier block never sees a later one
+    assert got[2][:, 9].all() and got[2][:, 10].all()  # the suffix is seen from everywhere
+    assert not got[3][blk < 3, 12].any()  # a mask in a later block is never seen from an earlier one

@@ -66,22 +66,9 @@ class AdaptivePositionalEmbedding(nn.Module):
 
 
 def block_attention(tokens: torch.Tensor, block: int, special: SpecialIds) -> torch.Tensor:
-    """[B, L, L] which keys each query may see in a ``block`` model: keys in its own or an earlier block of
-    ``block`` positions, and the tokens already in place after the row's current block (the first block
-    holding a mask), such as a template's clean suffix; never PAD (the caller hides it).
-
-    Decoding block by block, the blocks after the current one hold only masks, so this is BD3-LM's
-    block-causal attention, exactly what the vectorised training shows (training/block_objective.py); with a
-    blank in the middle of a template, the text after the blank is seen from everywhere, as in the
-    objective's span rows."""
-    n = tokens.shape[1]
-    pos = torch.arange(n, device=tokens.device)
-    blk = torch.div(pos, block, rounding_mode="floor")
-    is_mask = tokens == special.mask
-    current = torch.div(rules.first_eos(tokens, special.mask), block, rounding_mode="floor")  # the first mask's block
-    placed_later = (blk[None] > current[:, None]) & ~is_mask & (tokens != special.pad)
-    earlier = blk[:, None] >= blk[None, :]
-    return earlier[None] | placed_later[:, None, :]
+    """[B, L, L] which keys each query may see in a ``block`` model: :func:`imadarem.runtime.rules.block_attention`
+    (BD3-LM's block-causal attention, and a template's clean suffix seen from everywhere)."""
+    return rules.block_attention(tokens, block, special.mask, special.pad)
 
 
 def two_stream_attention(length: int, block: int, device=None) -> torch.Tensor:
