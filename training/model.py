@@ -118,6 +118,11 @@ def two_stream_verify_attention(length: int, block: int, device=None) -> torch.T
     return torch.cat([top, bottom], 0)
 
 
+def additive_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive bias the blocks take: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 class TimeEmbedding(nn.Module):
     """Refinement step index -> vector: sinusoidal features through a one-layer MLP."""
 
@@ -257,7 +262,7 @@ class ImplicitRefinementModel(nn.Module):
         attn_mask = see | eye[None, None]
         # one additive bias for all layers: a boolean mask makes the exported attention of every layer
         # turn it into a bias again and guard its softmax against NaN rows (which the eye rules out)
-        attn_bias = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(~attn_mask, float("-inf"))
+        attn_bias = additive_bias(attn_mask, x.dtype)
         for block in self.blocks:
             x = block(x, attn_bias)
         return x
@@ -278,7 +283,7 @@ class ImplicitRefinementModel(nn.Module):
             residual = residual[:, :n]
             see = verify_attention(n, bs, sees, placed.device)
         x = residual + self.verify_prev(self.tok_emb(prev) * self.emb_scale) * has_prev[None, :, None]
-        bias = torch.zeros(see.shape, dtype=x.dtype, device=x.device).masked_fill(~see, float("-inf"))[None, None]
+        bias = additive_bias(see, x.dtype)[None, None]
         for block in self.verify_blocks:
             x = block(x, bias)
         return self.ln_f(x[:, :n]) @ self.tok_emb.weight.t()

@@ -73,6 +73,16 @@ def run_by_window(run: Callable[[np.ndarray, int], dict[str, np.ndarray]], windo
     return stitched
 
 
+def open_positions(frozen: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's open (unfrozen) positions in order: ``rank`` [B, L] (1, 2, ... along them, 0 where frozen) and
+    ``U`` [B, count], U[:, k] the row's k-th open position u_k (L when it has fewer)."""
+    L = frozen.shape[1]
+    open_ = ~frozen
+    rank = np.cumsum(open_, 1) * open_
+    U = np.stack([np.where((rank == k + 1).any(1), (rank == k + 1).argmax(1), L) for k in range(count)], 1)
+    return rank, U
+
+
 class BlockVerifyStep(ModelStep):
     """The per-batch state of draft-and-verify on a block refine file: each row's noise; the rest lives in
     the loop's tokens and frozen mask (verified positions are frozen, drafts are unfrozen tokens)."""
@@ -103,9 +113,7 @@ class BlockVerifyStep(ModelStep):
         idx = np.arange(b)
         pos = np.arange(L)[None, :]
         open_ = ~fz
-        rank = np.cumsum(open_, 1) * open_  # 1, 2, ... along each row's open (unverified) positions
-        # U[:, k]: the row's k-th open position u_k (L when it has fewer)
-        U = np.stack([np.where((rank == k + 1).any(1), (rank == k + 1).argmax(1), L) for k in range(W + 1)], 1)
+        rank, U = open_positions(fz, W + 1)  # along each row's open (unverified) positions
         at_u = np.take_along_axis(x, np.minimum(U, L - 1), 1)
         holds = (U < L) & (at_u != sp.mask) & np.take_along_axis(self.offered, np.minimum(U, L - 1), 1)
         m = np.cumprod(holds[:, :W], 1).sum(1) if W else np.zeros(b, dtype=np.int64)  # the leading drafts

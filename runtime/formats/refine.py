@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,11 @@ class RefineFile(ModelFile):
         """The graph drafts and verifies in one row (formats/self_verify.py)."""
         return "draft_noise" in self.input_names
 
+    @cached_property
+    def _zero_noise(self) -> ZeroCond:
+        """The ``draft_noise`` of a call whose drafts nobody reads: one zero buffer, grown once, viewed per call."""
+        return ZeroCond(self.vocab_size)
+
     @property
     def default_selector(self) -> str:
         """``gate``, or for a model trained without its gate the gate-off rule ``entropy``."""
@@ -146,8 +152,7 @@ class RefineFile(ModelFile):
         on it). ``draft_noise`` for a graph with a verifier; left out, zeros (the loop reads neither output)."""
         feed = {"tokens": tokens, "step": step, "cond": cond}
         if self.self_verifying:
-            feed["draft_noise"] = (np.zeros((*tokens.shape, self.vocab_size), np.float32) if draft_noise is None
-                                   else draft_noise)
+            feed["draft_noise"] = self._zero_noise(*tokens.shape) if draft_noise is None else draft_noise
         if self.device_state:
             feed["cond_rows"] = np.arange(tokens.shape[0], dtype=np.int64)
         if self.graph_sampling:

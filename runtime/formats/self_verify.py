@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 from imadarem.runtime import rules
-from imadarem.runtime.formats.block_verify import ZeroCond, run_by_window
+from imadarem.runtime.formats.block_verify import ZeroCond, open_positions, run_by_window
 from imadarem.runtime.prompt import Layout
 from imadarem.runtime.refinement import ModelStep, Shown
 
@@ -56,10 +56,7 @@ class SelfVerifyStep(ModelStep):
         idx = np.arange(b)[:, None]
         pos = np.arange(L)[None, :]
         state = np.where(fz, x, sp.mask)  # the verified tokens and prompt literals; masks everywhere else
-        open_ = ~fz
-        rank = np.cumsum(open_, 1) * open_
-        # U[:, k]: the row's k-th open position u_k (L when it has fewer)
-        U = np.stack([np.where((rank == k + 1).any(1), (rank == k + 1).argmax(1), L) for k in range(W + 1)], 1)
+        _, U = open_positions(fz, W + 1)  # U[:, k]: the row's k-th open position u_k (L when it has fewer)
         windows = rules.row_windows(state, U[:, 0], sp.mask, sp.pad, block)
         cut = int(windows.max(initial=min(L, block)))
         started = time.perf_counter()
