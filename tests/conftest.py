@@ -90,3 +90,19 @@ def rewrite_metadata(src, dst, change):
         entry.key, entry.value = key, value
     onnx.save(proto, str(dst))
     return dst
+
+
+def tiny_block_file(tmp, steps: int, **model):
+    """The tiny-refine preset (a block model) trained ``steps`` steps on the MOSES sample, hidden 32, 40
+    positions, ``model`` overriding its config fields, and exported: (run directory, model file)."""
+    from imadarem.export.onnx_export import export_checkpoint
+    from imadarem.training.args import TrainArgs
+    from imadarem.training.presets import PRESETS
+    from imadarem.training.trainer import train
+
+    preset = PRESETS["tiny-refine"]
+    args = TrainArgs(**{**preset["args"], "steps": steps, "eval_interval": steps, "checkpoint_interval": steps},
+                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
+                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40, **model})
+    train(args)
+    return tmp / "run", export_checkpoint(tmp / "run", tmp / "m.onnx")

@@ -133,20 +133,11 @@ def test_a_block_window_ends_with_the_last_block_that_holds_a_placed_token_or_a_
 
 @pytest.fixture(scope="module")
 def block_file(tmp_path_factory):
-    from conftest import MOSES_SAMPLE
-    from imadarem.export.onnx_export import export_checkpoint
-    from imadarem.training.args import TrainArgs
+    from conftest import tiny_block_file
     from imadarem.training.presets import PRESETS
-    from imadarem.training.trainer import train
 
-    tmp = tmp_path_factory.mktemp("block")
-    preset = PRESETS["tiny-refine"]
-    assert preset["model"]["objective"] == "block"
-    args = TrainArgs(**{**preset["args"], "steps": 40, "eval_interval": 40, "checkpoint_interval": 40},
-                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
-                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40})
-    train(args)
-    return export_checkpoint(tmp / "run", tmp / "m.onnx")
+    assert PRESETS["tiny-refine"]["model"]["objective"] == "block"
+    return tiny_block_file(tmp_path_factory.mktemp("block"), 40)[1]
 
 
 def test_a_block_file_commits_only_inside_the_current_block_and_keeps_a_templates_suffix(block_file):
@@ -386,19 +377,9 @@ def test_drafts_are_refused_where_they_do_not_apply(block_file, tiny_onnx):
 @pytest.fixture(scope="module")
 def gated_block_file(tmp_path_factory):
     """A tiny block file with an acceptance gate (training/acceptance_gate.py), the bundled refine model's kind."""
-    from conftest import MOSES_SAMPLE
-    from imadarem.export.onnx_export import export_checkpoint
-    from imadarem.training.args import TrainArgs
-    from imadarem.training.presets import PRESETS
-    from imadarem.training.trainer import train
+    from conftest import tiny_block_file
 
-    tmp = tmp_path_factory.mktemp("gated")
-    preset = PRESETS["tiny-refine"]
-    args = TrainArgs(**{**preset["args"], "steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
-                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
-                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40, "gate_target": "acceptance"})
-    train(args)
-    return export_checkpoint(tmp / "run", tmp / "m.onnx")
+    return tiny_block_file(tmp_path_factory.mktemp("gated"), 30, gate_target="acceptance")[1]
 
 
 def test_the_acceptance_gate_chooses_which_drafts_to_place_and_never_the_molecules(gated_block_file, monkeypatch):

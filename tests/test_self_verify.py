@@ -94,19 +94,9 @@ def test_verify_layers_need_a_block_objective():
 @pytest.fixture(scope="module")
 def verify_run(tmp_path_factory):
     """A tiny block model with a verifier, trained a few steps, and its file."""
-    from conftest import MOSES_SAMPLE
-    from imadarem.export.onnx_export import export_checkpoint
-    from imadarem.training.args import TrainArgs
-    from imadarem.training.presets import PRESETS
-    from imadarem.training.trainer import train
+    from conftest import tiny_block_file
 
-    tmp = tmp_path_factory.mktemp("verify")
-    preset = PRESETS["tiny-refine"]
-    args = TrainArgs(**{**preset["args"], "steps": 30, "eval_interval": 30, "checkpoint_interval": 30},
-                     data=str(MOSES_SAMPLE), out_dir=str(tmp / "run"), cache_dir=str(tmp / "c"), progress=False,
-                     model={**preset["model"], "hidden_size": 32, "max_seq_len": 40, "verify_layers": 1})
-    train(args)
-    return tmp / "run", export_checkpoint(tmp / "run", tmp / "m.onnx")
+    return tiny_block_file(tmp_path_factory.mktemp("verify"), 30, verify_layers=1)
 
 
 def _left_to_right(model, n: int, seed: int) -> list[list[int]]:
