@@ -12,8 +12,10 @@ A row is a *decoding* of the one file, run by the runtime's one Generator:
   (formats/self_verify.py) one row a call, the selector playing no part, and the verifier's samples, which are
   not l2r's token for token (the identical share says how far they are).
 
-Every row reports molecules/s, calls and *rows* a molecule (the states a call runs: on a CPU, where a call's
-cost grows with its rows, rows set the speed; on a GPU at small batch, calls do), its speed over ``l2r``'s at
+Every row reports molecules/s, calls, *rows* and *positions* a molecule (the sequences a call runs, and their
+rows x length: on a CPU, where a call's cost grows with its positions, they set the speed; on a GPU at small
+batch, calls do; draft-and-verify packs a row's states into one sequence where it can,
+``block_verify.PackedStates``), its speed over ``l2r``'s at
 the same batch size, and the share of its molecules that are ``l2r``'s. With ``--samples N`` each row writes N
 SMILES and scores them (FCD/Test against MOSES's reference statistics, with the ``eval`` and ``fcd`` extras).
 """
@@ -74,7 +76,8 @@ class BlockRow:
     wall_s: float  # median over repeats of one run (MIN_MOLECULES molecules or one batch, whichever is more)
     seq_per_s: float
     calls_per_molecule: float
-    rows_per_molecule: float  # the states the model ran for a molecule, summed over its calls
+    rows_per_molecule: float  # the sequences the model ran for a molecule, summed over its calls
+    positions_per_molecule: float  # their positions (rows x length): what a CPU pays for
     step_p50_ms: float
     repeats: int
     vs_baseline: float | None = None  # seq/s over l2r's, same provider and batch
@@ -97,13 +100,14 @@ class BlockBench:
         if BASELINE not in [d.name for d in self.rows]:
             self.rows.insert(0, Decoding.parse(BASELINE, [], self.block))
         self._ids: dict[tuple[str, str, int], np.ndarray] = {}
-        self._count = [0]
-        for gen in self.generators.values():  # count the rows of every call
+        self._count = [0, 0]
+        for gen in self.generators.values():  # count the rows and positions of every call
             session, count = gen.model.session, self._count
             original = session.run
 
             def run(names, feed, *rest, _original=original, _count=count):
                 _count[0] += len(feed["tokens"])
+                _count[1] += feed["tokens"].size
                 return _original(names, feed, *rest)
             session.run = run
 
@@ -115,20 +119,21 @@ class BlockBench:
     def measure(self, decoding: Decoding, provider: str, batch: int) -> BlockRow:
         n = batch * max(1, -(-MIN_MOLECULES // batch))
         self._run(decoding, provider, batch, LoopTimings(), self.args.seed + 10_000, batch)  # warm-up
-        walls, calls, rows, steps = [], [], [], []
+        walls, calls, rows, positions, steps = [], [], [], [], []
         for r in range(self.args.repeats):
             tm = LoopTimings()
-            self._count[0] = 0
+            self._count[:] = [0, 0]
             ids, used = self._run(decoding, provider, batch, tm, self.args.seed + r, n)
             walls.append(tm.total_seconds)
             calls.append(float(np.mean(used)))
             rows.append(self._count[0] / n)
+            positions.append(self._count[1] / n)
             steps.append(np.asarray(tm.step_seconds))
             if r == 0:
                 self._ids[(decoding.name, provider, batch)] = ids
         wall = float(np.median(walls))
         return BlockRow(decoding.name, provider, batch, wall, n / wall, float(np.mean(calls)), float(np.mean(rows)),
-                        float(np.percentile(np.concatenate(steps), 50) * 1e3), len(walls))
+                        float(np.mean(positions)), float(np.percentile(np.concatenate(steps), 50) * 1e3), len(walls))
 
     def run(self, progress: Callable[[str], None]) -> dict[str, Any]:
         a = self.args
@@ -183,13 +188,14 @@ def markdown(result: dict[str, Any]) -> str:
              f"- model: {result['source']}; blocks of {result['block']}, length {result['max_seq_len']}; "
              f"recommended decoding: {said}; median of {result['repeats']} runs",
              "", "| provider | batch | decoding | molecules/s | × l2r | calls per molecule | rows per molecule "
-             "| step p50 ms | same molecules as l2r | FCD/Test |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| positions per molecule | step p50 ms | same molecules as l2r | FCD/Test |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         q = r.get("quality") or {}
         lines.append(f"| {r['provider']} | {r['batch']} | {r['engine']} | {_fmt(r['seq_per_s'], '.1f')} | "
                      f"{_fmt(r['vs_baseline'], '.2f')} | {_fmt(r['calls_per_molecule'], '.1f')} | "
-                     f"{_fmt(r['rows_per_molecule'], '.1f')} | {_fmt(r['step_p50_ms'], '.2f')} | "
+                     f"{_fmt(r['rows_per_molecule'], '.1f')} | {_fmt(r.get('positions_per_molecule'), '.0f')} | "
+                     f"{_fmt(r['step_p50_ms'], '.2f')} | "
                      f"{_fmt(r['identical_to_baseline'], '.3f')} | {_fmt(q.get('fcd'), '.3f')} |")
     return "\n".join(lines + [""])
 

@@ -22,7 +22,14 @@ from typing import Any
 from imadarem.runtime import metadata as mf
 from imadarem.runtime.errors import ImadaremError
 from imadarem.runtime.files import check_output, replace_atomically, temporary_beside
-from imadarem.runtime.formats.refine import FORMAT, INPUTS, OUTPUTS, VERIFY_INPUTS, VERIFY_OUTPUTS
+from imadarem.runtime.formats.refine import (
+    FORMAT,
+    INPUTS,
+    OUTPUTS,
+    PACKED_INPUTS,
+    VERIFY_INPUTS,
+    VERIFY_OUTPUTS,
+)
 from imadarem.runtime.registry import tokenizer_origin, tokenizer_to_json
 
 OPSET = 18
@@ -57,30 +64,35 @@ def build_metadata(model, provenance: dict[str, Any], fmt: str = FORMAT) -> dict
     return meta
 
 
-def _device_state_step(model):
-    """The step with one more input, ``cond_rows`` (int64 [batch]): ``cond`` is the previous step's
-    ``cond_next`` as it was, and the graph itself picks the still-active rows and the first ``length``
-    positions. The loop can then leave ``cond`` on the GPU for the whole run (IO binding), even while
-    finished sequences leave the batch and the trailing padding is trimmed."""
+def _step_module(model, names: list[str]):
+    """The step as exported, its inputs ``names`` in order. Besides the model's own inputs: ``cond_rows`` (int64
+    [batch]; ``--device-state``): ``cond`` is the previous step's ``cond_next`` as it was, and the graph itself
+    picks the still-active rows and the first ``length`` positions, so the loop can leave ``cond`` on the GPU for
+    the whole run (IO binding) while finished sequences leave the batch and the trailing padding is trimmed."""
     import torch
 
-    class DeviceStateStep(torch.nn.Module):
+    class Step(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
 
-        def forward(self, tokens, step, cond, cond_rows, draft_noise=None):
-            cond = cond.index_select(0, cond_rows)[:, : tokens.shape[1]]
-            return self.model(tokens, step, cond, draft_noise)
+        def forward(self, *inputs):
+            given = dict(zip(names, inputs))
+            tokens, cond = given["tokens"], given["cond"]
+            if "cond_rows" in given:
+                cond = cond.index_select(0, given["cond_rows"])[:, : tokens.shape[1]]
+            return self.model(tokens, given["step"], cond, given.get("draft_noise"), given.get("positions"),
+                              given.get("attend"))
 
-    return DeviceStateStep().eval()
+    return Step().eval()
 
 
 def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] | None = None,
                  device_state: bool = False) -> Path:
     """Export an ImplicitRefinementModel (fp32, CPU) to ``out_path`` as a single file.
 
-    ``device_state`` adds the optional ``cond_rows`` input (see ``_device_state_step``).
+    ``device_state`` adds the optional ``cond_rows`` input (see ``_step_module``); a block model without a verifier
+    takes ``positions`` and ``attend`` (formats/refine.py: ``PACKED_INPUTS``).
     """
     import onnx
     import torch
@@ -95,20 +107,27 @@ def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] 
     B = torch.export.Dim("batch", min=1, max=1 << 20)
     L = torch.export.Dim("length", min=1, max=cfg.max_seq_len)
     dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: B, 1: L}}
-    args, names, module = (tokens, step, cond), list(INPUTS), model
+    args, names = (tokens, step, cond), list(INPUTS)
     if device_state:
         CB = torch.export.Dim("cond_batch", min=1, max=1 << 20)
         CL = torch.export.Dim("cond_length", min=1, max=cfg.max_seq_len)
-        cond = torch.zeros(batch + 1, length + 1, cfg.hidden_size)
-        args = (tokens, step, cond, torch.arange(batch, dtype=torch.long))
-        names = list(INPUTS) + ["cond_rows"]
-        dynamic = {"tokens": {0: B, 1: L}, "step": {0: B}, "cond": {0: CB, 1: CL}, "cond_rows": {0: B}}
-        module = _device_state_step(model)
+        args = (tokens, step, torch.zeros(batch + 1, length + 1, cfg.hidden_size), torch.arange(batch, dtype=torch.long))
+        names.append("cond_rows")
+        dynamic.update({"cond": {0: CB, 1: CL}, "cond_rows": {0: B}})
     if getattr(cfg, "verify_layers", 0):  # the verifier's single pass (formats/refine.py: VERIFY_INPUTS)
         args = args + (torch.zeros(batch, length, cfg.vocab_size),)
         names += list(VERIFY_INPUTS)
         dynamic["draft_noise"] = {0: B, 1: L}
         outputs += list(VERIFY_OUTPUTS)
+    elif cfg.objective == "block":  # packed decoding states (formats/refine.py: PACKED_INPUTS)
+        from imadarem.runtime import rules
+
+        args = args + (torch.arange(length).repeat(batch, 1),
+                       rules.block_attention(tokens, cfg.block_size, model.special.mask, model.special.pad))
+        names += list(PACKED_INPUTS)
+        dynamic.update({"positions": {0: B, 1: L}, "attend": {0: B, 1: L, 2: L}})
+    module = _step_module(model, names)
+    dynamic = (tuple(dynamic[name] for name in names),)  # forward(*inputs): one varargs entry
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -27,11 +27,17 @@ def parity_report(checkpoint, model_path: Path, weights: str = "ema", batches=((
         tokens[rng.random((b, length)) < 0.3] = model.special.mask
         step = rng.integers(0, cfg.max_refinement_steps, b)
         cond = (rng.normal(size=(b, length, cfg.hidden_size)) * 0.1).astype(np.float32)
-        ort_out = mfile.session.run(list(OUTPUTS), mfile.feed(tokens, step, cond))
-        with torch.no_grad():
-            ref = model(torch.from_numpy(tokens), torch.from_numpy(step), torch.from_numpy(cond))
-        for name, a, r in zip(worst, ort_out, ref):
-            worst[name] = max(worst[name], float(np.abs(a - r.numpy()).max()))
+        feeds = [None]  # the model's own positions and attention, and on a packing file arbitrary ones too
+        if mfile.packs:
+            feeds.append((rng.integers(0, cfg.max_seq_len, (b, length)), rng.random((b, length, length)) < 0.5))
+        for packed in feeds:
+            ort_out = mfile.session.run(list(OUTPUTS), mfile.feed(tokens, step, cond, packed=packed))
+            extra = {} if packed is None else {"positions": torch.from_numpy(packed[0]),
+                                               "attend": torch.from_numpy(packed[1])}
+            with torch.no_grad():
+                ref = model(torch.from_numpy(tokens), torch.from_numpy(step), torch.from_numpy(cond), **extra)
+            for name, a, r in zip(worst, ort_out, ref):
+                worst[name] = max(worst[name], float(np.abs(a - r.numpy()).max()))
     report: dict[str, Any] = {"max_abs_diff": worst}
     if cfg.objective != "block":  # the PyTorch reference loop decodes all positions at once, a block model does not
         report["greedy_token_agreement"] = greedy_agreement(model, mfile, n=16)

@@ -192,7 +192,10 @@ def test_rows_of_different_windows_run_apart_and_change_no_token(block_file, mon
     """On a CPU a block-model call may run its rows in two groups by window (rules.window_groups): the same
     molecules as one run over the widest window, with splits forced wherever they save a position."""
     from imadarem.runtime import rules
+    from imadarem.runtime.formats.block_verify import BlockVerifyStep
 
+    # one sequence per state: the tiny model's rows decode in step when their states share a sequence
+    monkeypatch.setattr(BlockVerifyStep, "pack", False)
     gen = Generator(block_file)
     runs = []
     run = gen.model.session.run
@@ -399,11 +402,12 @@ def test_the_acceptance_gate_chooses_which_drafts_to_place_and_never_the_molecul
     monkeypatch.setattr(BlockVerifyStep, "run", watched)
     original = BlockVerifyStep._logits
 
-    def stash(self, tokens):
-        out = original(self, tokens)
+    def stash(self, packed, seqs, cut):  # counts the states a run computes, however they are packed
+        rows.append(int(np.isin(packed.rows, seqs).sum()))
+        out = original(self, packed, seqs, cut)
         self.stash_gates.append(out["gate"])
         return out
-    monkeypatch.setattr(BlockVerifyStep, "_logits", lambda self, tokens: rows.append(len(tokens)) or stash(self, tokens))
+    monkeypatch.setattr(BlockVerifyStep, "_logits", stash)
     placed = {}
     for threshold in (0.0, 0.5, 1.0):
         rows.clear()
@@ -464,13 +468,103 @@ def test_the_bench_of_a_block_file_sets_each_decoding_beside_one_token_per_call(
     assert list(rows) == ["l2r", "recommended", "confidence", "gate+d3", "l2r+d2"]  # the baseline comes first
     base = rows["l2r"]
     assert base["vs_baseline"] == 1.0 and base["rows_per_molecule"] == base["calls_per_molecule"]
-    for name in ("gate+d3", "l2r+d2"):  # draft-and-verify: l2r's molecules in fewer calls, more rows
+    assert base["positions_per_molecule"] > base["rows_per_molecule"]
+    for name in ("gate+d3", "l2r+d2"):  # draft-and-verify: l2r's molecules in fewer calls and positions
         assert rows[name]["identical_to_baseline"] == 1.0, name
         assert rows[name]["calls_per_molecule"] < base["calls_per_molecule"], name
-        assert rows[name]["rows_per_molecule"] > rows[name]["calls_per_molecule"], name
+        assert rows[name]["positions_per_molecule"] < base["positions_per_molecule"], name
     # parallel commits: one row a call, fewer calls than one token each
     assert rows["confidence"]["rows_per_molecule"] == rows["confidence"]["calls_per_molecule"]
     assert "| cpu | 3 | gate+d3 |" in (tmp_path / "bench.md").read_text()
     for bad, message in [("gate+d4", "at most 3"), ("nosuch", "unknown engine"), ("gate+dx", "unknown engine")]:
         with pytest.raises(ImadaremError, match=message):
             Bench(BenchArgs(model=str(gated_block_file), engines=(bad,), out_dir=str(tmp_path)))
+
+
+def _states(x, frozen, drafts, mask):
+    """Draft-and-verify's states of each row (formats/block_verify.py): r_k keeps the first k open positions'
+    tokens, masks the other open ones. ``drafts`` [B]: how many leading open tokens each row drafts."""
+    from imadarem.runtime.formats.block_verify import open_positions
+
+    rank, U = open_positions(frozen, 4)
+    owner = np.repeat(np.arange(len(x)), drafts + 1)
+    k = np.concatenate([np.arange(m + 1) for m in drafts])
+    keep = frozen[owner] | (~frozen[owner] & (rank[owner] <= k[:, None]))
+    return np.where(keep, x[owner], mask), owner, U[owner, k], U[:, 0]
+
+
+def test_packed_states_give_every_state_its_own_outputs(block_file):
+    """A row's states in one sequence (block_verify.PackedStates): each copy's logits and gate are those of its
+    state run alone, at every position it runs, and the shared prefix is each state's prefix; a row with a token
+    placed after its current block (a template's suffix) keeps one sequence per state."""
+    from imadarem.runtime.formats.block_verify import PackedStates, ZeroCond
+
+    model = Generator(block_file).model
+    sp, L, block = model.special, 24, 4
+    rng = np.random.default_rng(0)
+    x = rng.integers(4, model.vocab_size, (4, L))
+    frozen = np.zeros((4, L), dtype=bool)
+    frozen[:, :9] = True  # committed through position 8: the current block is 8-11, its first open position 9
+    frozen[1, :6] = True
+    frozen[1, 6:] = False  # row 1: open from 6, in block 4-7, whose drafts reach the block's end
+    frozen[3, 17] = True  # row 3: a placed token after its current block
+    x[~frozen] = sp.mask
+    x[0, 9:12] = rng.integers(4, model.vocab_size, 3)
+    x[1, 6:8] = rng.integers(4, model.vocab_size, 2)
+    x[2, 9] = rng.integers(4, model.vocab_size)
+    x[3, 9:11] = rng.integers(4, model.vocab_size, 2)
+    states, owner, target, first = _states(x, frozen, np.array([3, 2, 1, 2]), sp.mask)
+    windows = rules.row_windows(states, target, sp.mask, sp.pad, block)
+    packed = PackedStates(states, windows, owner, first, block, sp.mask, sp.pad)
+    assert len(packed.lengths) == 3 + 3 and packed.lengths.sum() < windows.sum()  # row 3's three states run apart
+    assert (packed.start[owner == 3] == 0).all() and len(set(packed.rows[owner == 3])) == 3
+    assert packed.lengths[packed.rows[owner == 1][0]] == 4 + 4 + 4 + 8  # r_2's copy spans blocks 4-7 and 8-11
+
+    def run(tokens, given=None):
+        n, w = tokens.shape
+        feed = model.feed(tokens, np.zeros(n, np.int64), ZeroCond(model.hidden_size)(n, w), packed=given)
+        return model.session.run(["logits", "gate"], feed)
+
+    together = run(packed.tokens, (packed.positions, packed.attend))
+    for s in range(len(states)):
+        alone = run(states[s:s + 1, :windows[s]])
+        p = np.arange(windows[s])
+        for got, want in zip(together, alone):
+            np.testing.assert_allclose(got[packed.rows[s], packed.offset(np.full(p.size, s), p)], want[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", [None, "[C][C][O]<mask:6>[C][=C][C][=C][C][=C][Ring1][=Branch1]"])
+def test_draft_and_verify_packs_a_rows_states_and_keeps_its_molecules(block_file, monkeypatch, prompt):
+    """Packed or not, draft-and-verify gives one exact token per call's molecules; packing runs fewer positions
+    de novo, and a template whose text lies after its blank runs its states apart, as before."""
+    from imadarem.runtime.formats.block_verify import BlockVerifyStep
+
+    gen = Generator(block_file)
+    assert gen.model.packs
+    positions = []
+    run = gen.model.session.run
+    monkeypatch.setattr(gen.model.session, "run", lambda names, feed: positions.append(feed["tokens"].size)
+                        or run(names, feed))
+    one = _ids(gen.generate(12, seed=5, prompt=prompt, drafts=0))
+    counted = {}
+    for pack in (False, True):
+        monkeypatch.setattr(BlockVerifyStep, "pack", pack)
+        positions.clear()
+        for batch in (12, 5):
+            assert _ids(gen.generate(12, seed=5, prompt=prompt, drafts=3, batch_size=batch)) == one, (pack, batch)
+        counted[pack] = sum(positions)
+    if prompt is None:
+        assert counted[True] < 0.8 * counted[False], counted
+
+
+def test_packed_state_inputs_on_a_model_without_blocks_are_refused_in_one_line(block_file, tmp_path):
+    import json
+
+    from conftest import rewrite_metadata
+    from imadarem.runtime import ModelFileError
+    from imadarem.runtime.metadata import KEY_CONFIG
+
+    def unblock(meta):
+        meta[KEY_CONFIG] = json.dumps({**json.loads(meta[KEY_CONFIG]), "objective": "mdlm"})
+    with pytest.raises(ModelFileError, match="packed-state inputs but its config is not a block model's"):
+        Generator(rewrite_metadata(block_file, tmp_path / "m.onnx", unblock))

@@ -240,8 +240,9 @@ class ImplicitRefinementModel(nn.Module):
     # -- the step -------------------------------------------------------------------------------
     def hidden(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
                allowed: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``allowed`` [B or 1, n, n] and ``positions`` [n]: training's two streams; left out, the model's
-        own attention (bidirectional, or :func:`block_attention` for a ``block`` model)."""
+        """``allowed`` [B or 1, n, n] and ``positions`` [n] or [B, n]: training's two streams, or a host's packed
+        states (formats/block_verify.py); left out, the model's own attention (bidirectional, or
+        :func:`block_attention` for a ``block`` model) over positions 0 .. n - 1."""
         return self.ln_f(self.residual(tokens, step, cond, allowed, positions))
 
     def residual(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
@@ -252,7 +253,9 @@ class ImplicitRefinementModel(nn.Module):
         if self.config.objective in ("mixture", "block"):  # time-independent (as MDLM): the masks say how far along
             step = torch.zeros_like(step)
         pe = self.pos_emb(n) if positions is None else self.pos_emb.at(positions)
-        x = self.tok_emb(tokens) * self.emb_scale + pe[None] + self.time_emb(step)[:, None, :] + self.self_cond(cond)
+        if pe.dim() == 2:  # one set of positions for every row
+            pe = pe[None]
+        x = self.tok_emb(tokens) * self.emb_scale + pe + self.time_emb(step)[:, None, :] + self.self_cond(cond)
         x = F.dropout(x, self.config.dropout, self.training)
         if allowed is None and self.config.objective == "block":
             allowed = block_attention(tokens, self.config.block_size, self.special)
@@ -316,13 +319,18 @@ class ImplicitRefinementModel(nn.Module):
         return out
 
     def forward(self, tokens: torch.Tensor, step: torch.Tensor, cond: torch.Tensor,
-                draft_noise: torch.Tensor | None = None):
+                draft_noise: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                attend: torch.Tensor | None = None):
         """The exported step: (tokens, step, cond) -> logits, gate, cond_next (, critic). A model with a verifier
         takes ``draft_noise`` [B, n, V] too (the draft bans plus each position's tempered Gumbel noise) and also
         returns ``drafts`` (argmax(logits + draft_noise): a sample of each position's marginal) and
         ``verify_logits``, the verifier's conditionals with the drafts placed at the masks: draft and check in
-        one call (Campbell et al.'s single pass)."""
-        x = self.residual(tokens, step, cond)
+        one call (Campbell et al.'s single pass). A block model's file may take ``positions`` [B, n] and
+        ``attend`` [B, n, n] (bool) instead of computing them: then one row can hold several decoding states that
+        share their committed prefix (formats/block_verify.py), each state's copy at its own positions."""
+        if (positions is None) != (attend is None):
+            raise ValueError("positions and attend go together")
+        x = self.residual(tokens, step, cond, attend, positions)
         out = self.heads(self.ln_f(x))
         result = (out["logits"].float(), torch.sigmoid(out["gate_logits"].float()), out["cond_next"].float())
         if self.critic_head is not None:

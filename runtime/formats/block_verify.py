@@ -11,15 +11,17 @@ the number of calls.
 
 One call (:class:`BlockVerifyStep`), per row with first unverified position u_0, drafts at the next
 non-frozen positions u_0 .. u_{m-1} (m <= ``drafts``; drafts after a mask, or beyond the m-th, go back to
-mask) runs the states r_0 .. r_m as rows of one batch (r_k: the verified tokens and prompt literals, the
-first k drafts, masks elsewhere), takes the exact token of u_k from r_k, keeps the leading drafts that equal
+mask) runs the states r_0 .. r_m (r_k: the verified tokens and prompt literals, the first k drafts, masks
+elsewhere), packed into one sequence per row on a file that takes positions and attention
+(:class:`PackedStates`), else as rows of one batch, takes the exact token of u_k from r_k, keeps the leading drafts that equal
 theirs, commits the exact token at the first position not kept and freezes everything up to it, and
 presents to the selector r_a's predictions at the positions after it in its block (EOS never drafted), with ``gate``
 there r_a's acceptance gate when the model has one (training/acceptance_gate.py: the chance the draft is kept), else
-1: so the gate selector places the drafts likely to be kept and saves the rows of the others. The price is up to m +
-1 rows a molecule per call instead of one; the calls are fewer (on the bundled ``refine``, n = 200: 16.2 calls and
-44.5 rows a molecule with the gate selector, 15.6 and 47.8 drafting every presented position, against 36 and 36 one
-token per call).
+1: so the gate selector places the drafts likely to be kept and saves the work of the others. Unpacked, the price
+is up to m + 1 rows a molecule per call instead of one, so on a CPU, where a call costs its positions, the calls it
+saves cost as much as they save (on the bundled ``refine``, n = 200: 16.2 calls and 44.5 rows a molecule with the
+gate selector, against 36 and 36 one token per call); packed, a state adds only its copy of the current block
+(n = 64, batch 64: 509 positions a molecule against one token per call's 756, 844 unpacked).
 """
 
 from __future__ import annotations
@@ -83,9 +85,72 @@ def open_positions(frozen: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarr
     return rank, U
 
 
+class PackedStates:
+    """Where each decoding state of one call lies in the rows the model runs: states that share their committed
+    prefix share one row (tree attention, as SpecInfer and Medusa verify candidate drafts).
+
+    A row's states r_0 .. r_m differ only from the row's current block B on (the block of its first open
+    position u_0): r_k holds the first k drafts, all inside B. Under the block model's attention
+    (``rules.block_attention``) a position before B sees only its own and earlier blocks, and the tokens placed
+    after the current block; where none are placed after B (de novo decoding, a template's blank at its end),
+    every position before B has the same hidden state in every r_k. So one sequence holds the prefix once and then
+    a *copy* of each state from B's start to the end of its window (the block of its target position, which for
+    r_m may be the block after B), each copy at its own positions, seeing the prefix and itself only,
+    block-causally: the model's outputs in copy k are r_k's, exactly. A row with tokens placed after B (a
+    template's text after its blank) keeps one sequence per state.
+
+    ``rows`` [S]: the sequence of each state; ``start`` [S]: where its copy begins in its row's positions (0 for a
+    state with its own sequence); ``at`` [S]: where that copy begins in the sequence. ``tokens``, ``positions``,
+    ``attend`` and ``lengths``: the sequences, padded with PAD (which every query ignores)."""
+
+    def __init__(self, states: np.ndarray, windows: np.ndarray, owner: np.ndarray, first: np.ndarray, block: int,
+                 mask_id: int, pad_id: int, pack: bool = True):
+        S, L = states.shape
+        pos = np.arange(L)[None, :]
+        count = np.bincount(owner, minlength=first.size)
+        head = np.concatenate([[0], np.cumsum(count)[:-1]])  # each row's first state
+        current = np.minimum(first, L - 1) // block * block  # where each row's current block begins
+        placed = (states != mask_id) & (states != pad_id)
+        after = np.bincount(owner, (placed & (pos >= (current + block)[owner, None])).any(1), minlength=first.size)
+        shares = (count > 1) & (after == 0) & pack
+        # one sequence per row that packs, then one per state of every other row
+        own = ~shares[owner]
+        self.rows = np.where(own, shares.sum() + np.cumsum(own) - 1, (np.cumsum(shares) - 1)[owner])
+        self.start = np.where(own, 0, current[owner])
+        span = windows - self.start
+        before = np.cumsum(span) - span  # copies of the same row are consecutive states
+        self.at = self.start + np.where(own, 0, before - before[head][owner])
+        R = int(self.rows.max(initial=-1)) + 1
+        self.lengths = np.zeros(R, dtype=np.int64)
+        np.maximum.at(self.lengths, self.rows, self.at + span)
+        P = int(self.lengths.max(initial=1))
+        # every (state, position) that runs: a copy's positions, and the prefix once, from the row's first state
+        where = (pos < windows[:, None]) & ((pos >= self.start[:, None]) | (np.arange(S) == head[owner])[:, None])
+        s, p = np.nonzero(where)
+        r, o = self.rows[s], self.offset(s, p)
+        self.tokens = np.full((R, P), pad_id, dtype=np.int64)
+        self.positions = np.zeros((R, P), dtype=np.int64)
+        copy = np.full((R, P), -1, dtype=np.int64)  # which state's copy a position holds (-1: the shared prefix)
+        self.tokens[r, o], self.positions[r, o] = states[s, p], p
+        copy[r, o] = np.where(p >= self.start[s], s, -1)
+        blk = self.positions // block
+        self.attend = (((copy[:, None, :] == -1) | (copy[:, None, :] == copy[:, :, None]))
+                       & (blk[:, :, None] >= blk[:, None, :]))
+        alone = np.unique(self.rows[own])  # sequences of one state: the model's own attention, placed text included
+        self.attend[alone] = rules.block_attention(self.tokens[alone], block, mask_id, pad_id)
+
+    def offset(self, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Where state ``s``'s position ``p`` lies in its sequence (the prefix at its own positions)."""
+        return np.where(p < self.start[s], p, self.at[s] + p - self.start[s])
+
+
 class BlockVerifyStep(ModelStep):
     """The per-batch state of draft-and-verify on a block refine file: each row's noise; the rest lives in
     the loop's tokens and frozen mask (verified positions are frozen, drafts are unfrozen tokens)."""
+
+    #: on a file that takes positions and attention, run a row's states as one sequence (:class:`PackedStates`);
+    #: off only to compare
+    pack = True
 
     def __init__(self, model, n: int, layout: Layout, temperature: float, bias: np.ndarray, keys: np.ndarray,
                  drafts: int, block: int):
@@ -128,14 +193,20 @@ class BlockVerifyStep(ModelStep):
         target = U[owner, k]
         windows = rules.row_windows(states, target, sp.mask, sp.pad, self.block)
         cut = int(windows.max(initial=min(L, self.block)))
+        packed = PackedStates(states, windows, owner, U[:, 0], self.block, sp.mask, sp.pad,
+                              self.pack and self.model.packs)
         started = time.perf_counter()
-        out = run_by_window(lambda s, w: self._logits(states[s, :w]), windows, self.model.provider != "cuda")
-        logits, gates = out["logits"], out.get("gate")
+        out = run_by_window(lambda s, w: self._logits(packed, s, w), packed.lengths, self.model.provider != "cuda")
         seconds = time.perf_counter() - started
+
+        def state_output(name: str, s: np.ndarray, p: np.ndarray) -> np.ndarray:
+            """``name``'s values of states ``s`` at positions ``p``."""
+            return out[name][packed.rows[s], packed.offset(s, p)]
 
         # the exact token of each state's target position, from the state where everything before it counts
         at = np.minimum(target, cut - 1)
-        exact = rules.coupled_argmax(logits[np.arange(k.size), at] + self.bias[at], self.tempered[owner, at])
+        exact = rules.coupled_argmax(state_output("logits", np.arange(k.size), at) + self.bias[at],
+                                     self.tempered[owner, at])
         # verify: the leading drafts that are their exact tokens
         if W:
             ks = np.arange(W)[None, :]
@@ -160,24 +231,25 @@ class BlockVerifyStep(ModelStep):
         ahead = ~new_frozen & (pos > r[:, None]) & (pos < limit[:, None]) & go[:, None]
         ahead &= np.cumsum(ahead, 1) <= W
         gate = np.zeros((b, L), dtype=np.float32)
-        if gates is None:  # no gate output: every presented draft passes
+        ra, pa = np.nonzero(ahead)  # every presented position lies inside its state's window
+        if "gate" not in out:  # no gate output: every presented draft passes
             gate[ahead] = 1.0
         else:  # the acceptance gate of r_a at each presented position (the chance its draft is kept)
-            gate[:, :cut][ahead[:, :cut]] = gates[resolve][ahead[:, :cut]]
-        if ahead.any():
-            ahead_cut = ahead[:, :cut]
-            shown[:, :cut][ahead_cut] += logits[resolve][ahead_cut]
+            gate[ra, pa] = state_output("gate", resolve[ra], pa)
+        shown[ra, pa] += state_output("logits", resolve[ra], pa)
         self.offered = ahead
         proposals = rules.coupled_argmax(shown, self.tempered)
         shown.flags.writeable = False
         return Shown(new_x, new_frozen, proposals, shown, gate, (~new_frozen).astype(np.float32), None, seconds,
                      cut, committed=True)
 
-    def _logits(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """The model's ``logits`` (and acceptance ``gate``, if it has one) for these states: step 0 and no
-        self-conditioning, as the block objective trains."""
+    def _logits(self, packed: PackedStates, rows: np.ndarray, cut: int) -> dict[str, np.ndarray]:
+        """The model's ``logits`` (and acceptance ``gate``, if it has one) over the first ``cut`` positions of these
+        sequences of states: step 0 and no self-conditioning, as the block objective trains."""
         model = self.model
-        n, cut = tokens.shape
-        feed = model.feed(tokens.astype(np.int64), np.zeros(n, dtype=np.int64), self.cond(n, cut))
+        n = rows.size
+        tokens = packed.tokens[rows, :cut]
+        given = (packed.positions[rows, :cut], packed.attend[rows, :cut, :cut]) if model.packs else None
+        feed = model.feed(tokens, np.zeros(n, dtype=np.int64), self.cond(n, cut), packed=given)
         names = ["logits", "gate"] if self.gated else ["logits"]
         return {name: out.astype(np.float32) for name, out in zip(names, model.session.run(names, feed))}

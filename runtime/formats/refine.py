@@ -11,8 +11,12 @@ The optional sampling head adds inputs ``uniform`` [batch, length], ``temperatur
 ``top1``, ``top2``, ``current_prob``: all of them or none. A block model's optional verifier adds input
 ``draft_noise`` float32 [batch, length, vocab] and outputs ``drafts`` int64 [batch, length] (argmax of
 ``logits`` + ``draft_noise``) and ``verify_logits`` [batch, length, vocab] (each position's left-to-right
-conditional given the drafts placed at the masks before it in its block): all of them or none. Batch and
-length are dynamic, length <= ``max_seq_len``. Config: :class:`RefineConfig`.
+conditional given the drafts placed at the masks before it in its block): all of them or none. A block model
+without a verifier may take ``positions`` int64 [batch, length] and ``attend`` bool [batch, length, length] (each
+position's place in the sequence, and which keys each query sees, before PAD keys are hidden and each query is
+let see itself): both or neither. The host then feeds a plain call the model's own, ``arange`` and
+``rules.block_attention``, and draft-and-verify packs the states of a row into one sequence. Batch and
+length are dynamic, length <= ``max_seq_len`` (a packed sequence may be longer: its positions are not). Config: :class:`RefineConfig`.
 
 **Decoding**: the refinement loop (``runtime/refinement.py``) with any selector; the default is ``gate``,
 or ``entropy`` for a model trained without its gate (``use_refine_gate`` false). Each call runs the step on
@@ -50,6 +54,8 @@ from imadarem.runtime.strategy import Plan
 FORMAT = "1"
 INPUTS = ("tokens", "step", "cond")
 INPUT_TYPES = {"tokens": "tensor(int64)", "step": "tensor(int64)", "cond": "tensor(float)"}
+#: the optional inputs' types, checked when present
+OPTIONAL_INPUT_TYPES = {"positions": "tensor(int64)", "attend": "tensor(bool)"}
 OUTPUTS = ("logits", "gate", "cond_next")
 #: the optional sampling head (imadarem.export.sampling_head): all of these, or none
 SAMPLING_INPUTS = ("uniform", "temperature", "logit_bias")
@@ -57,6 +63,8 @@ SAMPLING_OUTPUTS = ("proposals", "proposal_prob", "entropy", "top1", "top2", "cu
 #: a block model's optional verifier (training/model.py, ``verify_layers``): all of these, or none
 VERIFY_INPUTS = ("draft_noise",)
 VERIFY_OUTPUTS = ("drafts", "verify_logits")
+#: a block model's packed states (formats/block_verify.py): both, or neither
+PACKED_INPUTS = ("positions", "attend")
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,11 @@ class RefineFile(ModelFile):
         """The graph drafts and verifies in one row (formats/self_verify.py)."""
         return "draft_noise" in self.input_names
 
+    @property
+    def packs(self) -> bool:
+        """The graph takes ``positions`` and ``attend``: one row may hold several states (formats/block_verify.py)."""
+        return "attend" in self.input_names
+
     @cached_property
     def _zero_noise(self) -> ZeroCond:
         """The ``draft_noise`` of a call whose drafts nobody reads: one zero buffer, grown once, viewed per call."""
@@ -146,11 +159,22 @@ class RefineFile(ModelFile):
         """``gate``, or for a model trained without its gate the gate-off rule ``entropy``."""
         return "gate" if self.config.get("use_refine_gate", True) is not False else "entropy"
 
-    def feed(self, tokens, step, cond, sampling: tuple | None = None, draft_noise=None) -> dict[str, Any]:
+    def feed(self, tokens, step, cond, sampling: tuple | None = None, draft_noise=None,
+             packed: tuple | None = None) -> dict[str, Any]:
         """The inputs of one step on host arrays. ``sampling`` = (uniform, temperature, logit_bias) for a
         graph with the sampling head; left out, greedy with no bans (the step's own outputs do not depend
-        on it). ``draft_noise`` for a graph with a verifier; left out, zeros (the loop reads neither output)."""
+        on it). ``draft_noise`` for a graph with a verifier; left out, zeros (the loop reads neither output).
+        ``packed`` = (positions, attend) for a graph that takes them; left out, the model's own: positions
+        0 .. length - 1 and ``rules.block_attention`` of ``tokens``."""
         feed = {"tokens": tokens, "step": step, "cond": cond}
+        if self.packs:
+            if packed is None:
+                b, length = tokens.shape
+                packed = (np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)),
+                          rules.block_attention(tokens, decode_block(self.config), self.special.mask, self.special.pad))
+            feed.update(zip(PACKED_INPUTS, packed))
+        elif packed is not None:
+            raise ValueError(f"{self.name} takes no positions and attention")
         if self.self_verifying:
             feed["draft_noise"] = self._zero_noise(*tokens.shape) if draft_noise is None else draft_noise
         if self.device_state:
@@ -436,15 +460,18 @@ def check_graph(session, config: RefineConfig, path: str, block: int = 0) -> tup
         if name not in outputs:
             raise ModelFileError(f"{path}: graph has no output {name!r} (has: {', '.join(outputs)})")
     for group, ins, outs in (("sampling head", SAMPLING_INPUTS, SAMPLING_OUTPUTS),
-                             ("verifier", VERIFY_INPUTS, VERIFY_OUTPUTS)):
+                             ("verifier", VERIFY_INPUTS, VERIFY_OUTPUTS), ("packed-state input", PACKED_INPUTS, ())):
         present = [n for n in ins if n in inputs] + [n for n in outs if n in outputs]
         missing = [n for n in ins if n not in inputs] + [n for n in outs if n not in outputs]
         if present and missing:
             raise ModelFileError(f"{path}: graph has a partial {group} (missing {', '.join(missing)})")
-    if "draft_noise" in inputs and not block:
-        raise ModelFileError(f"{path}: graph has a verifier but its config is not a block model's")
-    for name, dtype in INPUT_TYPES.items():
-        if inputs[name].type != dtype:
+    for name, what in (("draft_noise", "a verifier"), ("attend", "packed-state inputs")):
+        if name in inputs and not block:
+            raise ModelFileError(f"{path}: graph has {what} but its config is not a block model's")
+    if "attend" in inputs and "draft_noise" in inputs:
+        raise ModelFileError(f"{path}: graph has both a verifier and packed-state inputs; a file has one or neither")
+    for name, dtype in {**INPUT_TYPES, **OPTIONAL_INPUT_TYPES}.items():
+        if name in inputs and inputs[name].type != dtype:
             raise ModelFileError(f"{path}: input {name!r} is {inputs[name].type}, expected {dtype}")
     for node, want, what in ((inputs["cond"], config.hidden_size, "hidden_size"),
                              (outputs["cond_next"], config.hidden_size, "hidden_size"),
