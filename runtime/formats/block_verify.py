@@ -203,8 +203,9 @@ class BlockVerifyStep(ModelStep):
             """``name``'s values of states ``s`` at positions ``p``."""
             return out[name][packed.rows[s], packed.offset(s, p)]
 
-        # the exact token of each state's target position, from the state where everything before it counts
-        at = np.minimum(target, cut - 1)
+        # the exact token of each state's target position, from the state where everything before it counts (a
+        # state past the row's last open position has none: it reads a position of its own, and nothing uses it)
+        at = np.minimum(target, windows - 1)
         exact = rules.coupled_argmax(state_output("logits", np.arange(k.size), at) + self.bias[at],
                                      self.tempered[owner, at])
         # verify: the leading drafts that are their exact tokens
