@@ -80,9 +80,10 @@ def test_the_bundled_refine_model_decodes_as_it_recommends_and_a_middle_blank_ke
     (the causal model, blind to the suffix, lost it in 7 of 20 samples)."""
     Chem = pytest.importorskip("rdkit.Chem")
     gen = Generator("refine")
-    assert gen.model.common.decoding == {"selector": "confidence", "options": {"threshold": 0.9}}
-    assert [s.ids for s in gen.generate(6, seed=1)] == \
-        [s.ids for s in gen.generate(6, seed=1, selector="confidence", threshold=0.9)]
+    assert gen.model.common.decoding == {"selector": "gate", "options": {"threshold": 0.3}, "drafts": 3}
+    assert gen.model.packs  # draft-and-verify runs a row's states as one sequence
+    # verified drafts: the model's left-to-right samples, as one exact token per call draws them
+    assert [s.ids for s in gen.generate(6, seed=1)] == [s.ids for s in gen.generate(6, seed=1, drafts=0)]
     ring = Chem.MolFromSmarts("c1ccccc1")
     samples = gen.generate(40, seed=0, prompt="[C][C][O]<mask:6>[C][=C][C][=C][C][=C][Ring1][=Branch1]")
     mols = [Chem.MolFromSmiles(s.text) for s in samples]
