@@ -87,6 +87,30 @@ def _step_module(model, names: list[str]):
     return Step().eval()
 
 
+def _restore_parameter_names(proto, module) -> None:
+    """Give every parameter the exporter renamed its own name back (in place). A parameter read by a gather over a
+    graph input (``pos_emb.decay`` at the packed ``positions``) comes out as an anonymous ``val_N`` initializer, and
+    ``onnx_import`` rebuilds a model from a file by parameter names. An initializer is renamed only when it is the one
+    unnamed initializer holding exactly that parameter's values."""
+    from onnx import numpy_helper
+
+    names = {init.name for init in proto.graph.initializer}
+    renamed = {}
+    for name, param in module.named_parameters():
+        if name in names:
+            continue
+        value = param.detach().cpu().numpy()
+        same = [init.name for init in proto.graph.initializer
+                if init.name not in renamed and tuple(init.dims) == value.shape
+                and init.data_type == 1 and (numpy_helper.to_array(init) == value).all()]
+        if len(same) == 1:
+            renamed[same[0]] = name
+    for init in proto.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+
+
 def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] | None = None,
                  device_state: bool = False) -> Path:
     """Export an ImplicitRefinementModel (fp32, CPU) to ``out_path`` as a single file.
@@ -138,6 +162,7 @@ def export_model(model, out_path: str | os.PathLike, provenance: dict[str, Any] 
                                     optimize=True, verbose=False)
         program.save(str(raw), external_data=False)
         proto = onnx.load(str(raw))
+    _restore_parameter_names(proto, module)
     meta = build_metadata(model, provenance or {})
     write_with_metadata(proto, out_path, meta)
     return out_path

@@ -181,8 +181,7 @@ def model_from_onnx(path: str | os.PathLike, check: bool = True, tolerance: floa
     meta = {p.key: p.value for p in proto.metadata_props}
     config = ImplicitRefinementConfig.from_dict(json.loads(meta[mf.KEY_CONFIG]))
     model = ImplicitRefinementModel(config, tokenizer_from_json(meta[mf.KEY_TOKENIZER])).eval()
-    if mfile.device_state:  # the cond_rows wrapper exports the model as its submodule "model"
-        _strip_prefix(proto, "model.")
+    _strip_prefix(proto, "model.")  # the export's step wrapper (onnx_export._step_module) holds the model as "model"
     quantized = _load_weights(model, proto, path, _refinement_forward)
     diff = _compare(model, mfile) if check else float("nan")
     limit = tolerance if tolerance is not None else (None if quantized else 1e-3)

@@ -568,3 +568,12 @@ def test_packed_state_inputs_on_a_model_without_blocks_are_refused_in_one_line(b
         meta[KEY_CONFIG] = json.dumps({**json.loads(meta[KEY_CONFIG]), "objective": "mdlm"})
     with pytest.raises(ModelFileError, match="packed-state inputs but its config is not a block model's"):
         Generator(rewrite_metadata(block_file, tmp_path / "m.onnx", unblock))
+
+
+def test_a_packing_block_file_rebuilds_into_pytorch_by_its_parameter_names(block_file):
+    """The exporter turns a parameter read at a graph input (``pos_emb.decay`` at ``positions``) into an anonymous
+    initializer; the export names it back, so ``imadarem export FILE`` can rebuild the model from the file."""
+    from imadarem.export.onnx_import import model_from_onnx
+
+    _, report = model_from_onnx(block_file)
+    assert report.max_abs_logit_diff < 1e-3

@@ -62,7 +62,8 @@ class AdaptivePositionalEmbedding(nn.Module):
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """The embeddings of explicit positions (the two streams of block training share positions)."""
-        return self.pe[positions] * self.decay[positions, None]
+        return self.pe[positions] * self.decay[positions][..., None]  # gathered from ``decay`` itself: its
+        # initializer keeps its name in an exported graph (onnx_import rebuilds the model from names)
 
 
 def block_attention(tokens: torch.Tensor, block: int, special: SpecialIds) -> torch.Tensor:

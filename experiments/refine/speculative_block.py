@@ -68,8 +68,8 @@ def generate(path: str, n: int, seed: int, batch: int, max_drafts: int = 3, thre
                 put = k > j
                 X[put, c[owner[put]] + j] = dtok[owner[put], j]
             cut = int(min(L, (c[owner] + k).max() + B + 1))
-            out = model.session.run(None, {"tokens": X[:, :cut], "step": np.zeros(len(X), np.int64),
-                                           "cond": np.zeros((len(X), cut, H), np.float32)})
+            out = model.session.run(None, model.feed(np.ascontiguousarray(X[:, :cut]), np.zeros(len(X), np.int64),
+                                                     np.zeros((len(X), cut, H), np.float32)))
             logits = out[0] + bias
             ncalls[live] += 1
             nrows[live] += m[live] + 1

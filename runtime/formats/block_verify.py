@@ -52,11 +52,11 @@ class ZeroCond:
 
 def run_by_window(run: Callable[[np.ndarray, int], dict[str, np.ndarray]], windows: np.ndarray,
                   split: bool) -> dict[str, np.ndarray]:
-    """One call of a block model whose rows need ``windows`` leading positions (rules.row_windows): ``run(rows,
-    cut)`` runs those rows over their first ``cut`` positions. With ``split`` (a CPU, where a run costs its rows x
-    window) the rows may go in up to three runs (rules.window_groups), stitched back to the widest window, the positions
-    a row did not run zero-filled: they lie in later, all-mask blocks, which no selector reads on a block model
-    and which the row's own window hides from every position it ran."""
+    """One call of a block model whose rows need ``windows`` leading positions (rules.row_windows, or a packed
+    sequence's length): ``run(rows, cut)`` runs those rows over their first ``cut`` positions. With ``split`` (a CPU,
+    where a run costs its rows x window) the rows may go in up to three runs (rules.window_groups), stitched back to
+    the widest window, the positions a row did not run zero-filled: they lie in later, all-mask blocks (or past a
+    packed sequence's end), which nothing reads and which the row's own window hides from every position it ran."""
     widest = int(windows.max(initial=0))
     groups = rules.window_groups(windows) if split else []
     if len(groups) < 2:
@@ -101,7 +101,8 @@ class PackedStates:
 
     ``rows`` [S]: the sequence of each state; ``start`` [S]: where its copy begins in its row's positions (0 for a
     state with its own sequence); ``at`` [S]: where that copy begins in the sequence. ``tokens``, ``positions``,
-    ``attend`` and ``lengths``: the sequences, padded with PAD (which every query ignores)."""
+    ``attend`` and ``lengths``: the sequences, padded with PAD (which every query ignores); ``attend`` None when no
+    row shares (the model's own attention then)."""
 
     def __init__(self, states: np.ndarray, windows: np.ndarray, owner: np.ndarray, first: np.ndarray, block: int,
                  mask_id: int, pad_id: int, pack: bool = True):
@@ -133,11 +134,13 @@ class PackedStates:
         copy = np.full((R, P), -1, dtype=np.int64)  # which state's copy a position holds (-1: the shared prefix)
         self.tokens[r, o], self.positions[r, o] = states[s, p], p
         copy[r, o] = np.where(p >= self.start[s], s, -1)
-        blk = self.positions // block
-        self.attend = (((copy[:, None, :] == -1) | (copy[:, None, :] == copy[:, :, None]))
-                       & (blk[:, :, None] >= blk[:, None, :]))
-        alone = np.unique(self.rows[own])  # sequences of one state: the model's own attention, placed text included
-        self.attend[alone] = rules.block_attention(self.tokens[alone], block, mask_id, pad_id)
+        self.attend = None  # no row shares: every sequence is one state, with the model's own positions and attention
+        if shares.any():
+            blk = self.positions // block
+            self.attend = (((copy[:, None, :] == -1) | (copy[:, None, :] == copy[:, :, None]))
+                           & (blk[:, :, None] >= blk[:, None, :]))
+            alone = np.unique(self.rows[own])  # one state's sequences: its own attention, placed text included
+            self.attend[alone] = rules.block_attention(self.tokens[alone], block, mask_id, pad_id)
 
     def offset(self, s: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Where state ``s``'s position ``p`` lies in its sequence (the prefix at its own positions)."""
@@ -242,7 +245,7 @@ class BlockVerifyStep(ModelStep):
         proposals = rules.coupled_argmax(shown, self.tempered)
         shown.flags.writeable = False
         return Shown(new_x, new_frozen, proposals, shown, gate, (~new_frozen).astype(np.float32), None, seconds,
-                     cut, committed=True)
+                     int(packed.lengths.max(initial=cut)), committed=True)
 
     def _logits(self, packed: PackedStates, rows: np.ndarray, cut: int) -> dict[str, np.ndarray]:
         """The model's ``logits`` (and acceptance ``gate``, if it has one) over the first ``cut`` positions of these
@@ -250,7 +253,7 @@ class BlockVerifyStep(ModelStep):
         model = self.model
         n = rows.size
         tokens = packed.tokens[rows, :cut]
-        given = (packed.positions[rows, :cut], packed.attend[rows, :cut, :cut]) if model.packs else None
+        given = None if packed.attend is None else (packed.positions[rows, :cut], packed.attend[rows, :cut, :cut])
         feed = model.feed(tokens, np.zeros(n, dtype=np.int64), self.cond(n, cut), packed=given)
         names = ["logits", "gate"] if self.gated else ["logits"]
         return {name: out.astype(np.float32) for name, out in zip(names, model.session.run(names, feed))}
