@@ -102,8 +102,9 @@ def test_the_gate_loss_moves_the_gate_head_only_and_a_frozen_trunk_gets_nothing(
 
 def test_the_acceptance_gate_model_exports_and_its_gate_reads_the_gate_head(tiny, tmp_path):
     """Exported, the gate is the MLP's sigmoid (ONNX Runtime against PyTorch)."""
-    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
     from imadarem.export.onnx_export import export_model
+    from imadarem.runtime.formats import open_model
 
     path = tmp_path / "acc.onnx"
     export_model(tiny, path)
@@ -113,9 +114,9 @@ def test_the_acceptance_gate_model_exports_and_its_gate_reads_the_gate_head(tiny
     cond = torch.zeros(2, state.shape[1], tiny.config.hidden_size)
     with torch.no_grad():
         _, gate, _ = tiny(state, torch.zeros(2, dtype=torch.long), cond)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = dict(zip([o.name for o in sess.get_outputs()],
-                   sess.run(None, {"tokens": state.numpy(), "step": [0, 0], "cond": cond.numpy()})))
+    model = open_model(path, expect="refine")  # a block file: the host feeds its positions and attention too
+    out = dict(zip(model.outputs, model.session.run(None, model.feed(state.numpy(), np.zeros(2, np.int64),
+                                                                     cond.numpy()))))
     assert abs(out["gate"] - gate.numpy()).max() < 1e-4
 
 
