@@ -481,23 +481,11 @@ def test_the_bench_of_a_block_file_sets_each_decoding_beside_one_token_per_call(
             Bench(BenchArgs(model=str(gated_block_file), engines=(bad,), out_dir=str(tmp_path)))
 
 
-def _states(x, frozen, drafts, mask):
-    """Draft-and-verify's states of each row (formats/block_verify.py): r_k keeps the first k open positions'
-    tokens, masks the other open ones. ``drafts`` [B]: how many leading open tokens each row drafts."""
-    from imadarem.runtime.formats.block_verify import open_positions
-
-    rank, U = open_positions(frozen, 4)
-    owner = np.repeat(np.arange(len(x)), drafts + 1)
-    k = np.concatenate([np.arange(m + 1) for m in drafts])
-    keep = frozen[owner] | (~frozen[owner] & (rank[owner] <= k[:, None]))
-    return np.where(keep, x[owner], mask), owner, U[owner, k], U[:, 0]
-
-
 def test_packed_states_give_every_state_its_own_outputs(block_file):
     """A row's states in one sequence (block_verify.PackedStates): each copy's logits and gate are those of its
     state run alone, at every position it runs, and the shared prefix is each state's prefix; a row with a token
     placed after its current block (a template's suffix) keeps one sequence per state."""
-    from imadarem.runtime.formats.block_verify import PackedStates, ZeroCond
+    from imadarem.runtime.formats.block_verify import PackedStates, ZeroCond, open_positions, verify_states
 
     model = Generator(block_file).model
     sp, L, block = model.special, 24, 4
@@ -513,7 +501,9 @@ def test_packed_states_give_every_state_its_own_outputs(block_file):
     x[1, 6:8] = rng.integers(4, model.vocab_size, 2)
     x[2, 9] = rng.integers(4, model.vocab_size)
     x[3, 9:11] = rng.integers(4, model.vocab_size, 2)
-    states, owner, target, first = _states(x, frozen, np.array([3, 2, 1, 2]), sp.mask)
+    rank, U = open_positions(frozen, 4)
+    states, owner, k, _ = verify_states(x, frozen, rank, np.array([3, 2, 1, 2]), sp.mask)
+    target, first = U[owner, k], U[:, 0]
     windows = rules.row_windows(states, target, sp.mask, sp.pad, block)
     packed = PackedStates(states, windows, owner, first, block, sp.mask, sp.pad)
     assert len(packed.lengths) == 3 + 3 and packed.lengths.sum() < windows.sum()  # row 3's three states run apart

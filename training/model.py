@@ -62,8 +62,9 @@ class AdaptivePositionalEmbedding(nn.Module):
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """The embeddings of explicit positions (the two streams of block training share positions)."""
-        return self.pe[positions] * self.decay[positions][..., None]  # gathered from ``decay`` itself: its
-        # initializer keeps its name in an exported graph (onnx_import rebuilds the model from names)
+        # a gather from ``decay`` itself, not from ``decay[:, None]``: the exported initializer then holds decay's
+        # own values, which the export can name back (onnx_export._restore_parameter_names)
+        return self.pe[positions] * self.decay[positions][..., None]
 
 
 def block_attention(tokens: torch.Tensor, block: int, special: SpecialIds) -> torch.Tensor:

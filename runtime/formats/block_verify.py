@@ -85,6 +85,19 @@ def open_positions(frozen: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarr
     return rank, U
 
 
+def verify_states(x: np.ndarray, frozen: np.ndarray, rank: np.ndarray, drafts: np.ndarray,
+                  mask_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The states r_0 .. r_m of every row (``drafts`` [B]: its m), one after another: r_k keeps the row's frozen
+    tokens and first k open ones (its leading drafts; ``rank`` from :func:`open_positions`) and masks the other open
+    positions. Returns (states [S, L], owner [S]: each state's row, k [S], start [B]: each row's first state)."""
+    counts = drafts + 1
+    owner = np.repeat(np.arange(len(x)), counts)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    k = np.arange(int(counts.sum())) - np.repeat(start, counts)
+    keep = frozen[owner] | (~frozen[owner] & (rank[owner] <= k[:, None]))
+    return np.where(keep, x[owner], mask_id), owner, k, start
+
+
 class PackedStates:
     """Where each decoding state of one call lies in the rows the model runs: states that share their committed
     prefix share one row (tree attention, as SpecInfer and Medusa verify candidate drafts).
@@ -131,11 +144,11 @@ class PackedStates:
         r, o = self.rows[s], self.offset(s, p)
         self.tokens = np.full((R, P), pad_id, dtype=np.int64)
         self.positions = np.zeros((R, P), dtype=np.int64)
-        copy = np.full((R, P), -1, dtype=np.int64)  # which state's copy a position holds (-1: the shared prefix)
         self.tokens[r, o], self.positions[r, o] = states[s, p], p
-        copy[r, o] = np.where(p >= self.start[s], s, -1)
         self.attend = None  # no row shares: every sequence is one state, with the model's own positions and attention
         if shares.any():
+            copy = np.full((R, P), -1, dtype=np.int64)  # which state's copy a position holds (-1: the shared prefix)
+            copy[r, o] = np.where(p >= self.start[s], s, -1)
             blk = self.positions // block
             self.attend = (((copy[:, None, :] == -1) | (copy[:, None, :] == copy[:, :, None]))
                            & (blk[:, :, None] >= blk[:, None, :]))
@@ -180,19 +193,12 @@ class BlockVerifyStep(ModelStep):
         b, L = x.shape
         idx = np.arange(b)
         pos = np.arange(L)[None, :]
-        open_ = ~fz
         rank, U = open_positions(fz, W + 1)  # along each row's open (unverified) positions
         at_u = np.take_along_axis(x, np.minimum(U, L - 1), 1)
         holds = (U < L) & (at_u != sp.mask) & np.take_along_axis(self.offered, np.minimum(U, L - 1), 1)
         m = np.cumprod(holds[:, :W], 1).sum(1) if W else np.zeros(b, dtype=np.int64)  # the leading drafts
 
-        # the states r_0 .. r_m of every row, one batch: r_k keeps the first k drafts, masks the other open ones
-        counts = m + 1
-        owner = np.repeat(idx, counts)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        k = np.arange(int(counts.sum())) - np.repeat(start, counts)
-        keep = fz[owner] | (open_[owner] & (rank[owner] <= k[:, None]))
-        states = np.where(keep, x[owner], sp.mask)
+        states, owner, k, start = verify_states(x, fz, rank, m, sp.mask)
         target = U[owner, k]
         windows = rules.row_windows(states, target, sp.mask, sp.pad, self.block)
         cut = int(windows.max(initial=min(L, self.block)))
