@@ -59,7 +59,6 @@ def test_the_decode_file_of_a_run_gives_the_step_files_molecules(causal_run, tmp
     assert np.mean([a.ids == b.ids for a, b in zip(step, dec)]) >= 0.97
 
 
-@pytest.mark.slow  # the only fast test left on causal_run's CLI training run (~45 s): CI's slow pass runs it
 def test_the_ema_warms_up_so_a_short_run_exports_its_recent_weights(causal_run):
     from imadarem.training.checkpoint import load_checkpoint
 
