@@ -129,27 +129,12 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
     per_prompt: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for case in cases:
-        prompt = _as_prompt(case)
-        task = fragments.parse_fragment_prompt(prompt)
-        asked = fragments.prefix_prompt(task) if prefix else prompt
         for seed in seeds:
-            row: dict[str, Any] = {"task": case.task, "name": case.name, "prompt": case.prompt, "asked": asked,
-                                   "seed": seed}
-            try:
-                out = gen.generate(samples, selector=selector, seed=seed, prompt=asked, batch_size=batch_size,
-                                   retries=retries)
-            except PromptError as exc:  # e.g. a symbol outside the model's vocabulary: no molecule, as GenMol counts
-                row.update({"error": str(exc), **{m: 0.0 for m in ("validity", "uniqueness", "quality", "valid",
-                                                                 "kept")}})
-            else:
-                texts = [s.text for s in out]
-                row.update(scorer(task, case.original, texts, samples))
-                row["calls"] = float(np.mean([s.steps for s in out]))  # every attempt's calls
-                row["attempts"] = float(np.mean([s.attempts or 1 for s in out]))
-                row["samples"] = texts
-                if grid_dir and seed == seeds[0] and not any(p["task"] == case.task for p in per_prompt):
-                    _draw(grid_dir, case, task, texts)
-            per_prompt.append(row)
+            texts = None if not grid_dir or seed != seeds[0] or any(p["task"] == case.task for p in per_prompt) else []
+            per_prompt.append(evaluate_case(gen, scorer, case, seed, samples, selector=selector,
+                                            batch_size=batch_size, retries=retries, texts_out=texts))
+            if texts:
+                _draw(grid_dir, case, fragments.parse_fragment_prompt(_as_prompt(case)), texts)
         if progress:
             progress(f"{case.task} {case.name}: {per_prompt[-1].get('quality', 0.0):.2f} quality")
     summary = {task: _mean(per_prompt, task) for task in tasks}
@@ -157,6 +142,33 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
             "retries": retries,
             "seeds": list(seeds), "selector": selector or "default", "seconds": round(time.perf_counter() - t0, 1),
             "tasks": summary, "prompts": per_prompt}
+
+
+def evaluate_case(gen, scorer: PromptScorer, case: FragmentCase, seed: int, samples: int, *,
+                  selector: str | None = None, batch_size: int = 500, retries: int | None = None,
+                  texts_out: list | None = None) -> dict[str, Any]:
+    """One prompt's row for one seed: ``samples`` molecules from the Generator ``gen`` (a left-to-right model
+    gets the prompt in prefix form), scored by ``scorer``. Its own function so that a caller can spread a
+    suite's prompts over processes, each holding one Generator (experiments/device/fragments.py)."""
+    prompt = _as_prompt(case)
+    task = fragments.parse_fragment_prompt(prompt)
+    asked = fragments.prefix_prompt(task) if left_to_right(gen) else prompt
+    row: dict[str, Any] = {"task": case.task, "name": case.name, "prompt": case.prompt, "asked": asked,
+                           "seed": seed}
+    try:
+        out = gen.generate(samples, selector=selector, seed=seed, prompt=asked, batch_size=batch_size,
+                           retries=retries)
+    except PromptError as exc:  # e.g. a symbol outside the model's vocabulary: no molecule, as GenMol counts
+        row.update({"error": str(exc), **{m: 0.0 for m in ("validity", "uniqueness", "quality", "valid", "kept")}})
+        return row
+    texts = [s.text for s in out]
+    row.update(scorer(task, case.original, texts, samples))
+    row["calls"] = float(np.mean([s.steps for s in out]))  # every attempt's calls
+    row["attempts"] = float(np.mean([s.attempts or 1 for s in out]))
+    row["samples"] = texts
+    if texts_out is not None:
+        texts_out.extend(texts)
+    return row
 
 
 def _as_prompt(case: FragmentCase) -> str:
