@@ -20,6 +20,27 @@ from imadarem.training.reference import TorchDecode, torch_decode
 from test_causal import tiny_model
 
 
+class _Files(dict):
+    """The model's files by name, each exported on first use (~5-12 s each on 2 cores): the int8 and fp16
+    decode files serve CI's slow pass only, so the fast suite does not pay for them."""
+
+    SPECS = {"dv": (None, "fp32", "mha"), "l2r": (0, "fp32", "mha"), "dv8": (None, "int8", "mha"),
+             "dv16": (None, "fp16", "mha"), "gqa": (0, "fp32", "gqa")}
+
+    def __init__(self, model, out):
+        super().__init__()
+        self.model, self.out = model, out
+
+    def __missing__(self, name):
+        if name == "step":
+            self[name] = export_causal(self.model, self.out / "step.onnx")
+        else:
+            drafts, variant, attention = self.SPECS[name]
+            extra = {"attention": "gqa"} if attention == "gqa" else {}
+            self[name] = export_decode(self.model, self.out / f"{name}.onnx", drafts, variant, **extra)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("decode")
@@ -27,12 +48,7 @@ def files(tmp_path_factory):
     with torch.no_grad():  # every parameter distinct, as in a trained model (the exporter merges equal constants)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    paths = {"step": export_causal(model, out / "step.onnx")}
-    for name, drafts, variant in (("dv", None, "fp32"), ("l2r", 0, "fp32"), ("dv8", None, "int8"),
-                                  ("dv16", None, "fp16")):
-        paths[name] = export_decode(model, out / f"{name}.onnx", drafts, variant)
-    paths["gqa"] = export_decode(model, out / "gqa.onnx", 0, "fp32", attention="gqa")
-    return model, paths
+    return model, _Files(model, out)
 
 
 def ids(samples):
@@ -59,6 +75,7 @@ def test_decode_files_give_the_left_to_right_molecules(files):
     assert calls["l2r"] == pytest.approx(np.mean([len(s.ids) for s in want]) - 1, abs=0.05)  # a token per call
 
 
+@pytest.mark.slow  # the fp16 export (~7 s): CI's slow pass runs it (README command < 5 minutes)
 def test_fp16_decode_files_get_the_gpu_fusions(files):
     """onnxruntime's transformer optimizer fuses every residual Add with its LayerNormalization in fp16 files
     (SkipLayerNormalization: fewer kernels and passes over the activations on a GPU). It needs its symbolic
@@ -72,7 +89,7 @@ def test_fp16_decode_files_get_the_gpu_fusions(files):
     assert ops.count("SkipLayerNormalization") >= 2 * model.config.num_layers
 
 
-@pytest.mark.parametrize("name", ["dv", "l2r", "dv8", "gqa"])
+@pytest.mark.parametrize("name", ["dv", "l2r", pytest.param("dv8", marks=pytest.mark.slow), "gqa"])
 def test_caches_written_in_place_give_the_molecules_of_session_run(files, monkeypatch, name):
     """The CPU loop binds each KV cache as its own output (formats/decode.py: HostDecoding): the ScatterND
     nodes that write a call's slots then update the buffer instead of copying it; nothing else changes."""
@@ -205,6 +222,7 @@ def test_the_device_loop_binds_one_buffer_per_cache(files, monkeypatch, in_place
     assert (a["cache_k0"] is b["cache_k0"]) == in_place and a["ids"] is not b["ids"]
 
 
+@pytest.mark.slow  # the int8 and fp16 exports (~15 s): CI's slow pass runs it (README command < 5 minutes)
 def test_int8_and_fp16_decode_files_sample_nearly_the_same_molecules(files):
     _, paths = files
     want = Generator(paths["dv"]).generate(200, seed=5)
