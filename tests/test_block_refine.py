@@ -2,6 +2,8 @@
 that sees exactly what that training showed it; decoding block by block; middle blanks that see their suffix;
 draft-and-verify, which gives the model's left-to-right samples in fewer calls."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from imadarem.runtime import Generator, ImadaremError, rules
@@ -56,6 +58,53 @@ def test_a_decoding_state_sees_what_the_two_stream_training_showed_it(tiny):
             sl = slice(b * bs, (b + 1) * bs)
             assert torch.allclose(one["logits"][:, sl], two["logits"][:, sl], atol=1e-5), b
             assert torch.allclose(one["gate_logits"][:, sl], two["gate_logits"][:, sl], atol=1e-5), b
+
+
+def test_every_copy_of_a_states_row_is_the_left_to_right_state_a_decoder_reaches(tiny):
+    """The states rows' copy of block b in state r_k (StatesLayout) gives the logits and gate of the single-stream
+    state x_<bk+k clean, masks from there on, under the model's own attention: for every block and every k."""
+    from imadarem.training.model import states_forward
+
+    cfg, sp = tiny.config, tiny.special
+    L, bs = cfg.max_seq_len, cfg.block_size
+    clean = _clean(sp, cfg.vocab_size)
+    step = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        out, lay = states_forward(tiny.forward_train, clean, sp.mask, cfg.hidden_size, bs)
+        assert out["logits"].shape[1] == len(lay.positions) == bs * L  # 4 states a block, each a copy of the block
+        for start in range(L):
+            state = clean.clone()
+            state[:, start:] = sp.mask
+            one = tiny.forward_train(state, step, torch.zeros(3, L, cfg.hidden_size))
+            slots = torch.nonzero(lay.start == start).squeeze(1)
+            assert len(slots) == bs and torch.equal(lay.positions[slots] // bs, torch.full((bs,), start // bs))
+            for key in ("logits", "gate_logits"):
+                got, want = out[key][:, slots], one[key][:, lay.positions[slots]]
+                assert torch.allclose(got, want, atol=1e-5), (start, key, (got - want).abs().max())
+
+
+def test_states_rows_train_beside_the_block_rows(tiny):
+    """block_states_share: the loss runs with states rows among the block and span rows, trains more positions
+    (ten a block in a states row, about two in a block row), and its gradient reaches the trunk."""
+    from imadarem.training.block_objective import block_loss
+
+    sp = tiny.special
+    states = dataclasses.replace(tiny.config, block_states_share=0.5, span_weight=0.25)
+    clean = _clean(sp, states.vocab_size, rows=8)
+    model = tiny.train()
+    try:
+        loss, m = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), 8, slice(0, 8),
+                             states, sp)
+        loss.backward()
+        grad = float(tiny.blocks[0].qkv.weight.grad.abs().sum())
+        _, base = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), 8, slice(0, 8),
+                             dataclasses.replace(states, block_states_share=0.0), sp)
+    finally:
+        tiny.eval()
+        tiny.zero_grad()
+    assert torch.isfinite(loss) and grad > 0
+    # 4 states rows x 3 blocks x 10 masked slots alone, against ~6 block rows x 12 positions x their mask rate
+    assert float(m["tokens"]) >= 4 * 3 * 10 > float(base["tokens"]) - 30
 
 
 def test_a_blank_sees_its_clean_suffix_and_a_block_never_sees_later_masks(tiny):

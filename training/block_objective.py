@@ -19,7 +19,12 @@ Per row (every draw for the global batch, from the step's generator):
   NLL 0.62 per token, yet FCD/Test 8.4 sampled one token per call; swapping the token just before a
   prediction moves it 5x less inside a block than across a block boundary; experiments/refine/PLAN.md, "Third finding");
 - *span rows* (``span_weight``): one span masked at a random rate with clean text on both sides, in a single
-  stream (a middle blank; the model sees the clean suffix after a row's last mask).
+  stream (a middle blank; the model sees the clean suffix after a row's last mask);
+- *states rows* (``block_states_share``): every left-to-right state of every block at once
+  (:class:`~imadarem.training.model.StatesLayout`: x_0, then a copy of each block in each state r_k). A block row
+  trains about one block position in four on the exact left-to-right conditional p(x_k | x_<k), the one
+  draft-and-verify samples from (and fragment prompts, which are prefixes, depend on); a states row trains all
+  four, and the drafts after each, for ~2.5x a block row's positions.
 
 Loss: cross-entropy on the corrupted positions of the blocks up to each row's EOS block, plus the gate's
 BCE: with ``gate_target: "match"`` the mixture's gate (a mask: will the token sampled there be right; a committed
@@ -37,7 +42,7 @@ from imadarem.runtime.tokenizer import SpecialIds
 from imadarem.training.acceptance_gate import acceptance_gate_loss
 from imadarem.training.config import ImplicitRefinementConfig
 from imadarem.training.distributed import global_sum
-from imadarem.training.model import two_stream_forward
+from imadarem.training.model import states_forward, two_stream_forward
 from imadarem.training.objective import sample_tokens, tail_with_eos, targets_of
 
 
@@ -63,7 +68,10 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
     dev = clean.device
     d = {k: v[rows] for k, v in _draws(gen, global_batch, L, cfg, special, dev).items()}
     n_span = int(round(global_batch * cfg.span_weight))
-    is_span = torch.arange(global_batch, device=dev)[rows] >= global_batch - n_span
+    n_states = int(round(global_batch * cfg.block_states_share))
+    index = torch.arange(global_batch, device=dev)[rows]
+    is_span = index >= global_batch - n_span
+    is_states = (index >= global_batch - n_span - n_states) & ~is_span
     targets, ends = targets_of(clean, special)
     pos = torch.arange(L, device=dev)
     blk = torch.div(pos, cfg.block_size, rounding_mode="floor")
@@ -71,7 +79,7 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
     parts, verify = {}, cfg.verify_layers > 0
 
     # -- block rows: x_t ++ x_0 -------------------------------------------------------------------
-    b_rows = ~is_span
+    b_rows = ~is_span & ~is_states
     if b_rows.any():
         c, t, e = clean[b_rows], targets[b_rows], ends[b_rows]
         rate, suf, off = d["rate"][b_rows], d["suffix"][b_rows], d["offset"][b_rows]
@@ -120,6 +128,17 @@ def block_loss(forward, teacher, clean: torch.Tensor, gen: torch.Generator, glob
         valid = xt != special.pad
         parts["span"] = (out["logits"], out["gate_logits"], xt, t, samples, corrupted & valid, valid,
                          out.get("verify_logits"))
+
+    # -- states rows: every left-to-right state of every block (module docstring) ----------------------------
+    if is_states.any():
+        c, t, e = clean[is_states], targets[is_states], ends[is_states]
+        out, lay = states_forward(forward, c, special.mask, cfg.hidden_size, cfg.block_size, autocast)
+        t_slots = t[:, lay.positions]
+        masked = ~lay.clean[None].expand_as(t_slots)
+        live = lay.start[None] <= e[:, None]  # a state decoding reaches: the row's EOS not yet committed
+        xt = torch.where(masked, torch.full_like(t_slots, special.mask), t_slots)
+        samples = sample_tokens(out["logits"].detach(), d["gumbel"][is_states][:, lay.positions], special)
+        parts["states"] = (out["logits"], out["gate_logits"], xt, t_slots, samples, masked & live, live, None)
 
     V = cfg.vocab_size
     metrics_sums = torch.zeros(3, device=dev)  # ce, gate bce, gate correct

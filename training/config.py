@@ -46,6 +46,9 @@ class ImplicitRefinementConfig:
     semi_ar_weight: float = 0.6  # mixture: share of rows masked as a clean prefix, a block, a masked suffix
     span_weight: float = 0.2  # mixture, block: share masked as one span with a clean suffix (mixture: the rest uniform)
     block_suffix_share: float = 0.5  # block: share of blocks masked as a suffix of the block (the rest at a random rate)
+    # block: share of rows trained on every left-to-right state of every block at once (training/block_objective.py,
+    # "states rows"): the conditionals draft-and-verify samples from, four of them a block instead of about one
+    block_states_share: float = 0.0
     # block: what the gate learns. "match": at a mask, will the token sampled there equal the data's; at a token,
     # is it not the data's. "acceptance" (training/acceptance_gate.py): at a mask, the chance that committing its
     # sample now, beside the block's other commits, agrees with committing it after them (1 - total variation
@@ -86,6 +89,9 @@ class ImplicitRefinementConfig:
             (self.verify_loss_weight >= 0, "verify_loss_weight must be >= 0"),
             (self.verify_sees in ("block", "prefix"), "verify_sees must be 'block' or 'prefix'"),
             (0.0 <= self.block_suffix_share <= 1.0, "block_suffix_share must be in [0, 1]"),
+            (0.0 <= self.block_states_share and self.block_states_share + self.span_weight <= 1.0,
+             "block_states_share + span_weight must be in [0, 1]"),
+            (self.block_states_share == 0 or self.objective == "block", "block_states_share needs objective 'block'"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (0.0 <= self.semi_ar_weight and 0.0 <= self.span_weight and self.semi_ar_weight + self.span_weight <= 1.0,
              "semi_ar_weight + span_weight must be in [0, 1]"),

@@ -13,7 +13,9 @@ Attention is written with ``scaled_dot_product_attention`` and a key-padding mas
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,59 @@ def two_stream_forward(model_forward, xt: torch.Tensor, clean: torch.Tensor, hid
                              torch.zeros(b, 2 * L, hidden_size, device=clean.device),
                              two_stream_attention(L, block, clean.device)[None], torch.cat([pos, pos]),
                              clean if verify else None)
+
+
+@dataclass(frozen=True)
+class StatesLayout:
+    """Where the *states rows* of the block objective put each token (training/block_objective.py): after the clean
+    stream x_0 [L], for every block b and every k < its length, a copy of block b in the left-to-right state r_k
+    (its first k tokens clean, the rest masked), each copy at the block's own positions, seeing itself and the clean
+    blocks before b. That is what a decoder's call sees in that state (:func:`block_attention`: the block sees its
+    own tokens and the earlier blocks, never a later one), so each copy's logits are the state's, and one row
+    trains every block's k-th left-to-right conditional for every k at once, beside the drafts after it.
+
+    ``positions`` [N]: each slot's position; ``start`` [N]: its copy's first masked position (b * block + k);
+    ``clean`` [N]: whether the slot holds the data's token (j < k); ``allowed`` [N + L, N + L]: the attention."""
+
+    positions: torch.Tensor
+    start: torch.Tensor
+    clean: torch.Tensor
+    allowed: torch.Tensor
+
+
+@functools.lru_cache(maxsize=8)
+def states_layout(length: int, block: int, device: str = "cpu") -> StatesLayout:
+    pos, start, copy = [], [], []
+    for b0 in range(0, length, block):
+        size = min(block, length - b0)
+        for k in range(size):  # the copy of block b0 in state r_k
+            pos += range(b0, b0 + size)
+            start += [b0 + k] * size
+            copy += [len(start)] * size  # an id unique to the copy: the slot count after it
+    positions = torch.tensor(pos, device=device)
+    start_t = torch.tensor(start, device=device)
+    copy_t = torch.tensor(copy, device=device)
+    n = len(pos)
+    blk = torch.div(torch.arange(length, device=device), block, rounding_mode="floor")
+    slot_blk = torch.div(positions, block, rounding_mode="floor")
+    noisy = torch.cat([copy_t[:, None] == copy_t[None], slot_blk[:, None] > blk[None]], 1)
+    clean_rows = torch.cat([torch.zeros(length, n, dtype=torch.bool, device=device), blk[:, None] >= blk[None]], 1)
+    return StatesLayout(positions, start_t, positions < start_t, torch.cat([noisy, clean_rows], 0))
+
+
+def states_forward(model_forward, clean: torch.Tensor, mask_id: int, hidden_size: int, block: int,
+                   autocast=None) -> tuple[dict[str, torch.Tensor], StatesLayout]:
+    """``model_forward`` (a ``forward_train``) over the states rows of ``clean`` [b, L] (:class:`StatesLayout`), step 0
+    and no self-conditioning; the outputs cover the copies' slots only [b, N, ...]."""
+    b, L = clean.shape
+    lay = states_layout(L, block, str(clean.device))
+    copies = torch.where(lay.clean[None], clean[:, lay.positions], torch.full_like(clean[:, lay.positions], mask_id))
+    n = copies.shape[1]
+    with autocast() if autocast else contextlib.nullcontext():
+        out = model_forward(torch.cat([copies, clean], 1), torch.zeros(b, dtype=torch.long, device=clean.device),
+                            torch.zeros(b, n + L, hidden_size, device=clean.device), lay.allowed[None],
+                            torch.cat([lay.positions, torch.arange(L, device=clean.device)]))
+    return {k: v[:, :n] for k, v in out.items()}, lay
 
 
 def verify_attention(length: int, block: int, sees: str = "block", device=None) -> torch.Tensor:

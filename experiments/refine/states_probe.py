@@ -1,0 +1,87 @@
+"""How well a checkpoint models x_p given x_<p (the left-to-right conditional), on MOSES test molecules.
+
+    python3 experiments/refine/states_probe.py CHECKPOINT [CHECKPOINT ...] [--n 2000]
+
+Why: on prefix prompts (motif extension, superstructure: issue #24 point 5b) and de novo, draft-and-verify samples
+a block model's exact left-to-right conditionals, so their NLL is what separates the refine model from the causal
+baseline there. A ``refine`` (block) checkpoint is read through the states rows of the block objective
+(``training.model.states_forward``: each copy is the state a decoder reaches, checked in tests/test_block_refine.py),
+a ``causal`` one by teacher forcing; both score the same tokens (every position up to and including EOS). Prints one
+JSON line per checkpoint: the mean NLL per token and, for a block model, per offset inside the block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from imadarem.training.checkpoint import build_model, family_name, load_checkpoint
+from imadarem.training.model import states_forward
+
+
+def rows(tokenizer, special, length: int, n: int, source: Path) -> torch.Tensor:
+    out = []
+    with gzip.open(source, "rt") as fh:
+        next(fh)  # header
+        for line in fh:
+            ids = tokenizer.encode(line.split(",")[0].strip())
+            if len(ids) + 1 <= length:
+                out.append(ids + [special.eos] + [special.pad] * (length - len(ids) - 1))
+            if len(out) == n:
+                break
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def probe(path: str, n: int, source: Path, batch: int = 100) -> dict:
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt, "ema").eval()
+    sp, family = model.special, family_name(ckpt.state)
+    L = model.config.max_seq_len
+    data = rows(model.tokenizer, sp, L, n, source)
+    ends = (data == sp.eos).float().argmax(1)
+    bs = getattr(model.config, "block_size", 4)  # a causal model's offsets: those of the refine models' blocks of 4
+    total, count = 0.0, 0
+    by_offset = np.zeros((2, 8))
+    for i in range(0, len(data), batch):
+        clean, e = data[i:i + batch], ends[i:i + batch]
+        if family == "causal":
+            inputs = torch.cat([torch.full_like(clean[:, :1], sp.mask), clean[:, :-1]], 1)
+            logits = model.teacher_forcing(inputs)[0]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), clean, reduction="none")
+            pos = torch.arange(L)
+        else:
+            out, lay = states_forward(model.forward_train, clean, sp.mask, model.config.hidden_size, bs)
+            exact = lay.positions == lay.start  # the slot of each copy that holds its exact conditional
+            logits = out["logits"][:, exact]
+            pos = lay.positions[exact]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), clean[:, pos], reduction="none")
+        live = pos[None] <= e[:, None]
+        total += float((nll * live).sum())
+        count += int(live.sum())
+        for k in range(bs):
+            at = (pos % bs == k)[None] & live
+            by_offset[0, k] += float((nll * at).sum())
+            by_offset[1, k] += int(at.sum())
+    return {"checkpoint": path, "family": family, "molecules": len(data), "tokens": count,
+            "nll": round(total / count, 4), "nll_by_offset": [round(by_offset[0, k] / by_offset[1, k], 4) for k in range(bs)]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--source", default=str(Path.home() / ".cache/imadarem/moses/test.csv.gz"))
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    for path in a.checkpoints:
+        print(json.dumps(probe(path, a.n, Path(a.source))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
