@@ -38,9 +38,9 @@ def rows(tokenizer, special, length: int, n: int, source: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe(path: str, n: int, source: Path, batch: int = 100) -> dict:
+def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema") -> dict:
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt, "ema").eval()
+    model = build_model(ckpt, weights).eval()
     sp, family = model.special, family_name(ckpt.state)
     L = model.config.max_seq_len
     data = rows(model.tokenizer, sp, L, n, source)
@@ -76,11 +76,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--source", default=str(Path.home() / ".cache/imadarem/moses/test.csv.gz"))
     a = p.parse_args()
     torch.set_num_threads(2)
     for path in a.checkpoints:
-        print(json.dumps(probe(path, a.n, Path(a.source))), flush=True)
+        print(json.dumps({**probe(path, a.n, Path(a.source), weights=a.weights), "weights": a.weights}), flush=True)
 
 
 if __name__ == "__main__":
