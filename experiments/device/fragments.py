@@ -112,7 +112,7 @@ def main() -> None:
     install()
     if a.verb == "export":  # CHECKPOINT NAME
         checkpoint, name = a.name
-        subprocess.run([sys.executable, "-m", "imadarem", "export", checkpoint, "-o", str(WORK / f"{name}.onnx"),
+        subprocess.run([sys.executable, "-m", "imadarem.runtime.cli", "export", checkpoint, "-o", str(WORK / f"{name}.onnx"),
                         "--dtype", "fp32"], env=env(), check=True)
         return
     name = a.name[0]
