@@ -83,25 +83,29 @@ def test_every_copy_of_a_states_row_is_the_left_to_right_state_a_decoder_reaches
                 assert torch.allclose(got, want, atol=1e-5), (start, key, (got - want).abs().max())
 
 
-def test_states_rows_train_beside_the_block_rows(tiny):
-    """block_states_share: the loss runs with states rows among the block and span rows, trains more positions
-    (ten a block in a states row, about two in a block row), and its gradient reaches the trunk."""
+def _train_step(tiny, cfg, rows: int):
+    """block_loss over ``rows`` rows of :func:`_clean` in train mode, and its backward: (loss, metrics, the gradient's
+    size at the first layer). The shared model goes back to eval mode without gradients."""
     from imadarem.training.block_objective import block_loss
 
-    sp = tiny.special
-    states = dataclasses.replace(tiny.config, block_states_share=0.5, span_weight=0.25)
-    clean = _clean(sp, states.vocab_size, rows=8)
+    clean = _clean(tiny.special, cfg.vocab_size, rows=rows)
     model = tiny.train()
     try:
-        loss, m = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), 8, slice(0, 8),
-                             states, sp)
+        loss, m = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), rows, slice(0, rows),
+                             cfg, tiny.special)
         loss.backward()
-        grad = float(tiny.blocks[0].qkv.weight.grad.abs().sum())
-        _, base = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), 8, slice(0, 8),
-                             dataclasses.replace(states, block_states_share=0.0), sp)
+        return loss, m, float(tiny.blocks[0].qkv.weight.grad.abs().sum())
     finally:
         tiny.eval()
         tiny.zero_grad()
+
+
+def test_states_rows_train_beside_the_block_rows(tiny):
+    """block_states_share: the loss runs with states rows among the block and span rows, trains more positions
+    (ten a block in a states row, about two in a block row), and its gradient reaches the trunk."""
+    states = dataclasses.replace(tiny.config, block_states_share=0.5, span_weight=0.25)
+    loss, m, grad = _train_step(tiny, states, 8)
+    _, base, _ = _train_step(tiny, dataclasses.replace(states, block_states_share=0.0), 8)
     assert torch.isfinite(loss) and grad > 0
     # 4 states rows x 3 blocks x 10 masked slots alone, against ~6 block rows x 12 positions x their mask rate
     assert float(m["tokens"]) >= 4 * 3 * 10 > float(base["tokens"]) - 30
@@ -140,18 +144,7 @@ def test_a_blank_sees_its_clean_suffix_and_a_block_never_sees_later_masks(tiny):
 
 
 def test_the_block_loss_trains_every_block_and_its_gate(tiny):
-    from imadarem.training.block_objective import block_loss
-
-    cfg, sp = tiny.config, tiny.special
-    clean = _clean(sp, cfg.vocab_size, rows=40)
-    model = tiny.train()
-    try:
-        loss, m = block_loss(model.forward_train, tiny, clean, torch.Generator().manual_seed(0), 40, slice(0, 40),
-                             cfg, sp)
-        loss.backward()
-    finally:
-        tiny.eval()
-        tiny.zero_grad()
+    loss, m, _ = _train_step(tiny, tiny.config, 40)
     assert torch.isfinite(loss) and float(m["ce"]) > 0 and 0 <= float(m["gate_acc"]) <= 1
     # every block up to the EOS block is trained somewhere in the batch: ~40 rows x 3 blocks of 4
     assert float(m["tokens"]) > 40 * 3

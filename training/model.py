@@ -119,20 +119,17 @@ class StatesLayout:
 
 @functools.lru_cache(maxsize=8)
 def states_layout(length: int, block: int, device: str = "cpu") -> StatesLayout:
-    pos, start, copy = [], [], []
+    pos, start = [], []
     for b0 in range(0, length, block):
         size = min(block, length - b0)
-        for k in range(size):  # the copy of block b0 in state r_k
+        for k in range(size):  # the copy of block b0 in state r_k: its start b0 + k names it
             pos += range(b0, b0 + size)
             start += [b0 + k] * size
-            copy += [len(start)] * size  # an id unique to the copy: the slot count after it
-    positions = torch.tensor(pos, device=device)
-    start_t = torch.tensor(start, device=device)
-    copy_t = torch.tensor(copy, device=device)
+    positions, start_t = torch.tensor(pos, device=device), torch.tensor(start, device=device)
     n = len(pos)
     blk = torch.div(torch.arange(length, device=device), block, rounding_mode="floor")
     slot_blk = torch.div(positions, block, rounding_mode="floor")
-    noisy = torch.cat([copy_t[:, None] == copy_t[None], slot_blk[:, None] > blk[None]], 1)
+    noisy = torch.cat([start_t[:, None] == start_t[None], slot_blk[:, None] > blk[None]], 1)
     clean_rows = torch.cat([torch.zeros(length, n, dtype=torch.bool, device=device), blk[:, None] >= blk[None]], 1)
     return StatesLayout(positions, start_t, positions < start_t, torch.cat([noisy, clean_rows], 0))
 
@@ -143,7 +140,8 @@ def states_forward(model_forward, clean: torch.Tensor, mask_id: int, hidden_size
     and no self-conditioning; the outputs cover the copies' slots only [b, N, ...]."""
     b, L = clean.shape
     lay = states_layout(L, block, str(clean.device))
-    copies = torch.where(lay.clean[None], clean[:, lay.positions], torch.full_like(clean[:, lay.positions], mask_id))
+    at_slots = clean[:, lay.positions]
+    copies = torch.where(lay.clean[None], at_slots, torch.full_like(at_slots, mask_id))
     n = copies.shape[1]
     with autocast() if autocast else contextlib.nullcontext():
         out = model_forward(torch.cat([copies, clean], 1), torch.zeros(b, dtype=torch.long, device=clean.device),

@@ -130,11 +130,12 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
     t0 = time.perf_counter()
     for case in cases:
         for seed in seeds:
-            texts = None if not grid_dir or seed != seeds[0] or any(p["task"] == case.task for p in per_prompt) else []
-            per_prompt.append(evaluate_case(gen, scorer, case, seed, samples, selector=selector,
-                                            batch_size=batch_size, retries=retries, texts_out=texts))
-            if texts:
-                _draw(grid_dir, case, fragments.parse_fragment_prompt(_as_prompt(case)), texts)
+            first = not any(p["task"] == case.task for p in per_prompt)
+            row = evaluate_case(gen, scorer, case, seed, samples, selector=selector, batch_size=batch_size,
+                                retries=retries)
+            per_prompt.append(row)
+            if grid_dir and seed == seeds[0] and first and "samples" in row:
+                _draw(grid_dir, case, fragments.parse_fragment_prompt(_as_prompt(case)), row["samples"])
         if progress:
             progress(f"{case.task} {case.name}: {per_prompt[-1].get('quality', 0.0):.2f} quality")
     summary = {task: _mean(per_prompt, task) for task in tasks}
@@ -145,8 +146,7 @@ def evaluate(model: str | None, suite: str, tasks: Sequence[str], samples: int, 
 
 
 def evaluate_case(gen, scorer: PromptScorer, case: FragmentCase, seed: int, samples: int, *,
-                  selector: str | None = None, batch_size: int = 500, retries: int | None = None,
-                  texts_out: list | None = None) -> dict[str, Any]:
+                  selector: str | None = None, batch_size: int = 500, retries: int | None = None) -> dict[str, Any]:
     """One prompt's row for one seed: ``samples`` molecules from the Generator ``gen`` (a left-to-right model
     gets the prompt in prefix form), scored by ``scorer``. Its own function so that a caller can spread a
     suite's prompts over processes, each holding one Generator (experiments/device/fragments.py)."""
@@ -166,8 +166,6 @@ def evaluate_case(gen, scorer: PromptScorer, case: FragmentCase, seed: int, samp
     row["calls"] = float(np.mean([s.steps for s in out]))  # every attempt's calls
     row["attempts"] = float(np.mean([s.attempts or 1 for s in out]))
     row["samples"] = texts
-    if texts_out is not None:
-        texts_out.extend(texts)
     return row
 
 
