@@ -143,6 +143,24 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_continued_run_reuses_the_encoding_its_tokenizer_was_built_from(tmp_path, monkeypatch):
+    """The tokenizer a first run built from a file, passed back with that file (--init-from), finds the
+    first run's cached encoding instead of converting every molecule again; a different tokenizer does not."""
+    from imadarem.training import data as data_module
+
+    source = tmp_path / "m.csv"
+    source.write_text("SMILES\n" + "\n".join(MOSES_SAMPLE.read_text().split()[1:41]) + "\n")
+    first = data_module.encode_file(source, cache_dir=tmp_path / "c")
+    conversions = []
+    convert = data_module.smiles_to_selfies_batch
+    monkeypatch.setattr(data_module, "smiles_to_selfies_batch", lambda *a: conversions.append(1) or convert(*a))
+    again = data_module.encode_file(source, tokenizer=first.tokenizer, cache_dir=tmp_path / "c")
+    assert not conversions and all(np.array_equal(a, b) for a, b in zip(first.sequences, again.sequences))
+    other = data_module.build_tokenizer("selfies", ["[C][O][N][S]"], None)
+    data_module.encode_file(source, tokenizer=other, cache_dir=tmp_path / "c")
+    assert conversions == [1]
+
+
 def test_init_from_starts_a_new_run_on_a_checkpoints_ema_weights(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train(tiny_args(first, steps=12))

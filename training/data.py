@@ -254,20 +254,29 @@ def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: s
         fmt = "smiles"
     source_hash = sha256_file(path)
     given = None if isinstance(tokenizer, str) else tokenizer_to_json(tokenizer)
-    key_material = json.dumps([source_hash, fmt, kind, given,
-                               sha256_file(tokenizer_file) if tokenizer_file else None])
-    key = hashlib.sha256(key_material.encode()).hexdigest()[:20]
+    file_hash = sha256_file(tokenizer_file) if tokenizer_file else None
     cache = Path(cache_dir) if cache_dir else default_cache_dir() / "encoded"
-    cached = cache / f"{path.name}.{key}.npz"
-    if cached.is_file():
-        try:
-            with np.load(cached, allow_pickle=False) as z:
-                tok = tokenizer_from_json(str(z["tokenizer"]))
-                flat, offsets = z["flat"].astype(np.int32), z["offsets"]
-                seqs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-                return EncodedData(tok, seqs, source_hash, int(z["skipped"]))
-        except (OSError, KeyError, ValueError, ImadaremError):
-            pass  # a damaged cache entry is rebuilt
+
+    def entry(given_json: str | None) -> Path:
+        key_material = json.dumps([source_hash, fmt, kind, given_json, file_hash])
+        return cache / f"{path.name}.{hashlib.sha256(key_material.encode()).hexdigest()[:20]}.npz"
+
+    cached = entry(given)
+    # a run continued from a checkpoint passes the tokenizer the first run built from this same file: the
+    # encoding cached then is this one, so it is reused when its stored tokenizer is the given one
+    for candidate in (cached, entry(None)) if given is not None else (cached,):
+        if candidate.is_file():
+            try:
+                with np.load(candidate, allow_pickle=False) as z:
+                    stored = str(z["tokenizer"])
+                    if candidate != cached and stored != given:
+                        continue
+                    tok = tokenizer_from_json(stored)
+                    flat, offsets = z["flat"].astype(np.int32), z["offsets"]
+                    seqs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+                    return EncodedData(tok, seqs, source_hash, int(z["skipped"]))
+            except (OSError, KeyError, ValueError, ImadaremError):
+                pass  # a damaged cache entry is rebuilt
 
     if fmt == "text":
         texts = read_lines(path)
