@@ -38,12 +38,12 @@ def rows(tokenizer, special, length: int, n: int, source: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema") -> dict:
+def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema", device: str = "cpu") -> dict:
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt, weights).eval()
+    model = build_model(ckpt, weights).eval().to(device)
     sp, family = model.special, family_name(ckpt.state)
     L = model.config.max_seq_len
-    data = rows(model.tokenizer, sp, L, n, source)
+    data = rows(model.tokenizer, sp, L, n, source).to(device)
     ends = (data == sp.eos).float().argmax(1)
     bs = getattr(model.config, "block_size", 4)  # a causal model's offsets: those of the refine models' blocks of 4
     total, count = 0.0, 0
@@ -54,7 +54,7 @@ def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema
             inputs = torch.cat([torch.full_like(clean[:, :1], sp.mask), clean[:, :-1]], 1)
             logits = model.teacher_forcing(inputs)[0]
             nll = F.cross_entropy(logits.float().transpose(1, 2), clean, reduction="none")
-            pos = torch.arange(L)
+            pos = torch.arange(L, device=device)
         else:
             out, lay = states_forward(model.forward_train, clean, sp.mask, model.config.hidden_size, bs)
             exact = lay.positions == lay.start  # the slot of each copy that holds its exact conditional
@@ -77,11 +77,12 @@ def main() -> None:
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--source", default=str(Path.home() / ".cache/imadarem/moses/test.csv.gz"))
     a = p.parse_args()
     torch.set_num_threads(2)
     for path in a.checkpoints:
-        print(json.dumps({**probe(path, a.n, Path(a.source), weights=a.weights), "weights": a.weights}), flush=True)
+        print(json.dumps({**probe(path, a.n, Path(a.source), weights=a.weights, device=a.device), "weights": a.weights}), flush=True)
 
 
 if __name__ == "__main__":
