@@ -1,6 +1,7 @@
 """Paired comparison of two models' `imadarem eval fragments --json` rows, prompt by prompt (issue #24, point 5b).
 
     python3 experiments/fragments/paired.py OURS.json[.gz][:MODEL] BASELINE.json[.gz][:MODEL] [--metric quality]
+        [--also OURS2 BASELINE2]   # another seed's files, merged in
 
 Each side is a file written by `imadarem eval fragments --json` (or experiments/device/fragments.py) and, after a
 colon, the model as its row names it (default: the file's first row). For every task and seed both sides ran, it
@@ -33,8 +34,13 @@ def main() -> None:
     p.add_argument("ours")
     p.add_argument("baseline")
     p.add_argument("--metric", default="quality")
+    p.add_argument("--also", nargs=2, action="append", default=[], metavar=("OURS", "BASELINE"),
+                   help="a further pair of files (another seed) merged in, same form as the first")
     a = p.parse_args()
     ours, base = rows(a.ours), rows(a.baseline)
+    for more_ours, more_base in a.also:
+        ours.update(rows(more_ours))
+        base.update(rows(more_base))
     both = sorted(set(ours) & set(base))
     print("| task | seed | prompts | ours | baseline | ours - baseline (± s.e.) |\n|---|---|---|---|---|---|")
     for task in sorted({k[0] for k in both}):
@@ -45,6 +51,19 @@ def main() -> None:
             d = x - y
             se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
             print(f"| {task} | {seed} | {len(keys)} | {x.mean():.1f} | {y.mean():.1f} | {d.mean():+.1f} ± {se:.1f} |")
+    # Is a gap spread over the prompts or held by some? Over two seeds, the per-prompt differences correlate
+    # near 0 when they are sampling noise, and near 1 when some prompts favour one model (a prompt effect).
+    for task in sorted({k[0] for k in both}):
+        seeds = sorted({k[2] for k in both if k[0] == task})
+        if len(seeds) < 2:
+            continue
+        names = sorted({k[1] for k in both if k[0] == task and k[2] == seeds[0]}
+                       & {k[1] for k in both if k[0] == task and k[2] == seeds[1]})
+        d0, d1 = ([ours[(task, n, s)].get(a.metric, 0.0) - base[(task, n, s)].get(a.metric, 0.0) for n in names]
+                  for s in seeds[:2])
+        if len(names) > 2:
+            print(f"{task}: per-prompt differences, seed {seeds[0]} against seed {seeds[1]}: "
+                  f"correlation {np.corrcoef(d0, d1)[0, 1]:.2f} over {len(names)} prompts")
 
 
 if __name__ == "__main__":
