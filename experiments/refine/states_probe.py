@@ -37,6 +37,36 @@ def rows(tokenizer, special, length: int, n: int, source: Path) -> torch.Tensor:
     return torch.tensor(out)
 
 
+KINDS = ("atom", "ring", "ring_size", "branch", "branch_size", "end")
+
+
+def token_kinds(tokenizer, special, data: torch.Tensor) -> torch.Tensor:
+    """Each token's kind (an index into KINDS): SELFIES atoms, the ring and branch symbols, the index symbols
+    after them (a ring's size, a branch's length: one for [Ring1]/[Branch1], two for ...2, three for ...3),
+    and the end token. Where a ring's size is wrong the molecule gets a macrocycle or a bridge, both of which
+    cost SA (issue #24's quality)."""
+    names = [""] * (int(data.max()) + 1)
+    for symbol in tokenizer.symbols:
+        names[tokenizer.symbols_to_ids([symbol], symbol)[0]] = symbol
+    out = torch.zeros_like(data)
+    for r, row in enumerate(data.tolist()):
+        size = (0, 0)  # (kind index of the pending size symbols, how many remain)
+        for c, t in enumerate(row):
+            if t == special.eos:
+                out[r, c] = KINDS.index("end")
+                break
+            name = names[t]
+            if size[1]:
+                out[r, c], size = size[0], (size[0], size[1] - 1)
+            elif "Ring" in name or "Branch" in name:
+                group = "ring" if "Ring" in name else "branch"
+                out[r, c] = KINDS.index(group)
+                size = (KINDS.index(group + "_size"), int(name.rstrip("]")[-1]))
+            else:
+                out[r, c] = KINDS.index("atom")
+    return out
+
+
 @torch.no_grad()
 def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema", device: str = "cpu") -> dict:
     ckpt = load_checkpoint(path)
@@ -48,6 +78,8 @@ def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema
     bs = getattr(model.config, "block_size", 4)  # a causal model's offsets: those of the refine models' blocks of 4
     total, count = 0.0, 0
     by_offset = np.zeros((2, 8))
+    kinds = token_kinds(model.tokenizer, sp, data)
+    by_kind = np.zeros((2, len(KINDS)))
     for i in range(0, len(data), batch):
         clean, e = data[i:i + batch], ends[i:i + batch]
         if family == "causal":
@@ -68,8 +100,16 @@ def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema
             at = (pos % bs == k)[None] & live
             by_offset[0, k] += float((nll * at).sum())
             by_offset[1, k] += int(at.sum())
+        kind = kinds[i:i + batch][:, pos]
+        for k in range(len(KINDS)):
+            at = (kind == k) & live
+            by_kind[0, k] += float((nll * at).sum())
+            by_kind[1, k] += int(at.sum())
     return {"checkpoint": path, "family": family, "molecules": len(data), "tokens": count,
-            "nll": round(total / count, 4), "nll_by_offset": [round(by_offset[0, k] / by_offset[1, k], 4) for k in range(bs)]}
+            "nll": round(total / count, 4), "nll_by_offset": [round(by_offset[0, k] / by_offset[1, k], 4) for k in range(bs)],
+            # summed (not mean) NLL by kind: where a gap between two models lies, in nats per molecule
+            "nll_sum_by_kind": {name: round(by_kind[0, k] / len(data), 4) for k, name in enumerate(KINDS)},
+            "tokens_by_kind": {name: int(by_kind[1, k]) for k, name in enumerate(KINDS)}}
 
 
 def main() -> None:
