@@ -148,6 +148,17 @@ def test_prompt_metrics_are_genmols(sa_path):
     for metric, value in theirs.items():
         assert ours[metric] == pytest.approx(value, abs=1e-9), metric
     assert ours["valid"] == 0.8 and ours["kept"] == 7 / 8
+    from rdkit.Chem import QED
+
+    read = [Chem.MolFromSmiles(t) for t in texts if t]
+    distinct = {Chem.MolToSmiles(m) for m in read if m is not None and m.HasSubstructMatch(task.query())}
+    mols = [Chem.MolFromSmiles(t) for t in distinct]
+
+    assert ours["qed_ok"] == pytest.approx(sum(QED.qed(m) >= 0.6 for m in mols) / len(texts))
+    assert ours["quality"] <= min(ours["qed_ok"], ours["sa_ok"]) and ours["sa_ok"] > 0
+    assert ours["macrocycles"] == 0.0
+    ring = PromptScorer(sa_path)(task, original, ["COCCOC1CCCCCCCCC1", "COCCOC1CCCCC1"], num_samples=2)
+    assert ring["macrocycles"] == 0.5  # a ten-membered ring; a six-membered one
 
 
 def test_no_kept_molecule_counts_zero_as_genmol_does(sa_path):

@@ -34,7 +34,8 @@ import numpy as np
 WORK = Path("/tmp/frag")
 SITE, RDKIT_SITE = "/tmp/site", "/tmp/site-rdkit"
 TASKS = ("linker_design", "motif_extension", "scaffold_decoration", "superstructure_generation")
-METRICS = ("validity", "uniqueness", "quality", "diversity", "distance", "kept", "valid", "calls")
+METRICS = ("validity", "uniqueness", "quality", "diversity", "distance", "kept", "valid", "calls",
+           "qed_ok", "sa_ok", "macrocycles")  # the command's METRICS and DIAGNOSTICS
 START = time.time()
 
 
