@@ -264,7 +264,8 @@ def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: s
     cached = entry(given)
     # a run continued from a checkpoint passes the tokenizer the first run built from this same file: the
     # encoding cached then is this one, so it is reused when its stored tokenizer is the given one
-    for candidate in (cached, entry(None)) if given is not None else (cached,):
+    candidates = [cached] if given is None else [cached, entry(None)]
+    for candidate in candidates:
         if candidate.is_file():
             try:
                 with np.load(candidate, allow_pickle=False) as z:

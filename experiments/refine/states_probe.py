@@ -48,7 +48,7 @@ def token_kinds(tokenizer, special, data: torch.Tensor) -> torch.Tensor:
     names = [""] * (int(data.max()) + 1)
     for symbol in tokenizer.symbols:
         names[tokenizer.symbols_to_ids([symbol], symbol)[0]] = symbol
-    out = torch.zeros_like(data)
+    out = np.zeros(tuple(data.shape), dtype=np.int64)  # filled on the host, element by element, then moved once
     for r, row in enumerate(data.tolist()):
         size = (0, 0)  # (kind index of the pending size symbols, how many remain)
         for c, t in enumerate(row):
@@ -64,7 +64,7 @@ def token_kinds(tokenizer, special, data: torch.Tensor) -> torch.Tensor:
                 size = (KINDS.index(group + "_size"), int(name.rstrip("]")[-1]))
             else:
                 out[r, c] = KINDS.index("atom")
-    return out
+    return torch.from_numpy(out).to(data.device)
 
 
 @torch.no_grad()
