@@ -161,6 +161,52 @@ def test_a_continued_run_reuses_the_encoding_its_tokenizer_was_built_from(tmp_pa
     assert conversions == [1]
 
 
+def test_random_writings_train_on_other_orders_of_the_same_molecules_and_hold_out_whole_molecules(tmp_path):
+    """--writings 2: each molecule three times (its file writing first), every writing the same molecule by
+    RDKit, the orders mostly new; a run holds out whole molecules (no writing of a validation molecule is
+    trained on) and validates on file writings only."""
+    Chem = pytest.importorskip("rdkit.Chem")
+    from imadarem.training import data as data_module
+    from imadarem.training.trainer import Trainer
+
+    source = tmp_path / "m.csv"
+    source.write_text("SMILES\n" + "\n".join(MOSES_SAMPLE.read_text().split()[1:61]) + "\n")
+    plain = data_module.encode_file(source, cache_dir=tmp_path / "c")
+    data = data_module.encode_file(source, cache_dir=tmp_path / "c", writings=2, seed=0)
+    assert plain.molecules is None and len(data.sequences) == 3 * len(plain.sequences)
+    tok = data.tokenizer
+    canon = [Chem.CanonSmiles(tok.decode(list(s))) for s in data.sequences]
+    assert all(canon[i] == canon[int(np.flatnonzero(data.molecules == m)[0])] for i, m in enumerate(data.molecules))
+    texts = [tok.decode(list(s)) for s in data.sequences]
+    assert all(np.array_equal(data.sequences[i], plain.sequences[i]) for i in range(len(plain.sequences)))
+    assert sum(t not in set(texts[:60]) for t in texts[60:]) > 60  # new orders, not the file's again
+    again = data_module.encode_file(source, cache_dir=tmp_path / "c", writings=2, seed=0)
+    assert np.array_equal(again.molecules, data.molecules)  # cached, and apart from the plain encoding
+
+    args = tiny_args(tmp_path / "r", data=source)
+    args.writings, args.val_fraction = 2, 0.2
+    trainer = Trainer(args)
+    trainer.prepare()
+    eos = trainer.special.eos
+
+    def molecule(row):
+        return Chem.CanonSmiles(tok.decode([int(t) for t in row[: list(row).index(eos)]]))
+    held = {molecule(row) for row in trainer.val_data}
+    trained = {molecule(row) for row in trainer.train_data}
+    assert len(trainer.val_data) == len(held) == 12 and not held & trained and len(trainer.train_data) == 3 * 48
+    file_rows = {tuple(row) for row in plain.pack(64)[0].tolist()}
+    assert all(tuple(row) in file_rows for row in trainer.val_data.tolist())  # validated in the file's writing
+
+
+def test_random_writings_need_smiles_data(tmp_path):
+    text = tmp_path / "lines.txt"
+    text.write_text("hello\nworld\n")
+    r = subprocess.run([sys.executable, "-m", "imadarem.training", "--data", str(text), "--data-format", "text",
+                        "--tokenizer", "char", "--writings", "1", "--out-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--writings needs SMILES data" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_init_from_starts_a_new_run_on_a_checkpoints_ema_weights(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     train(tiny_args(first, steps=12))

@@ -38,6 +38,9 @@ class TrainArgs:
     tokenizer_file: str | None = knob(None, "tokenizer.json for --tokenizer hf.", kind=str, path="file")
     val_data: str | None = knob(None, "Validation file [default: a split of --data].", kind=str, path="file")
     val_fraction: float = knob(0.01, "Share of --data held out for validation.", low=0, high=0.5)
+    writings: int = knob(0, "SMILES data: each molecule also in this many random SMILES writings (RDKit), so the model "
+                            "takes fragment prompts, which are written in such orders; held-out molecules stay out "
+                            "in every writing.", low=0, high=64)
     steps: int = knob(10000, "Total optimiser steps.", low=1)
     batch_size: int = knob(128, "Global batch size (split over DDP ranks).", low=1)
     lr: float = knob(3e-4, "Peak learning rate.", low=0, open_low=True)

@@ -184,20 +184,59 @@ def smiles_to_selfies_batch(smiles: list[str], workers: int | None = None) -> li
 
 
 # -- encoding --------------------------------------------------------------------------------------
+def _random_writings(job: tuple[int, list[str], int, int]) -> list[list[str]]:
+    """``n`` random SMILES writings of each SMILES (RDKit, seeded by the run's seed and the record's index, so a
+    cached encoding is reproducible); an unreadable one has none."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    start, smiles, n, seed = job
+    out = []
+    for i, smi in enumerate(smiles):
+        mol = Chem.MolFromSmiles(smi)
+        out.append(list(Chem.MolToRandomSmilesVect(mol, n, randomSeed=(seed * 1_000_003 + start + i) % (1 << 31)))
+                   if mol is not None else [])
+    return out
+
+
+def random_writings(smiles: list[str], n: int, seed: int, workers: int | None = None) -> list[list[str]]:
+    """:func:`_random_writings` over many SMILES, in ``workers`` processes."""
+    try:
+        import rdkit  # noqa: F401
+    except ImportError:
+        raise DataError("--writings needs RDKit: pip install 'imadarem[chem]'") from None
+    workers = workers or os.cpu_count() or 1
+    chunk = len(smiles) if workers <= 1 or len(smiles) < 5000 else max(1000, len(smiles) // (workers * 8))
+    jobs = [(i, smiles[i : i + chunk], n, seed) for i in range(0, len(smiles), chunk)]
+    if len(jobs) <= 1:
+        return [w for job in jobs for w in _random_writings(job)]
+    with get_context("spawn").Pool(workers) as pool:
+        return [w for part in pool.imap(_random_writings, jobs) for w in part]
+
+
 @dataclass
 class EncodedData:
-    """Token id sequences (without EOS) and the tokenizer that made them."""
+    """Token id sequences (without EOS) and the tokenizer that made them; with random writings
+    (``--writings``), ``molecules`` holds each sequence's record index (its file writing comes first)."""
 
     tokenizer: TokenizerAdapter
     sequences: list[np.ndarray]
     source_hash: str
     skipped: int = 0
+    molecules: np.ndarray | None = None
 
     def pack(self, max_seq_len: int) -> tuple[np.ndarray, int]:
         """[N, max_seq_len] int64: ids, EOS, PAD...; also the number dropped for being too long."""
+        arr, dropped, _ = self.pack_with_molecules(max_seq_len)
+        return arr, dropped
+
+    def pack_with_molecules(self, max_seq_len: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """:meth:`pack`, and the record index of each packed row (None without random writings)."""
         sp = resolve_special_ids(self.tokenizer)
         limit = max_seq_len - (1 if sp.eos is not None else 0)
-        kept = [s for s in self.sequences if 0 < len(s) <= limit]
+        fits = [0 < len(s) <= limit for s in self.sequences]
+        kept = [s for s, ok in zip(self.sequences, fits) if ok]
+        molecules = None if self.molecules is None else self.molecules[np.array(fits, dtype=bool)]
         arr = np.full((len(kept), max_seq_len), sp.pad, dtype=np.int64)
         if kept:  # one scatter instead of a Python loop over a million rows
             lengths = np.fromiter((len(s) for s in kept), np.int64, len(kept))
@@ -206,7 +245,7 @@ class EncodedData:
             arr[rows, cols] = np.concatenate(kept)
             if sp.eos is not None:
                 arr[np.arange(len(kept)), lengths] = sp.eos
-        return arr, len(self.sequences) - len(kept)
+        return arr, len(self.sequences) - len(kept), molecules
 
 
 def build_tokenizer(kind: str, texts: list[str], tokenizer_file: str | None) -> TokenizerAdapter:
@@ -239,8 +278,9 @@ def resolve_data(data: str | os.PathLike, cache_dir: str | os.PathLike | None = 
 
 def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: str | TokenizerAdapter = "auto",
                 tokenizer_file: str | None = None, cache_dir: str | os.PathLike | None = None,
-                workers: int | None = None) -> EncodedData:
-    """Read ``path`` and encode it, reusing a cached encoding of the same file and tokenizer."""
+                workers: int | None = None, writings: int = 0, seed: int = 0) -> EncodedData:
+    """Read ``path`` and encode it, reusing a cached encoding of the same file and tokenizer. ``writings``:
+    SMILES data only, each record also in that many random SMILES writings (``seed`` picks them)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -252,13 +292,16 @@ def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: s
         kind = "selfies" if fmt in ("smiles", "selfies") else "char"
     if kind == "selfies" and fmt == "text":
         fmt = "smiles"
+    if writings and fmt != "smiles":
+        raise DataError(f"--writings needs SMILES data; {path} is read as {fmt}")
     source_hash = sha256_file(path)
     given = None if isinstance(tokenizer, str) else tokenizer_to_json(tokenizer)
     file_hash = sha256_file(tokenizer_file) if tokenizer_file else None
     cache = Path(cache_dir) if cache_dir else default_cache_dir() / "encoded"
 
     def entry(given_json: str | None) -> Path:
-        key_material = json.dumps([source_hash, fmt, kind, given_json, file_hash])
+        key_material = json.dumps([source_hash, fmt, kind, given_json, file_hash]
+                                  + ([writings, seed] if writings else []))  # old keys unchanged without writings
         return cache / f"{path.name}.{hashlib.sha256(key_material.encode()).hexdigest()[:20]}.npz"
 
     cached = entry(given)
@@ -275,7 +318,8 @@ def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: s
                     tok = tokenizer_from_json(stored)
                     flat, offsets = z["flat"].astype(np.int32), z["offsets"]
                     seqs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-                    return EncodedData(tok, seqs, source_hash, int(z["skipped"]))
+                    molecules = z["molecules"] if "molecules" in z else None
+                    return EncodedData(tok, seqs, source_hash, int(z["skipped"]), molecules)
             except (OSError, KeyError, ValueError, ImadaremError):
                 pass  # a damaged cache entry is rebuilt
 
@@ -284,19 +328,27 @@ def encode_file(path: str | os.PathLike, data_format: str = "auto", tokenizer: s
     elif fmt == "selfies":
         texts = read_lines(path)
     else:
-        converted = smiles_to_selfies_batch(read_smiles(path), workers)
+        smiles = read_smiles(path)
+        records = np.arange(len(smiles))
+        if writings:  # each record's file writing first, then its random ones
+            extra = random_writings(smiles, writings, seed, workers)
+            records = np.concatenate([records, np.repeat(records, [len(w) for w in extra])])
+            smiles = smiles + [w for ws in extra for w in ws]
+        converted = smiles_to_selfies_batch(smiles, workers)
         texts = [s for s in converted if s]
+        records = records[[bool(s) for s in converted]]
     skipped_conv = 0 if fmt != "smiles" else len(converted) - len(texts)
     if not texts:
         raise DataError(f"{path}: no usable records")
     tok = tokenizer if not isinstance(tokenizer, str) else build_tokenizer(kind, texts, tokenizer_file)
-    seqs, skipped = [], skipped_conv
-    for text in texts:
+    seqs, skipped, encoded = [], skipped_conv, []
+    for i, text in enumerate(texts):
         try:
             seqs.append(np.asarray(tok.encode(text), dtype=np.int32))
+            encoded.append(i)
         except ImadaremError:
             skipped += 1
-    data = EncodedData(tok, seqs, source_hash, skipped)
+    data = EncodedData(tok, seqs, source_hash, skipped, records[encoded] if writings else None)
     _save_cache(cached, data)
     return data
 
@@ -310,8 +362,9 @@ def _save_cache(path: Path, data: EncodedData) -> None:
     # ~25 MB instead of 230 (small enough to carry to a GPU machine instead of encoding there)
     small = np.uint8 if data.tokenizer.vocab_size <= 256 else np.uint16 if data.tokenizer.vocab_size <= 65536 else np.int32
     tmp = path.with_name(path.name + ".part.npz")
+    extra = {} if data.molecules is None else {"molecules": data.molecules}
     np.savez_compressed(tmp, flat=flat.astype(small), offsets=offsets, skipped=np.int64(data.skipped),
-                        tokenizer=np.array(tokenizer_to_json(data.tokenizer)))
+                        tokenizer=np.array(tokenizer_to_json(data.tokenizer)), **extra)
     os.replace(tmp, path)
 
 
@@ -321,6 +374,20 @@ def split_validation(arr: np.ndarray, fraction: float, seed: int, max_val: int =
         return arr, arr[:0]
     perm = np.random.default_rng(seed).permutation(len(arr))
     return arr[perm[n_val:]], arr[perm[:n_val]]
+
+
+def split_by_molecule(arr: np.ndarray, molecules: np.ndarray, fraction: float, seed: int,
+                      max_val: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split_validation` over records rather than rows: a held-out molecule leaves training in every
+    writing, and validates in its file writing only (its first row), so the validation loss reads as an
+    unaugmented run's."""
+    first = np.unique(molecules, return_index=True)[1]
+    n_val = min(max_val, int(round(len(first) * fraction)))
+    if n_val <= 0:
+        return arr, arr[:0]
+    held = first[np.random.default_rng(seed).permutation(len(first))[:n_val]]
+    out = np.isin(molecules, molecules[held])
+    return arr[~out], arr[np.sort(held)]
 
 
 def iter_batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:

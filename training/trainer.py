@@ -26,7 +26,13 @@ from imadarem.runtime.registry import tokenizer_from_json, tokenizer_to_json
 from imadarem.runtime.tokenizer import resolve_special_ids
 from imadarem.training import checkpoint as ckpt_io
 from imadarem.training.args import TrainArgs
-from imadarem.training.data import encode_file, iter_batches, resolve_data, split_validation
+from imadarem.training.data import (
+    encode_file,
+    iter_batches,
+    resolve_data,
+    split_by_molecule,
+    split_validation,
+)
 from imadarem.training.families import LossInput, get_family
 
 
@@ -139,7 +145,7 @@ class Trainer:
         init = self._init_checkpoint() if a.init_from and self.ckpt is None else None
         tokenizer = tokenizer_from_json(init.state["tokenizer"]) if init is not None else a.tokenizer
         data = encode_file(resolve_data(a.data, a.cache_dir), a.data_format, tokenizer, a.tokenizer_file,
-                           a.cache_dir, a.workers)
+                           a.cache_dir, a.workers, writings=a.writings, seed=a.seed)
         self.tokenizer = data.tokenizer
         if self.ckpt is not None and tokenizer_to_json(self.tokenizer) != self.ckpt.state["tokenizer"]:
             raise CheckpointError(f"{a.data} no longer gives the tokenizer this run was trained with")
@@ -151,11 +157,13 @@ class Trainer:
         else:
             self.config = self.family.make_config(self.tokenizer.vocab_size, dict(a.model))
         length = self.family.max_seq_len(self.config)
-        packed, too_long = data.pack(length)
+        packed, too_long, molecules = data.pack_with_molecules(length)
         if a.val_data:
             val = encode_file(resolve_data(a.val_data, a.cache_dir), a.data_format, self.tokenizer, None, a.cache_dir,
                               a.workers)
             self.train_data, self.val_data = packed, val.pack(length)[0]
+        elif molecules is not None:
+            self.train_data, self.val_data = split_by_molecule(packed, molecules, a.val_fraction, a.seed)
         else:
             self.train_data, self.val_data = split_validation(packed, a.val_fraction, a.seed)
         if len(self.train_data) == 0:

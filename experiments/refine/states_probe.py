@@ -20,21 +20,40 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from imadarem.runtime.errors import ImadaremError
 from imadarem.training.checkpoint import build_model, family_name, load_checkpoint
 from imadarem.training.model import states_forward
 
 
-def rows(tokenizer, special, length: int, n: int, source: Path) -> torch.Tensor:
+def rows(tokenizer, special, length: int, n: int, source: Path, writing: str = "file") -> torch.Tensor:
+    """The first ``n`` molecules that fit, as the file writes them or (``writing="random"``) each in one random
+    SMILES order (RDKit, fixed seed): fragment prompts reach a model in such writings, not the canonical ones
+    it was trained on."""
+    rewrite = _random_writer() if writing == "random" else (lambda smiles: smiles)
     out = []
     with gzip.open(source, "rt") as fh:
         next(fh)  # header
         for line in fh:
-            ids = tokenizer.encode(line.split(",")[0].strip())
+            try:
+                ids = tokenizer.encode(rewrite(line.split(",")[0].strip()))
+            except (ValueError, ImadaremError):  # a writing the tokenizer cannot take (unknown symbol): skipped
+                continue
             if len(ids) + 1 <= length:
                 out.append(ids + [special.eos] + [special.pad] * (length - len(ids) - 1))
             if len(out) == n:
                 break
     return torch.tensor(out)
+
+
+def _random_writer():
+    from rdkit import Chem
+
+    rng = np.random.default_rng(0)
+
+    def rewrite(smiles: str) -> str:
+        mol = Chem.MolFromSmiles(smiles)
+        return Chem.MolToRandomSmilesVect(mol, 1, randomSeed=int(rng.integers(1 << 30)))[0]
+    return rewrite
 
 
 KINDS = ("atom", "ring", "ring_size", "branch", "branch_size", "end")
@@ -68,12 +87,13 @@ def token_kinds(tokenizer, special, data: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema", device: str = "cpu") -> dict:
+def probe(path: str, n: int, source: Path, batch: int = 100, weights: str = "ema", device: str = "cpu",
+          writing: str = "file") -> dict:
     ckpt = load_checkpoint(path)
     model = build_model(ckpt, weights).eval().to(device)
     sp, family = model.special, family_name(ckpt.state)
     L = model.config.max_seq_len
-    data = rows(model.tokenizer, sp, L, n, source).to(device)
+    data = rows(model.tokenizer, sp, L, n, source, writing).to(device)
     ends = (data == sp.eos).float().argmax(1)
     bs = getattr(model.config, "block_size", 4)  # a causal model's offsets: those of the refine models' blocks of 4
     total, count = 0.0, 0
@@ -118,11 +138,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--writing", choices=("file", "random"), default="file",
+                   help="random: each molecule in one random SMILES order (how fragment prompts are written)")
     p.add_argument("--source", default=str(Path.home() / ".cache/imadarem/moses/test.csv.gz"))
     a = p.parse_args()
     torch.set_num_threads(2)
     for path in a.checkpoints:
-        print(json.dumps({**probe(path, a.n, Path(a.source), weights=a.weights, device=a.device), "weights": a.weights}), flush=True)
+        print(json.dumps({**probe(path, a.n, Path(a.source), weights=a.weights, device=a.device, writing=a.writing),
+                          "weights": a.weights, "writing": a.writing}), flush=True)
 
 
 if __name__ == "__main__":
