@@ -362,7 +362,7 @@ def _save_cache(path: Path, data: EncodedData) -> None:
     # ~25 MB instead of 230 (small enough to carry to a GPU machine instead of encoding there)
     small = np.uint8 if data.tokenizer.vocab_size <= 256 else np.uint16 if data.tokenizer.vocab_size <= 65536 else np.int32
     tmp = path.with_name(path.name + ".part.npz")
-    extra = {} if data.molecules is None else {"molecules": data.molecules}
+    extra = {} if data.molecules is None else {"molecules": data.molecules.astype(np.int32)}
     np.savez_compressed(tmp, flat=flat.astype(small), offsets=offsets, skipped=np.int64(data.skipped),
                         tokenizer=np.array(tokenizer_to_json(data.tokenizer)), **extra)
     os.replace(tmp, path)
