@@ -181,7 +181,7 @@ def test_random_writings_train_on_other_orders_of_the_same_molecules_and_hold_ou
     assert all(np.array_equal(data.sequences[i], plain.sequences[i]) for i in range(len(plain.sequences)))
     assert sum(t not in set(texts[:60]) for t in texts[60:]) > 60  # new orders, not the file's again
     again = data_module.encode_file(source, cache_dir=tmp_path / "c", writings=2, seed=0)
-    assert np.array_equal(again.molecules, data.molecules)  # cached, and apart from the plain encoding
+    assert np.array_equal(again.molecules, data.molecules)  # seeded: the same writings again (its own cache key)
 
     args = tiny_args(tmp_path / "r", data=source)
     args.writings, args.val_fraction = 2, 0.2
