@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -159,12 +159,24 @@ def read_smiles(path: str | os.PathLike) -> list[str]:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
-def _to_selfies(smiles: list[str]) -> list[str | None]:
+def _map_chunks(fn: Callable[[tuple], list], items: list, workers: int | None, *args) -> list:
+    """``fn((start, items[start:start + chunk], *args))`` over chunks of ``items``, flattened in order; in
+    ``workers`` spawned processes when there are enough items to pay for them."""
+    workers = workers or os.cpu_count() or 1
+    chunk = len(items) if workers <= 1 or len(items) < 5000 else max(1000, len(items) // (workers * 8))
+    jobs = [(i, items[i : i + chunk], *args) for i in range(0, len(items), chunk)]
+    if len(jobs) <= 1:
+        return [x for job in jobs for x in fn(job)]
+    with get_context("spawn").Pool(workers) as pool:
+        return [x for part in pool.imap(fn, jobs) for x in part]
+
+
+def _to_selfies(job: tuple[int, list[str]]) -> list[str | None]:
     """SELFIES of each SMILES (None where it cannot be converted: skipped and counted by the caller)."""
     from imadarem.plugins.tokenizers.selfies import smiles_to_selfies as convert
 
     out: list[str | None] = []
-    for smi in smiles:
+    for smi in job[1]:
         try:
             out.append(convert(smi))
         except TokenizerError:
@@ -174,16 +186,9 @@ def _to_selfies(smiles: list[str]) -> list[str | None]:
 
 def smiles_to_selfies_batch(smiles: list[str], workers: int | None = None) -> list[str | None]:
     """The SELFIES tokenizer's conversion over many SMILES, in ``workers`` processes."""
-    workers = workers or os.cpu_count() or 1
-    if workers <= 1 or len(smiles) < 5000:
-        return _to_selfies(smiles)
-    chunk = max(1000, len(smiles) // (workers * 8))
-    pieces = [smiles[i : i + chunk] for i in range(0, len(smiles), chunk)]
-    with get_context("spawn").Pool(workers) as pool:
-        return [s for part in pool.imap(_to_selfies, pieces) for s in part]
+    return _map_chunks(_to_selfies, smiles, workers)
 
 
-# -- encoding --------------------------------------------------------------------------------------
 def _random_writings(job: tuple[int, list[str], int, int]) -> list[list[str]]:
     """``n`` random SMILES writings of each SMILES (RDKit, seeded by the run's seed and the record's index, so a
     cached encoding is reproducible); an unreadable one has none."""
@@ -205,15 +210,10 @@ def random_writings(smiles: list[str], n: int, seed: int, workers: int | None = 
         import rdkit  # noqa: F401
     except ImportError:
         raise DataError("--writings needs RDKit: pip install 'imadarem[chem]'") from None
-    workers = workers or os.cpu_count() or 1
-    chunk = len(smiles) if workers <= 1 or len(smiles) < 5000 else max(1000, len(smiles) // (workers * 8))
-    jobs = [(i, smiles[i : i + chunk], n, seed) for i in range(0, len(smiles), chunk)]
-    if len(jobs) <= 1:
-        return [w for job in jobs for w in _random_writings(job)]
-    with get_context("spawn").Pool(workers) as pool:
-        return [w for part in pool.imap(_random_writings, jobs) for w in part]
+    return _map_chunks(_random_writings, smiles, workers, n, seed)
 
 
+# -- encoding --------------------------------------------------------------------------------------
 @dataclass
 class EncodedData:
     """Token id sequences (without EOS) and the tokenizer that made them; with random writings
