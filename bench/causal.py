@@ -150,6 +150,13 @@ class CausalBench:
             names = DEFAULT_ENGINES[provider] if args.engines is None else args.engines
             engines = [Engine.parse(n) for n in names]
             self.engines[provider] = [e for e in engines if e.runs_on(provider)]
+        if args.engines is not None:  # a named engine that runs on none of the providers is a mistake, not a skip
+            for name in args.engines:
+                engine = Engine.parse(name)
+                if not any(engine.runs_on(p) for p in args.providers):
+                    where = [p for p in PRECISIONS if engine.runs_on(p)]
+                    raise ImadaremError(f"engine {name!r} does not run on --providers {','.join(args.providers)}"
+                                        + (f" (it runs on {' and '.join(where)})" if where else ""))
         if self._ctranslate2:
             from imadarem.bench import ct2
 

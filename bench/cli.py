@@ -13,7 +13,7 @@ from imadarem.training.cli import require_torch
 
 def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
+        out = tuple(int(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if not out or min(out) < 1:

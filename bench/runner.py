@@ -115,6 +115,9 @@ class Bench:
     def __init__(self, args: BenchArgs):
         self.args = args
         kind = "refine" if args.checkpoint else _model_kind(args.model)
+        from imadarem.runtime.registry import create_selector
+
+        create_selector(args.selector)  # an unknown selector: one line before minutes of exports
         self.causal = kind == "causal"
         self.block = kind == "block"
         if self.block:  # a block refine file (the bundled refine model): bench/block.py
@@ -146,9 +149,11 @@ class Bench:
             if not self.causal:
                 raise ImadaremError("--reference times another causal model file beside a causal model; this model "
                                     "is a refinement model")
+            from imadarem.runtime.formats import open_model
             from imadarem.runtime.models import resolve_model
 
             args.reference = str(resolve_model(args.reference))
+            open_model(args.reference)  # a file that is no model file: one line now, not after the other rows
         if self.causal:
             from imadarem.bench.causal import CausalBench
 

@@ -4,7 +4,11 @@ imports torch and onnx only inside its body."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+from pathlib import Path
 
 import click
 from imadarem.runtime.cli import parse_options
@@ -82,12 +86,36 @@ def export_command(source, output, target, dtype, decode, drafts, attention, wei
     num_drafts = getattr(src.model.config, "num_drafts", None)
     check_options(src.family, dtype, decode, drafts, device_state is not None or sampling is not None, num_drafts,
                   attention)
-    summary = export_source(src, output, dtype, decode, drafts, device_state, sampling, check, attention)
-    if selector is not None:
-        from imadarem.export.exporters import stamp_decoding
+    if selector is None:
+        summary = export_source(src, output, dtype, decode, drafts, device_state, sampling, check, attention)
+    else:
+        with _restored_on_error(output):  # a file that cannot run the selector is removed: the old one comes back
+            summary = export_source(src, output, dtype, decode, drafts, device_state, sampling, check, attention)
+            from imadarem.export.exporters import stamp_decoding
 
-        summary["decoding"] = stamp_decoding(output, selector, selector_options, recommend_drafts)
+            summary["decoding"] = stamp_decoding(output, selector, selector_options, recommend_drafts)
     click.echo(json.dumps(summary))
+
+
+@contextlib.contextmanager
+def _restored_on_error(path: str):
+    """Keep a copy of the file at ``path`` (if any) until the block ends; if the block fails, put it back. An
+    export checked after writing (``stamp_decoding``) then never costs the user the file it was to replace."""
+    from imadarem.runtime.files import temporary_beside
+
+    if not Path(path).is_file():
+        yield
+        return
+    backup = temporary_beside(path, ".old")
+    try:
+        shutil.copy2(path, backup)
+        try:
+            yield
+        except BaseException:
+            os.replace(backup, path)
+            raise
+    finally:
+        backup.unlink(missing_ok=True)
 
 
 @hookimpl

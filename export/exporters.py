@@ -33,10 +33,15 @@ class Source:
 
 def load_source(source: str | os.PathLike, weights: str = "ema") -> Source:
     """A run folder, a checkpoint folder, or a model file (its weights rebuilt in PyTorch; an int8 file is
-    dequantised)."""
+    dequantised), a bundled model by name included."""
+    from imadarem.runtime.models import bundled_path
+
     path = Path(source)
+    if not path.exists() and bundled_path(str(source)) is not None:
+        path = bundled_path(str(source))
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {source} (give a run folder, a checkpoint or a model file)")
+        raise CheckpointError(f"checkpoint not found: {source} (give a run folder, a checkpoint, a model file or a "
+                              "bundled model's name)")
     if path.is_file():
         return _from_file(path)
     from imadarem.export.onnx_export import checkpoint_provenance
@@ -143,7 +148,7 @@ def stamp_decoding(out_path: str | os.PathLike, selector: str, options: dict[str
                    drafts: int | None = None) -> dict[str, Any]:
     """Record the file's recommended decoding (``imadarem.decoding``: the selector, options and drafts a request
     that names no selector gets), once the written file shows it can run them (one sample); a file that
-    cannot is removed (it was this export's) and the error is one line."""
+    cannot is removed and the error is one line (`imadarem export` puts back a file the export replaced)."""
     import onnx
     from imadarem.export.onnx_export import write_with_metadata
     from imadarem.runtime import metadata as mf

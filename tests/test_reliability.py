@@ -163,3 +163,62 @@ def test_the_shipped_int8_model_gives_the_same_molecule_for_the_same_seed_in_any
     assert ids(one, 64, 16) == want
     plain = ids(two, 64, 64, drafts=0)
     assert np.mean([a == b for a, b in zip(plain, want)]) >= 0.95
+
+
+def test_bad_train_bench_and_eval_input_is_one_line_before_any_work(tmp_path):
+    """A review's findings (2026-12-08): each of these was a traceback, a silent empty result, or an error only after
+    minutes of exports or MOSES's reference statistics."""
+    pytest.importorskip("torch")
+    pytest.importorskip("rdkit")
+    from imadarem.runtime.cli import cli
+
+    empty, header = tmp_path / "empty.smi", tmp_path / "header.csv"
+    empty.write_text("\n\n")
+    header.write_text("smiles\n")
+    corrupt = tmp_path / "run"
+    (corrupt / "checkpoints").mkdir(parents=True)
+    (corrupt / "run.json").write_text("{garbage")
+    causal = str(PINNED / "causal.onnx")
+    cases = [(["train", "--data", str(empty), "--out-dir", str(tmp_path / "a"), "--steps", "2"], "no usable records"),
+             (["train", "--data", str(header), "--out-dir", str(tmp_path / "b"), "--steps", "2"], "no usable records"),
+             (["train", "--data", str(header), "--out-dir", str(tmp_path / "c"), "--seed", "-1"], "--seed"),
+             (["train", "--resume", "--out-dir", str(corrupt)], "run.json is not a run record"),
+             (["bench", "--model", causal, "--engines", "ort-decode-fp16", "-o", str(tmp_path / "d")],
+              "does not run on --providers cpu (it runs on cuda)"),
+             (["bench", "--model", causal, "--batch-sizes", "1,,2", "-o", str(tmp_path / "e")], "comma-separated"),
+             (["bench", "--model", causal, "--selector", "nosuch", "-o", str(tmp_path / "f")], "nosuch"),
+             (["bench", "--model", causal, "--reference", str(empty), "-o", str(tmp_path / "g")], str(empty)),
+             (["eval", "molecules", "--model", causal, "-n", "10", "--selector", "nosuch",
+               "--moses-cache", str(tmp_path / "no-moses")], "nosuch"),
+             (["eval", "molecules", "--model", causal, "-n", "10", "--seed", "-1",
+               "--moses-cache", str(tmp_path / "no-moses")], "--seed")]
+    for args, message in cases:
+        started = time.perf_counter()
+        code, _, err = in_process(args, "imadarem", cli)
+        one_line_exit_2(code, err, message)
+        assert time.perf_counter() - started < 30, args
+    assert not (tmp_path / "no-moses").exists()  # refused before MOSES was fetched
+
+
+@pytest.mark.slow  # a subprocess export that imports torch
+def test_an_export_whose_recommendation_fails_keeps_the_file_it_would_replace(tiny_run, tmp_path):
+    """`export -o FILE --selector ...` checks the recommendation on the written file; when that failed it deleted
+    the file, and with it the user's file the export had replaced."""
+    out = tmp_path / "keep.onnx"
+    out.write_bytes(b"the user's own file")
+    r = subprocess.run(CLI + ["export", str(tiny_run), "-o", str(out), "--no-check", "--selector", "gate",
+                             "--recommend-drafts", "50"],
+                       capture_output=True, text=True)
+    one_line_exit_2(r.returncode, r.stderr, "drafts applies to")
+    assert out.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx"]  # no backup or temporary left behind
+
+
+def test_export_takes_a_bundled_model_by_name():
+    pytest.importorskip("torch")
+    from imadarem.export.exporters import load_source
+    from imadarem.runtime.models import bundled
+
+    if "default" not in bundled():
+        pytest.skip("no bundled model")
+    assert load_source("default").family == "causal"

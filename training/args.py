@@ -49,7 +49,7 @@ class TrainArgs:
     weight_decay: float = knob(0.01, "AdamW weight decay.", low=0)
     grad_clip: float = knob(1.0, "Gradient norm clip.", low=0, open_low=True)
     optimizer: str = knob("adamw", "Optimiser.", choices=("adamw", "ranger21"))
-    seed: int = knob(0, "Seed of everything random (batch order, corruption, dropout).", kind=int)
+    seed: int = knob(0, "Seed of everything random (batch order, corruption, dropout).", low=0, high=2**32 - 1)
     eval_interval: int = knob(500, "Steps between validation losses.", low=1)
     eval_batches: int = knob(4, "Validation batches per evaluation.", low=1)
     checkpoint_interval: int = knob(500, "Steps between checkpoints.", low=1)

@@ -182,7 +182,7 @@ def eval_group():
 @click.option("-o", "--option", "options", multiple=True, callback=parse_options, metavar="KEY=VALUE",
               help="Selector option for every row, repeatable (e.g. -o threshold=0.7), as imadarem-run's.")
 @click.option("--temperature", type=click.FloatRange(min=0))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1))
 @click.option("--moses-cache", type=click.Path(file_okay=False), help="Where `imadarem data moses` put MOSES.")

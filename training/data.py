@@ -163,7 +163,7 @@ def _map_chunks(fn: Callable[[tuple], list], items: list, workers: int | None, *
     """``fn((start, items[start:start + chunk], *args))`` over chunks of ``items``, flattened in order; in
     ``workers`` spawned processes when there are enough items to pay for them."""
     workers = workers or os.cpu_count() or 1
-    chunk = len(items) if workers <= 1 or len(items) < 5000 else max(1000, len(items) // (workers * 8))
+    chunk = max(1, len(items)) if workers <= 1 or len(items) < 5000 else max(1000, len(items) // (workers * 8))
     jobs = [(i, items[i : i + chunk], *args) for i in range(0, len(items), chunk)]
     if len(jobs) <= 1:
         return [x for job in jobs for x in fn(job)]

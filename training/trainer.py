@@ -109,9 +109,13 @@ class Trainer:
         run_json = self.run_dir / "run.json"
         if not run_json.is_file():
             raise CheckpointError(f"nothing to resume in {self.run_dir} (no run.json)")
-        stored = json.loads(run_json.read_text())["args"]
-        stored.setdefault("family", "refine")  # runs from before the families
-        args = TrainArgs(**stored)
+        try:
+            stored = json.loads(run_json.read_text())["args"]
+            stored.setdefault("family", "refine")  # runs from before the families
+            args = TrainArgs(**stored)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"cannot resume {self.run_dir}: its run.json is not a run record "
+                                  f"({type(exc).__name__}: {exc})") from None
         for key, value in overrides.items():
             if key not in self.RESUMABLE_OVERRIDES:
                 raise ImadaremError(f"--{key.replace('_', '-')} cannot change when resuming a run")

@@ -304,10 +304,14 @@ def evaluate(model: str | None, n: int, selectors: list[str], steps_list: list[i
     when installed, False skips FCD; ``selector_options`` go to every row's selector (and into its row)."""
     from imadarem.runtime.generator import Generator
 
-    scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample, n_jobs)
     gen = Generator(model, threads=threads)
     if not selectors:
         selectors = [None]  # the model's default
+    for selector in selectors:  # every request checked (one line) before MOSES's reference, which takes minutes
+        for steps in steps_list:
+            gen.iter_generate(n, selector=selector, steps=steps, temperature=temperature, seed=seed,
+                              batch_size=batch_size, **(selector_options or {}))
+    scorer = MosesScorer(moses_cache, with_fcd, intdiv_sample, n_jobs)
     rows = []
     for selector in selectors:
         for steps in steps_list:
