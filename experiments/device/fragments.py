@@ -46,7 +46,7 @@ def env() -> dict[str, str]:
 def install() -> None:
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade"]
-    if not Path(SITE, "imadarem").is_dir():
+    if glob.glob(".whl/*.whl") and not Path(SITE, "imadarem").is_dir():  # none here: the installed package
         subprocess.run([*pip, "--target", SITE, *glob.glob(".whl/*.whl")], check=True)
     if glob.glob(".evalwhl/*.whl") and not Path(RDKIT_SITE, "rdkit").is_dir():
         subprocess.run([*pip, "--target", RDKIT_SITE, *glob.glob(".evalwhl/*.whl")], check=True)
@@ -63,6 +63,10 @@ def worker_main(args: argparse.Namespace) -> None:
     from imadarem.runtime.generator import Generator
     from imadarem.training.evaluation import fragments as ef
 
+    if args.weigh_writings:  # experiment: prefix writings drawn by the model's own prefix probability
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fragments"))
+        from writing_probe import weigh_writings
+        weigh_writings(args.weigh_writings, args.writing_temperature, args.per_site)
     gen = Generator(str(WORK / f"{args.name}.onnx"), threads=args.threads)
     scorer = ef.PromptScorer(WORK / "sa_fpscores.npz")
     cases = {f"{c.task}-{i}": c for i, c in enumerate(load_suite("moses"))}
@@ -106,6 +110,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--call-seconds", type=float, default=560)
+    p.add_argument("--weigh-writings", metavar="CHECKPOINT",
+                   help="pick prefix writings in proportion to this PyTorch checkpoint's prefix probability "
+                        "(experiments/fragments/writing_probe.py) instead of uniformly")
+    p.add_argument("--writing-temperature", type=float, default=1.0)
+    p.add_argument("--per-site", action="store_true", help="with --weigh-writings: each site keeps its uniform share")
     a = p.parse_args()
     if a.verb == "worker":
         a.name = a.name[0]
@@ -132,11 +141,17 @@ def main() -> None:
                 if task in tasks:  # the tasks in --tasks order: the workers take the first ones first
                     (here / "queue" / f"{tasks.index(task)}_{key}-s{seed}.todo").write_text("")
         (here / "meta.json").write_text(json.dumps({"samples": a.samples, "selector": a.selector or "default",
-                                                    "workers": a.workers, "threads": a.threads}))
+                                                    "workers": a.workers, "threads": a.threads,
+                                                    "weigh_writings": a.weigh_writings,
+                                                    "writing_temperature": a.writing_temperature,
+                                                    "per_site": a.per_site}))
         for w in range(a.workers):
             cmd = [sys.executable, __file__, "worker", name, "--threads", str(a.threads), "--samples", str(a.samples)]
             if a.selector:
                 cmd += ["--selector", a.selector]
+            if a.weigh_writings:
+                cmd += ["--weigh-writings", a.weigh_writings, "--writing-temperature", str(a.writing_temperature)]
+                cmd += ["--per-site"] if a.per_site else []
             log = open(here / "logs" / f"worker-{w}.log", "w")
             proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             (here / "logs" / f"worker-{w}.pid").write_text(str(proc.pid))
