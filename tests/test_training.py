@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import FIXTURES, MOSES_SAMPLE, ROOT, tiny_args
 from imadarem.runtime import CheckpointError
+from imadarem.runtime.errors import ImadaremError
 from imadarem.training.checkpoint import build_model, load_checkpoint
 from imadarem.training.trainer import train
 
@@ -229,6 +230,30 @@ def test_init_from_starts_a_new_run_on_a_checkpoints_ema_weights(tmp_path):
     other.family, other.init_from, other.model = "causal", str(first), {}
     with pytest.raises(CheckpointError, match="is a refine model; this run trains --family causal"):
         train(other)
+
+
+def test_more_draft_heads_train_on_a_frozen_causal_trunk(tmp_path):
+    """--init-from a causal run with more --drafts and freeze_trunk: the trunk stays as it was (so draft-and-verify
+    keeps its molecules), the heads learn, the new one from the next-token head's start."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    causal = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 48, "num_drafts": 1}
+    args = tiny_args(first, steps=6)
+    args.family, args.model = "causal", causal
+    train(args)
+    more = tiny_args(second, steps=4)
+    more.family, more.init_from, more.lr = "causal", str(first), 1e-2
+    more.model = {"num_drafts": 2, "freeze_trunk": True}
+    train(more)
+    start, after = load_checkpoint(first).model_weights("ema"), load_checkpoint(second).model_weights("raw")
+    assert load_checkpoint(second).state["config"]["num_drafts"] == 2
+    trunk = [k for k in start if not k.startswith("draft.")]
+    assert trunk and all(torch.equal(start[k], after[k]) for k in trunk)  # the trunk (next-token head included)
+    assert not torch.equal(start["draft.0.weight"], after["draft.0.weight"])  # the old head trained too
+    assert not torch.equal(after["draft.1.weight"], torch.zeros_like(after["draft.1.weight"]))  # learned from zeros
+    alone = tiny_args(tmp_path / "alone", steps=2)
+    alone.family, alone.model = "causal", {**causal, "freeze_trunk": True}
+    with pytest.raises(ImadaremError, match="give it with --init-from"):
+        train(alone)
 
 
 @pytest.mark.slow

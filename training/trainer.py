@@ -146,6 +146,8 @@ class Trainer:
         a = self.args
         self.ckpt = ckpt_io.load_checkpoint(self.run_dir) if self.resume else None
         self.family = get_family(a.family)
+        if self.ckpt is None and not a.init_from and dict(a.model).get("freeze_trunk"):
+            raise ImadaremError("--set freeze_trunk=true trains heads on a trained trunk: give it with --init-from")
         init = self._init_checkpoint() if a.init_from and self.ckpt is None else None
         tokenizer = tokenizer_from_json(init.state["tokenizer"]) if init is not None else a.tokenizer
         data = encode_file(resolve_data(a.data, a.cache_dir), a.data_format, tokenizer, a.tokenizer_file,

@@ -31,6 +31,9 @@ class CausalTraining:
     draft_weight: float = 0.5  # weight of each draft head's loss
     ema_decay: float = 0.999  # EMA of the weights (decay warmed up as (1 + s) / (10 + s))
     dropout: float = 0.0  # on the embeddings and every residual branch, in training only
+    # train the draft heads alone on a trunk from --init-from (more heads with --drafts: each new one starts as
+    # the next-token head): draft-and-verify keeps the trunk's molecules, so only the calls a molecule costs change
+    freeze_trunk: bool = False
 
 
 @dataclass
@@ -91,7 +94,15 @@ class CausalFamily(Family):
         return CausalTrainConfig(model, training)
 
     def build(self, config: CausalTrainConfig, tokenizer) -> CausalLM:
-        return CausalLM(config.model, tokenizer, dropout=config.training.dropout)
+        model = CausalLM(config.model, tokenizer, dropout=config.training.dropout)
+        if config.training.freeze_trunk:  # the optimiser skips every weight but the draft heads'
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith(self.fresh_on_init(config)))
+        return model
+
+    def fresh_on_init(self, config) -> tuple[str, ...]:
+        """Draft heads: a run may keep more or fewer than its --init-from checkpoint (new ones start fresh)."""
+        return ("draft.",)
 
     def train_module(self, model: CausalLM):
         return _TeacherForcing(model)
