@@ -150,13 +150,11 @@ class CausalBench:
             names = DEFAULT_ENGINES[provider] if args.engines is None else args.engines
             engines = [Engine.parse(n) for n in names]
             self.engines[provider] = [e for e in engines if e.runs_on(provider)]
-        if args.engines is not None:  # a named engine that runs on none of the providers is a mistake, not a skip
-            for name in args.engines:
-                engine = Engine.parse(name)
-                if not any(engine.runs_on(p) for p in args.providers):
-                    where = [p for p in PRECISIONS if engine.runs_on(p)]
-                    raise ImadaremError(f"engine {name!r} does not run on --providers {','.join(args.providers)}"
-                                        + (f" (it runs on {' and '.join(where)})" if where else ""))
+        if args.engines is not None and not any(self.engines.values()):  # each one skipped: an empty table
+            name = args.engines[0]
+            where = [p for p in PRECISIONS if Engine.parse(name).runs_on(p)]
+            raise ImadaremError(f"no engine of --engines runs on --providers {','.join(args.providers)}: "
+                                f"{name!r} runs on {' and '.join(where) or 'no provider'}")
         if self._ctranslate2:
             from imadarem.bench import ct2
 

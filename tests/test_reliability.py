@@ -184,7 +184,7 @@ def test_bad_train_bench_and_eval_input_is_one_line_before_any_work(tmp_path):
              (["train", "--data", str(header), "--out-dir", str(tmp_path / "c"), "--seed", "-1"], "--seed"),
              (["train", "--resume", "--out-dir", str(corrupt)], "run.json is not a run record"),
              (["bench", "--model", causal, "--engines", "ort-decode-fp16", "-o", str(tmp_path / "d")],
-              "does not run on --providers cpu (it runs on cuda)"),
+              "no engine of --engines runs on --providers cpu: 'ort-decode-fp16' runs on cuda"),
              (["bench", "--model", causal, "--batch-sizes", "1,,2", "-o", str(tmp_path / "e")], "comma-separated"),
              (["bench", "--model", causal, "--selector", "nosuch", "-o", str(tmp_path / "f")], "nosuch"),
              (["bench", "--model", causal, "--reference", str(empty), "-o", str(tmp_path / "g")], str(empty)),
