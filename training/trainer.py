@@ -203,9 +203,11 @@ class Trainer:
                     raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
                                           f"({name}: {shapes[0]} there, {shapes[1]} here)")
             weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-            starting = sorted({k.split(".")[0] for k in own if k not in weights})
+            starting = sorted({".".join(k.split(".")[:2] if k.split(".")[1:2] and k.split(".")[1].isdigit()
+                                        else k.split(".")[:1]) for k in own if k not in weights})  # draft.3, gate_head
             if starting and self.is_main:
-                print(f"imadarem train: {', '.join(starting)} starts from fresh weights (--init-from has none that fit)",
+                print(f"imadarem train: {', '.join(starting)} start{'s' if len(starting) == 1 else ''} from fresh weights "
+                      "(--init-from has none that fit)",
                       file=sys.stderr)
             self.model.load_state_dict(weights, strict=False)
             self.ema.load_state_dict(weights, strict=False)
