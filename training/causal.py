@@ -91,17 +91,16 @@ class CausalLM(nn.Module):
         for i, blk in enumerate(self.blocks):
             x, k, v = blk(x, past[i, 0], past[i, 1], mask)
             present.append(torch.stack([k, v]))
-        hid = self.ln(x)
-        logits = hid @ self.tok.weight.t()
-        if self.draft:
-            drafts = torch.stack([(hid + F.gelu(lin(hid))) @ self.tok.weight.t() for lin in self.draft], 2)
-        else:
-            drafts = logits.new_zeros(b, t, 0, logits.shape[-1])
+        logits, drafts = self.heads(self.ln(x))
         return logits, drafts, torch.stack(present)
 
     def teacher_forcing(self, tokens):
         """Training's forward: ``tokens`` [B, T] (BOS, then the sequence shifted right) in one causal pass;
         ``logits`` [B, T, V] and ``drafts`` [B, T, D, V] at every position (no cache)."""
+        return self.heads(self.trunk(tokens))
+
+    def trunk(self, tokens):
+        """Teacher forcing's final hidden states [B, T, H] (one causal pass, no cache), before the heads."""
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
         x = self.emb_drop(self.tok(tokens) + self.pos(positions))
@@ -109,13 +108,21 @@ class CausalLM(nn.Module):
         empty = x.new_zeros(b, self.config.num_heads, 0, self.config.head_dim)
         for blk in self.blocks:
             x, _, _ = blk(x, empty, empty, causal)
-        hid = self.ln(x)
+        return self.ln(x)
+
+    def heads(self, hid):
+        """``logits`` [B, T, V] (the next token) and ``drafts`` [B, T, D, V] (draft head k: the token k + 2 places
+        ahead) from the final hidden states."""
         logits = hid @ self.tok.weight.t()
         if self.draft:
-            drafts = torch.stack([(hid + F.gelu(lin(hid))) @ self.tok.weight.t() for lin in self.draft], 2)
+            drafts = torch.stack([self.draft_logits(hid, k) for k in range(len(self.draft))], 2)
         else:
-            drafts = logits.new_zeros(b, t, 0, logits.shape[-1])
+            drafts = logits.new_zeros(*hid.shape[:2], 0, logits.shape[-1])
         return logits, drafts
+
+    def draft_logits(self, hid, k: int):
+        """Draft head ``k``'s logits [B, T, V]: a residual MLP on the hidden state, through the tied output."""
+        return (hid + F.gelu(self.draft[k](hid))) @ self.tok.weight.t()
 
     def without_drafts(self, keep: int = 0) -> CausalLM:
         """The same model with only its first ``keep`` draft heads (0: the plain left-to-right model of

@@ -203,8 +203,7 @@ class Trainer:
                     raise CheckpointError(f"--init-from {a.init_from}: its weights do not fit this run's model "
                                           f"({name}: {shapes[0]} there, {shapes[1]} here)")
             weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-            starting = sorted({".".join(k.split(".")[:2] if k.split(".")[1:2] and k.split(".")[1].isdigit()
-                                        else k.split(".")[:1]) for k in own if k not in weights})  # draft.3, gate_head
+            starting = sorted({_module_of(k) for k in own if k not in weights})
             if starting and self.is_main:
                 print(f"imadarem train: {', '.join(starting)} start{'s' if len(starting) == 1 else ''} from fresh weights "
                       "(--init-from has none that fit)",
@@ -456,3 +455,9 @@ def train(args: TrainArgs, resume: bool = False, max_new_steps: int | None = Non
         return trainer.run()
     finally:
         trainer.close()
+
+
+def _module_of(weight: str) -> str:
+    """The module a weight belongs to, as a user reads it: ``gate_head``, or ``draft.3`` for a list's item."""
+    parts = weight.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]

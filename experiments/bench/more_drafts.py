@@ -44,18 +44,6 @@ def widened(model: CausalLM, drafts: int) -> CausalLM:
     return wide.eval()
 
 
-def hidden(model: CausalLM, tokens: torch.Tensor) -> torch.Tensor:
-    """The trunk's final hidden states [B, T, H] (teacher forcing's, without the heads)."""
-    b, t = tokens.shape
-    positions = torch.arange(t)[None].expand(b, t)
-    x = model.tok(tokens) + model.pos(positions)
-    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-    empty = x.new_zeros(b, model.config.num_heads, 0, model.config.head_dim)
-    for blk in model.blocks:
-        x, _, _ = blk(x, empty, empty, causal)
-    return model.ln(x)
-
-
 def train_heads(model: CausalLM, first_new: int, data: np.ndarray, steps: int, batch: int, lr: float, seed: int):
     sp = model.special
     for p in model.parameters():
@@ -70,11 +58,11 @@ def train_heads(model: CausalLM, first_new: int, data: np.ndarray, steps: int, b
         rows = torch.from_numpy(data[rng.integers(0, len(data), batch)])
         inputs = torch.cat([torch.full_like(rows[:, :1], sp.mask), rows[:, :-1]], 1)
         with torch.no_grad():
-            hid = hidden(model, inputs)
+            hid = model.trunk(inputs)
         loss = 0.0
         for k in range(first_new, model.config.num_drafts):
             ahead = k + 1  # head k (0-based among drafts) guesses the token k + 2 places after its position's input
-            logits = (hid + F.gelu(model.draft[k](hid))) @ model.tok.weight.t()
+            logits = model.draft_logits(hid, k)
             target = rows[:, ahead:]
             loss = loss + F.cross_entropy(logits[:, : target.shape[1]].transpose(1, 2), target, ignore_index=sp.pad)
         opt.zero_grad()
